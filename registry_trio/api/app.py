@@ -1,0 +1,120 @@
+"""The ASGI application: one dispatcher that owns request ids, access logs and routing.
+
+Every request gets an ``X-Request-Id`` (the id events carry as ``request.id``) and the
+``Docker-Distribution-API-Version`` header here, once, whichever half then serves it: the
+raw blob routes (:mod:`.blobs`) or Quart (everything else).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .. import oci
+from .blobs import BlobRequest, ClientDisconnected, match_route
+from .context import REQUEST_ID_KEY, Registry, request_info
+from .errors import RegistryError, error_response, to_registry_error
+from .quart_app import create_quart_app
+
+__all__ = ["create_app"]
+
+access_log = logging.getLogger("registry_trio.access")
+log = logging.getLogger("registry_trio.api")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RegistryApp:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.quart = create_quart_app(registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.quart(scope, receive, send)  # lifespan
+            return
+        rid = uuid.uuid4().hex
+        scope[REQUEST_ID_KEY] = rid
+        started = time.perf_counter()
+        state = {"status": 0, "sent": 0, "received": 0}
+
+        async def counting_receive() -> dict[str, Any]:
+            message = await receive()
+            state["received"] += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", rid.encode()),
+                    (b"docker-distribution-api-version", b"registry/2.0"),
+                ]
+            elif message["type"] == "http.response.body":
+                state["sent"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self._dispatch(scope, counting_receive, tagging_send)
+        except ClientDisconnected:
+            state["status"] = state["status"] or 499
+        except Exception as exc:
+            error = to_registry_error(exc)
+            if error is None:
+                log.exception("unhandled error serving %s %s", scope["method"], scope["path"])
+                error = RegistryError("UNKNOWN", 500, "internal server error; see the server log")
+            if state["status"]:
+                log.error("error after the response started (%s): %s", rid, error)
+            else:
+                status, headers, body = error_response(error)
+                headers.append(("Content-Length", str(len(body))))
+                await tagging_send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(k.encode(), v.encode()) for k, v in headers],
+                    }
+                )
+                await tagging_send({"type": "http.response.body", "body": body})
+        finally:
+            info = request_info(scope)
+            access_log.info(
+                "%s %s %s %s %d %d %d %.1fms",
+                rid,
+                info.addr,
+                scope["method"],
+                scope["path"],
+                state["status"],
+                state["received"],
+                state["sent"],
+                (time.perf_counter() - started) * 1000,
+                extra={
+                    "request_id": rid,
+                    "addr": info.addr,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": state["status"],
+                    "bytes_in": state["received"],
+                    "bytes_out": state["sent"],
+                },
+            )
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = match_route(scope["path"], scope["method"])
+        if route is None:
+            await self.quart(scope, receive, send)
+            return
+        handler, params = route
+        name = oci.validate_name(params.pop("name"))
+        await handler(BlobRequest(self.registry, scope, receive, send, name, params))
+
+
+def create_app(registry: Registry) -> RegistryApp:
+    return RegistryApp(registry)

@@ -1,0 +1,368 @@
+"""Blob and upload routes, served as raw ASGI in front of Quart.
+
+Why not Quart here: Quart drains a request body into an unbounded buffer (no backpressure: a
+slow disk lets a 1 GiB upload sit in memory) and cuts any response at ``RESPONSE_TIMEOUT``
+(a long blob download would be truncated). Reading ``receive()`` ourselves bounds memory to
+one hypercorn queue plus one write buffer, and streams downloads for as long as they take.
+See ``shared/notes/libs.md`` for the measurements.
+
+Every route validates the repository name and digest through :mod:`registry_trio.oci` before
+touching storage, and renders every failure through :mod:`registry_trio.api.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from .. import oci
+from ..events import Action, Target
+from ..storage import BlobUploadUnknown, UploadWriter
+from .context import Registry
+from .errors import RegistryError
+
+__all__ = ["BlobRequest", "match_route"]
+
+# Disk writes and reads are batched to this size: big enough that a thread hop per batch
+# is negligible, small enough that memory per request stays flat.
+IO_CHUNK = 1 << 20
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass
+class BlobRequest:
+    registry: Registry
+    scope: MutableMapping[str, Any]
+    receive: Callable[[], Awaitable[dict[str, Any]]]
+    send: Callable[[dict[str, Any]], Awaitable[None]]
+    name: str
+    params: dict[str, str]
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode()
+        for key, value in self.scope["headers"]:
+            if key.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    def query(self, name: str) -> str | None:
+        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
+        return values[0] if values else None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            if chunk := message.get("body", b""):
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def respond(
+        self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+    ) -> None:
+        headers = list(headers or [])
+        if not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("Content-Length", str(len(body))))
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers],
+            }
+        )
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def _digest_param(value: str | None, what: str = "digest") -> oci.Digest:
+    if not value:
+        raise RegistryError("DIGEST_INVALID", 400, f"the '{what}' query parameter is required")
+    return oci.parse_digest(value)
+
+
+def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, str]]:
+    # Docker's convention: an empty upload reports "0-0", not "0--1".
+    return [
+        ("Location", f"/v2/{name}/blobs/uploads/{upload_id}"),
+        ("Range", f"0-{max(offset - 1, 0)}"),
+        ("Docker-Upload-UUID", upload_id),
+    ]
+
+
+async def _write_body(req: BlobRequest, writer: UploadWriter) -> None:
+    """Stream the request body into ``writer``; on any failure undo this request's bytes.
+
+    The rollback runs shielded: a cancelled or disconnected request must still leave the
+    session exactly as it was before this request, or the next chunk's offset would lie.
+    """
+    registry = req.registry
+    buffer = bytearray()
+    try:
+        async for chunk in req.body():
+            buffer += chunk
+            if len(buffer) >= IO_CHUNK:
+                await registry.io(writer.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await registry.io(writer.write, bytes(buffer))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await registry.io(writer.rollback)
+        raise
+
+
+async def _append(req: BlobRequest, upload_id: str, content_range: str | None) -> int:
+    """Append the body to an upload, honouring ``Content-Range``; returns the new offset."""
+    registry = req.registry
+    if upload_id in registry.busy_uploads:
+        raise RegistryError(
+            "BLOB_UPLOAD_INVALID", 409, "another request is writing to this upload right now"
+        )
+    registry.busy_uploads.add(upload_id)
+    try:
+        writer = await registry.io(registry.storage.open_upload, req.name, upload_id)
+        try:
+            expected = None
+            if content_range:
+                match = _CONTENT_RANGE.match(content_range.strip())
+                start, end = (int(match[1]), int(match[2])) if match else (-1, -1)
+                if not match or start != writer.start or end < start:
+                    raise RegistryError(
+                        "BLOB_UPLOAD_INVALID",
+                        416,
+                        f"Content-Range {content_range!r} does not continue the upload, "
+                        f"which holds {writer.start} bytes",
+                        headers=tuple(_upload_headers(req.name, upload_id, writer.start)),
+                    )
+                expected = end - start + 1
+            await _write_body(req, writer)
+            received = writer.offset - writer.start
+            if expected is not None and received != expected:
+                with trio.CancelScope(shield=True):
+                    await registry.io(writer.rollback)
+                raise RegistryError(
+                    "SIZE_INVALID",
+                    400,
+                    f"Content-Range announced {expected} bytes but the body had {received}",
+                )
+            return writer.offset
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.io(writer.close)
+    finally:
+        registry.busy_uploads.discard(upload_id)
+
+
+def _blob_target(req: BlobRequest, digest: oci.Digest, size: int, **extra: Any) -> Target:
+    return Target(
+        repository=req.name,
+        digest=str(digest),
+        media_type="application/octet-stream",
+        size=size,
+        url=req.registry.url(req.scope, f"/v2/{req.name}/blobs/{digest}"),
+        **extra,
+    )
+
+
+async def _finish(req: BlobRequest, upload_id: str, digest: oci.Digest) -> None:
+    size = await req.registry.io(req.registry.storage.finish_upload, req.name, upload_id, digest)
+    location = f"/v2/{req.name}/blobs/{digest}"
+    await req.registry.emit(req.scope, (Action.BLOB_PUSHED, _blob_target(req, digest, size)))
+    await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
+
+
+# -- uploads ---------------------------------------------------------------------------------
+
+
+async def start_upload(req: BlobRequest) -> None:
+    registry = req.registry
+    if mount := req.query("mount"):
+        digest = _digest_param(mount, "mount")
+        source = req.query("from")
+        if source is not None:
+            oci.validate_name(source)
+        size = await registry.io(registry.storage.mount_blob, req.name, digest, source)
+        if size is not None:
+            location = f"/v2/{req.name}/blobs/{digest}"
+            target = _blob_target(req, digest, size, from_repository=source)
+            await registry.emit(req.scope, (Action.BLOB_MOUNTED, target))
+            await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
+            return
+        # Nothing to mount: fall through to an ordinary session, as the spec asks.
+
+    monolithic = req.query("digest")
+    digest = _digest_param(monolithic) if monolithic is not None else None
+    upload_id = await registry.io(registry.storage.create_upload, req.name)
+    if digest is None:
+        await req.respond(202, _upload_headers(req.name, upload_id, 0))
+        return
+    try:
+        await _append(req, upload_id, None)
+        await _finish(req, upload_id, digest)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await registry.io(_discard_upload, registry, req.name, upload_id)
+        raise
+
+
+def _discard_upload(registry: Registry, name: str, upload_id: str) -> None:
+    # Already finished or discarded: nothing left to clean.
+    with contextlib.suppress(BlobUploadUnknown, FileNotFoundError):
+        registry.storage.cancel_upload(name, upload_id)
+
+
+async def patch_upload(req: BlobRequest) -> None:
+    upload_id = req.params["upload_id"]
+    offset = await _append(req, upload_id, req.header("content-range"))
+    await req.respond(202, _upload_headers(req.name, upload_id, offset))
+
+
+async def put_upload(req: BlobRequest) -> None:
+    upload_id = req.params["upload_id"]
+    digest = _digest_param(req.query("digest"))
+    await _append(req, upload_id, req.header("content-range"))
+    await _finish(req, upload_id, digest)
+
+
+async def upload_status(req: BlobRequest) -> None:
+    upload_id = req.params["upload_id"]
+    offset = await req.registry.io(req.registry.storage.upload_offset, req.name, upload_id)
+    await req.respond(204, _upload_headers(req.name, upload_id, offset))
+
+
+async def cancel_upload(req: BlobRequest) -> None:
+    upload_id = req.params["upload_id"]
+    await req.registry.io(req.registry.storage.cancel_upload, req.name, upload_id)
+    await req.respond(204)
+
+
+# -- blobs -----------------------------------------------------------------------------------
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """``Range: bytes=a-b`` -> inclusive (start, end); 416 when it cannot be satisfied."""
+    match = _RANGE.match(header.strip())
+    start = end = -1
+    if match and (match[1] or match[2]):
+        if not match[1]:  # suffix form: the last N bytes
+            start, end = max(size - int(match[2]), 0), size - 1
+        else:
+            start = int(match[1])
+            end = min(int(match[2]), size - 1) if match[2] else size - 1
+    if start < 0 or start > end or start >= size:
+        raise RegistryError(
+            "RANGE_INVALID",
+            416,
+            f"range {header!r} cannot be satisfied for a blob of {size} bytes",
+            headers=(("Content-Range", f"bytes */{size}"),),
+        )
+    return start, end
+
+
+async def get_blob(req: BlobRequest) -> None:
+    registry = req.registry
+    digest = oci.parse_digest(req.params["digest"])
+    f, size = await registry.io(registry.storage.open_blob, req.name, digest)
+    try:
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Docker-Content-Digest", str(digest)),
+            ("Accept-Ranges", "bytes"),
+            ("ETag", f'"{digest}"'),
+        ]
+        start, end, status = 0, size - 1, 200
+        if (range_header := req.header("range")) and size > 0:
+            start, end = _parse_range(range_header, size)
+            status = 206
+            headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+        length = end - start + 1 if size else 0
+        headers.append(("Content-Length", str(length)))
+        if req.method == "HEAD":
+            await req.respond(status, headers)
+            return
+        await registry.emit(req.scope, (Action.BLOB_PULLED, _blob_target(req, digest, size)))
+        await req.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers],
+            }
+        )
+        await registry.io(f.seek, start)
+        remaining = length
+        while remaining > 0:
+            block = await registry.io(f.read, min(IO_CHUNK, remaining))
+            if not block:  # the file shrank under us; nothing sane left to send
+                break
+            remaining -= len(block)
+            await req.send(
+                {"type": "http.response.body", "body": block, "more_body": remaining > 0}
+            )
+        if remaining > 0 or length == 0:
+            await req.send({"type": "http.response.body", "body": b""})
+    finally:
+        f.close()
+
+
+async def delete_blob(req: BlobRequest) -> None:
+    registry = req.registry
+    digest = oci.parse_digest(req.params["digest"])
+    await registry.io(registry.storage.delete_blob, req.name, digest)
+    await registry.emit(
+        req.scope, (Action.BLOB_DELETED, Target(repository=req.name, digest=str(digest)))
+    )
+    await req.respond(202)
+
+
+Handler = Callable[[BlobRequest], Awaitable[None]]
+
+_ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
+    (re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/?$"), {"POST": start_upload}),
+    (
+        re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/(?P<upload_id>[^/]+)$"),
+        {"PATCH": patch_upload, "PUT": put_upload, "GET": upload_status, "DELETE": cancel_upload},
+    ),
+    (
+        re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)$"),
+        {"GET": get_blob, "HEAD": get_blob, "DELETE": delete_blob},
+    ),
+]
+
+
+def match_route(path: str, method: str) -> tuple[Handler, dict[str, str]] | None:
+    """The blob handler for ``path``, or None to let Quart serve the request.
+
+    A known path with a method it does not take answers 405 rather than falling through.
+    """
+    for pattern, methods in _ROUTES:
+        match = pattern.match(path)
+        if match is None:
+            continue
+        params = match.groupdict()
+        handler = methods.get(method)
+        if handler is None:
+            raise RegistryError(
+                "UNSUPPORTED",
+                405,
+                f"{method} is not supported here; use {', '.join(methods)}",
+                headers=(("Allow", ", ".join(methods)),),
+            )
+        return handler, params
+    return None

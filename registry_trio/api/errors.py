@@ -1,0 +1,76 @@
+"""OCI error responses: one exception type, one mapping from domain errors, one body shape.
+
+Both halves of the API (the raw ASGI blob routes and the Quart routes) render failures through
+:func:`error_response`, so a client sees the same ``{"errors": [...]}`` body and status for
+the same problem whichever path served it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .. import oci, storage
+
+__all__ = ["RegistryError", "error_response", "to_registry_error"]
+
+
+@dataclass
+class RegistryError(Exception):
+    code: str
+    status: int
+    message: str
+    detail: object = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+# Domain errors -> (OCI code, HTTP status). Messages come from the exception itself.
+_MAPPING: dict[type[Exception], tuple[str, int]] = {
+    oci.InvalidName: ("NAME_INVALID", 400),
+    oci.InvalidTag: ("MANIFEST_INVALID", 400),
+    oci.InvalidDigest: ("DIGEST_INVALID", 400),
+    oci.InvalidManifest: ("MANIFEST_INVALID", 400),
+    oci.UnsupportedMediaType: ("UNSUPPORTED", 415),
+    storage.NameUnknown: ("NAME_UNKNOWN", 404),
+    storage.BlobUnknown: ("BLOB_UNKNOWN", 404),
+    storage.BlobUploadUnknown: ("BLOB_UPLOAD_UNKNOWN", 404),
+    storage.DigestMismatch: ("DIGEST_INVALID", 400),
+    storage.ManifestUnknown: ("MANIFEST_UNKNOWN", 404),
+    storage.ManifestBlobUnknown: ("MANIFEST_BLOB_UNKNOWN", 400),
+}
+
+_DEFAULT_MESSAGES = {
+    "NAME_UNKNOWN": "repository name not known to registry",
+    "BLOB_UNKNOWN": "blob unknown to registry",
+    "BLOB_UPLOAD_UNKNOWN": "blob upload unknown to registry",
+    "MANIFEST_UNKNOWN": "manifest unknown",
+}
+
+
+def to_registry_error(exc: BaseException) -> RegistryError | None:
+    """The OCI error for a domain exception, or None when it is not one we expect."""
+    if isinstance(exc, RegistryError):
+        return exc
+    for kind, (code, status) in _MAPPING.items():
+        if isinstance(exc, kind):
+            default = _DEFAULT_MESSAGES.get(code)
+            detail = str(exc) or None
+            if isinstance(exc, storage.ManifestBlobUnknown):
+                return RegistryError(code, status, str(exc), {"digest": exc.digest})
+            if default is not None:
+                return RegistryError(code, status, default, detail)
+            return RegistryError(code, status, str(exc))
+    return None
+
+
+def error_response(error: RegistryError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body for ``error``."""
+    entry: dict[str, object] = {"code": error.code, "message": error.message}
+    if error.detail is not None:
+        entry["detail"] = error.detail
+    body = json.dumps({"errors": [entry]}).encode()
+    headers = [("Content-Type", "application/json"), *error.headers]
+    return error.status, headers, body

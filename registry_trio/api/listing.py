@@ -1,0 +1,59 @@
+"""The API root, tag listing and the catalog, with ``n``/``last`` pagination."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+from quart import Blueprint, Response, request
+
+from .. import oci
+from .errors import RegistryError
+from .quart_app import current_registry
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("listing", __name__)
+
+
+@blueprint.route("/v2/", methods=["GET", "HEAD"])
+async def base() -> Response:
+    return Response(b"{}", 200, {"Content-Type": "application/json"})
+
+
+def _paginate(items: list[str], path: str, key: str, extra: dict[str, str]) -> Response:
+    """One page of a sorted list, per the spec: ``last`` excludes, ``n`` limits.
+
+    ``Link`` is set only when more items follow, so a client can stop on its absence.
+    """
+    last = request.args.get("last")
+    if last is not None:
+        items = [item for item in items if item > last]
+    raw_n = request.args.get("n")
+    headers = {"Content-Type": "application/json"}
+    if raw_n is not None:
+        if not raw_n.isdigit():
+            raise RegistryError(
+                "PAGINATION_NUMBER_INVALID", 400, f"n must be a non-negative integer, not {raw_n!r}"
+            )
+        n = int(raw_n)
+        if n < len(items) and n > 0:
+            query = urlencode({"n": n, "last": items[n - 1]})
+            headers["Link"] = f'<{path}?{query}>; rel="next"'
+        items = items[:n]
+    return Response(json.dumps({**extra, key: items}), 200, headers)
+
+
+@blueprint.route("/v2/<path:name>/tags/list", methods=["GET"])
+async def tags(name: str) -> Response:
+    registry = current_registry()
+    oci.validate_name(name)
+    names = await registry.io(registry.storage.list_tags, name)
+    return _paginate(names, f"/v2/{name}/tags/list", "tags", {"name": name})
+
+
+@blueprint.route("/v2/_catalog", methods=["GET"])
+async def catalog() -> Response:
+    registry = current_registry()
+    names = await registry.io(registry.storage.list_repositories)
+    return _paginate(names, "/v2/_catalog", "repositories", {})

@@ -1,0 +1,218 @@
+"""One typed configuration tree, loaded from zot's JSON layout and validated once.
+
+The file layout is zot's (``distSpecVersion``, ``storage.rootDirectory``, ``http.address``,
+``http.port``, ``log.level``, ``extensions``) so an operator's zot config reads naturally here.
+Keys are camelCase in the file and snake_case in Python; the loader maps one to the other.
+
+Validation is strict on purpose: an unknown key or a wrong type raises :class:`ConfigError`
+naming the full key path (``extensions.events.sinks[1].timeout``), because a typo that is
+silently ignored in a registry config is how events end up going nowhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Duration",
+    "HTTPConfig",
+    "LogConfig",
+    "StorageConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always names the offending key path."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path or '<root>'}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Duration(float):
+    """Seconds, written in the file as a Go-style duration string (``"500ms"``, ``"1m30s"``)."""
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse a Go ``time.ParseDuration`` string into seconds; ``"0"`` is allowed as in Go."""
+    if text == "0":
+        return Duration(0.0)
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"invalid duration {text!r} (expected e.g. '500ms', '1s', '5m')")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not text:
+        raise ValueError("empty duration")
+    return Duration(total)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    root_directory: str = "registry_data"
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPConfig:
+    address: str = "127.0.0.1"
+    # zot writes the port as a string; both spellings are accepted.
+    port: int | str = 5000
+    # Upper bound of a manifest body; OCI asks registries to accept at least 4 MiB.
+    max_manifest_size: int = 4 * 1024 * 1024
+    # How long SIGTERM waits for in-flight requests before closing connections.
+    graceful_timeout: Duration = 10.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        try:
+            port = int(self.port)
+        except ValueError:
+            raise ConfigError("port", f"not a port number: {self.port!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError("port", f"{port} is outside 0-65535")
+        object.__setattr__(self, "port", port)
+        if self.max_manifest_size < 4 * 1024 * 1024:
+            raise ConfigError("maxManifestSize", "must be at least 4 MiB (4194304)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    output: str | None = None
+
+    LEVELS: ClassVar[tuple[str, ...]] = ("debug", "info", "warn", "warning", "error")
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in self.LEVELS:
+            raise ConfigError("level", f"unknown level {self.level!r}; use one of {self.LEVELS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionsConfig:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dist_spec_version: str = "1.1.1"
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    http: HTTPConfig = dataclasses.field(default_factory=HTTPConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    extensions: ExtensionsConfig = dataclasses.field(default_factory=ExtensionsConfig)
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Convert one JSON value to ``annotation``, raising ConfigError that names ``path``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if annotation is Duration:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a duration string like '1s', got {value!r}")
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(path, str(exc)) from None
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(annotation)
+        return tuple(_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected an object, got {type(value).__name__}")
+        _, value_type = typing.get_args(annotation)
+        return {k: _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} at {path}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_camel(f.name): f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        field = fields.get(key)
+        child = f"{path}.{key}" if path else key
+        if field is None:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(child, f"unknown key (known keys here: {known})")
+        kwargs[field.name] = _convert(value, hints[field.name], child)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # __post_init__ checks name their key relative to their own object.
+        raise ConfigError(f"{path}.{exc.path}" if path else exc.path, exc.reason) from None
+
+
+def parse_config(data: Any) -> Config:
+    """Build a validated :class:`Config` from already-decoded JSON."""
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load the config file at ``path``, or the embedded defaults when ``path`` is None."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
+    return parse_config(data)

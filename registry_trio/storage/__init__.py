@@ -1,0 +1,26 @@
+"""Content-addressed storage. Knows neither HTTP nor events; every call blocks on disk."""
+
+from .errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    DigestMismatch,
+    ManifestBlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    StorageError,
+)
+from .filesystem import FilesystemStorage, ManifestRecord, PutManifestResult, UploadWriter
+
+__all__ = [
+    "BlobUnknown",
+    "BlobUploadUnknown",
+    "DigestMismatch",
+    "FilesystemStorage",
+    "ManifestBlobUnknown",
+    "ManifestRecord",
+    "ManifestUnknown",
+    "NameUnknown",
+    "PutManifestResult",
+    "StorageError",
+    "UploadWriter",
+]

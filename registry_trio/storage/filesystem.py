@@ -1,0 +1,406 @@
+"""A content-addressed registry store on a local filesystem.
+
+Layout under the root directory (close to distribution's, so operators recognise it)::
+
+    blobs/<alg>/<hex[:2]>/<hex>                          content, shared by all repositories
+    repositories/<name>/_layers/<alg>/<hex>              the repository holds this blob
+    repositories/<name>/_manifests/revisions/<alg>/<hex> holds this manifest (file: media type)
+    repositories/<name>/_manifests/tags/<tag>            tag -> digest (file: the digest)
+    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>.json   referrer descriptor
+    uploads/<id>/{data,repository}                       upload sessions (survive restarts)
+    tmp/                                                 staging for atomic writes
+
+Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was
+written to ``tmp/`` (or an upload directory), verified and fsync'd; the parent directory is
+fsync'd after the rename. A crash therefore leaves at worst an unreferenced file, never a
+partial one under a visible name.
+
+Every method here blocks on the disk. Callers on the event loop run them through
+``trio.to_thread`` (see :mod:`registry_trio.api.context`); nothing in this module knows
+about Trio, HTTP or events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..oci import Descriptor, Digest, Manifest, parse_digest, referrer_descriptor
+from .errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    DigestMismatch,
+    ManifestBlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+)
+
+__all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWriter"]
+
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class PutManifestResult:
+    digest: Digest
+    # True when this manifest is the first one the repository ever received.
+    created_repository: bool
+    # The digest the tag pointed at before, if this push moved an existing tag.
+    replaced: Digest | None
+
+
+class UploadWriter:
+    """Appends to one upload session, hashing as it goes so the final check is cheap.
+
+    Not thread-safe: the API serialises requests per upload session. ``rollback`` truncates
+    to the offset at open, so a chunk that fails half-way leaves the session as it was.
+    """
+
+    def __init__(self, storage: FilesystemStorage, upload_id: str, data_path: Path) -> None:
+        self._storage = storage
+        self._upload_id = upload_id
+        self._file: BinaryIO = open(data_path, "ab")  # noqa: SIM115 - closed in close()
+        self.start = self._file.tell()
+        self.offset = self.start
+        cached = storage._hashers.pop(upload_id, None)
+        # A hasher is only trusted when it covers exactly the bytes on disk; after a restart
+        # (or a rolled-back chunk) the digest is recomputed from the file at the end instead.
+        self._hasher = cached[1] if cached and cached[0] == self.start else None
+        if self._hasher is None and self.start == 0:
+            self._hasher = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self.offset += len(chunk)
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+
+    def rollback(self) -> None:
+        self._file.truncate(self.start)
+        self.offset = self.start
+        self._hasher = None
+
+    def close(self) -> None:
+        self._file.close()
+        if self._hasher is not None:
+            self._storage._hashers[self._upload_id] = (self.offset, self._hasher)
+
+
+class FilesystemStorage:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self._blobs = self.root / "blobs"
+        self._repos = self.root / "repositories"
+        self._uploads = self.root / "uploads"
+        self._tmp = self.root / "tmp"
+        for path in (self._blobs, self._repos, self._uploads, self._tmp):
+            path.mkdir(parents=True, exist_ok=True)
+        # upload id -> (offset covered, sha256 state). Lost on restart by design.
+        self._hashers: dict[str, tuple[int, hashlib._Hash]] = {}
+        # Staged files are never visible; whatever a crash left there is garbage.
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _blob_path(self, digest: Digest) -> Path:
+        return self._blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def _repo(self, name: str) -> Path:
+        # ``name`` has passed oci.validate_name: no '..', no leading '_' or '/'.
+        return self._repos / name
+
+    def _layer_link(self, name: str, digest: Digest) -> Path:
+        return self._repo(name) / "_layers" / digest.algorithm / digest.encoded
+
+    def _revision_link(self, name: str, digest: Digest) -> Path:
+        return self._repo(name) / "_manifests" / "revisions" / digest.algorithm / digest.encoded
+
+    def _tag_path(self, name: str, tag: str) -> Path:
+        return self._repo(name) / "_manifests" / "tags" / tag
+
+    def _referrers_dir(self, name: str, subject: Digest) -> Path:
+        return self._repo(name) / "_referrers" / subject.algorithm / subject.encoded
+
+    def _upload_dir(self, upload_id: str) -> Path:
+        return self._uploads / upload_id
+
+    # -- atomic writes ---------------------------------------------------------------------
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        staged = self._tmp / uuid.uuid4().hex
+        with open(staged, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._publish(staged, path)
+
+    def _publish(self, staged: Path, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, path)
+        _fsync_dir(path.parent)
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    def blob_size(self, name: str, digest: Digest) -> int:
+        """Size of a blob the repository holds; :class:`BlobUnknown` otherwise."""
+        if not self._layer_link(name, digest).exists():
+            raise BlobUnknown(str(digest))
+        try:
+            return self._blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobUnknown(str(digest)) from None
+
+    def open_blob(self, name: str, digest: Digest) -> tuple[BinaryIO, int]:
+        """Open a blob for reading; the caller closes it."""
+        if not self._layer_link(name, digest).exists():
+            raise BlobUnknown(str(digest))
+        try:
+            f = open(self._blob_path(digest), "rb")  # noqa: SIM115 - caller closes
+        except FileNotFoundError:
+            raise BlobUnknown(str(digest)) from None
+        return f, os.fstat(f.fileno()).st_size
+
+    def delete_blob(self, name: str, digest: Digest) -> None:
+        """Unlink a blob from a repository; the content stays until garbage collection."""
+        try:
+            self._layer_link(name, digest).unlink()
+        except FileNotFoundError:
+            raise BlobUnknown(str(digest)) from None
+
+    def mount_blob(self, name: str, digest: Digest, source: str | None) -> int | None:
+        """Link an existing blob into ``name``; its size, or None when there is none to mount.
+
+        With ``source`` the blob must be held by that repository; without it, any blob
+        already stored is mounted (the automatic mount clients rely on).
+        """
+        if source is not None and not self._layer_link(source, digest).exists():
+            return None
+        try:
+            size = self._blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+        self._atomic_write(self._layer_link(name, digest), b"")
+        return size
+
+    # -- uploads ---------------------------------------------------------------------------
+
+    def create_upload(self, name: str) -> str:
+        upload_id = uuid.uuid4().hex
+        directory = self._upload_dir(upload_id)
+        directory.mkdir()
+        (directory / "data").touch()
+        (directory / "repository").write_text(name, encoding="utf-8")
+        return upload_id
+
+    def _checked_upload(self, name: str, upload_id: str) -> Path:
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise BlobUploadUnknown(upload_id)
+        directory = self._upload_dir(upload_id)
+        try:
+            owner = (directory / "repository").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BlobUploadUnknown(upload_id) from None
+        if owner != name:
+            raise BlobUploadUnknown(upload_id)
+        return directory
+
+    def upload_offset(self, name: str, upload_id: str) -> int:
+        return (self._checked_upload(name, upload_id) / "data").stat().st_size
+
+    def open_upload(self, name: str, upload_id: str) -> UploadWriter:
+        directory = self._checked_upload(name, upload_id)
+        return UploadWriter(self, upload_id, directory / "data")
+
+    def cancel_upload(self, name: str, upload_id: str) -> None:
+        directory = self._checked_upload(name, upload_id)
+        self._hashers.pop(upload_id, None)
+        for child in directory.iterdir():
+            child.unlink()
+        directory.rmdir()
+
+    def finish_upload(self, name: str, upload_id: str, expected: Digest) -> int:
+        """Verify the upload against ``expected`` and publish it as a blob of ``name``.
+
+        On a digest mismatch the session is discarded: its bytes can never become that
+        blob, and keeping them would only leak disk.
+        """
+        directory = self._checked_upload(name, upload_id)
+        data = directory / "data"
+        cached = self._hashers.pop(upload_id, None)
+        with open(data, "rb+") as f:
+            size = os.fstat(f.fileno()).st_size
+            if cached and cached[0] == size and expected.algorithm == "sha256":
+                actual = cached[1].hexdigest()
+            else:
+                hasher = expected.hasher()
+                while block := f.read(1 << 20):
+                    hasher.update(block)
+                actual = hasher.hexdigest()
+            if actual != expected.encoded:
+                self.cancel_upload(name, upload_id)
+                raise DigestMismatch(
+                    f"uploaded content has digest {expected.algorithm}:{actual}, not {expected}"
+                )
+            os.fsync(f.fileno())
+        target = self._blob_path(expected)
+        if target.exists():
+            data.unlink()
+        else:
+            self._publish(data, target)
+        self._atomic_write(self._layer_link(name, expected), b"")
+        self.cancel_upload(name, upload_id)
+        return size
+
+    # -- manifests -------------------------------------------------------------------------
+
+    def _has_manifest(self, name: str, digest: Digest) -> bool:
+        return self._revision_link(name, digest).exists()
+
+    def put_manifest(
+        self,
+        name: str,
+        body: bytes,
+        manifest: Manifest,
+        digest: Digest,
+        tag: str | None,
+    ) -> PutManifestResult:
+        """Store a manifest (already parsed and digest-checked) and optionally tag it.
+
+        Order matters for crash safety: content, then revision, then referrer entry, then
+        tag. A crash in between leaves an untagged but complete manifest, never a tag that
+        points at nothing.
+        """
+        for blob in manifest.blobs:
+            if not blob.has_urls and not self._layer_link(name, blob.digest).exists():
+                raise ManifestBlobUnknown(str(blob.digest))
+        for child in manifest.manifests:
+            if not self._has_manifest(name, child.digest):
+                raise ManifestBlobUnknown(str(child.digest))
+
+        manifests_dir = self._repo(name) / "_manifests"
+        try:
+            manifests_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+
+        target = self._blob_path(digest)
+        if not target.exists():
+            self._atomic_write(target, body)
+        self._atomic_write(self._layer_link(name, digest), b"")
+        self._atomic_write(self._revision_link(name, digest), manifest.media_type.encode())
+        if manifest.subject is not None:
+            entry = referrer_descriptor(manifest, digest, len(body))
+            self._atomic_write(
+                self._referrers_dir(name, manifest.subject.digest)
+                / f"{digest.algorithm}-{digest.encoded}.json",
+                json.dumps(entry.to_json()).encode(),
+            )
+        replaced = None
+        if tag is not None:
+            with contextlib.suppress(ManifestUnknown):
+                replaced = self.resolve_tag(name, tag)
+            self._atomic_write(self._tag_path(name, tag), str(digest).encode())
+        return PutManifestResult(digest, created, replaced if replaced != digest else None)
+
+    def resolve_tag(self, name: str, tag: str) -> Digest:
+        try:
+            return parse_digest(self._tag_path(name, tag).read_text(encoding="ascii").strip())
+        except FileNotFoundError:
+            raise ManifestUnknown(f"{name}:{tag}") from None
+
+    def get_manifest(self, name: str, digest: Digest) -> ManifestRecord:
+        try:
+            media_type = self._revision_link(name, digest).read_text(encoding="utf-8")
+            body = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ManifestUnknown(str(digest)) from None
+        return ManifestRecord(digest, media_type, body)
+
+    def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> list[str]:
+        """Remove a manifest from ``name`` with every tag that points at it; those tags."""
+        revision = self._revision_link(name, digest)
+        if not revision.exists():
+            raise ManifestUnknown(str(digest))
+        removed = []
+        for tag in self.list_tags(name):
+            tag_path = self._tag_path(name, tag)
+            with contextlib.suppress(FileNotFoundError):
+                if tag_path.read_text(encoding="ascii").strip() == str(digest):
+                    tag_path.unlink()
+                    removed.append(tag)
+        if subject is not None:
+            entry = self._referrers_dir(name, subject) / f"{digest.algorithm}-{digest.encoded}.json"
+            entry.unlink(missing_ok=True)
+        revision.unlink()
+        self._layer_link(name, digest).unlink(missing_ok=True)
+        return removed
+
+    def delete_tag(self, name: str, tag: str) -> Digest:
+        digest = self.resolve_tag(name, tag)
+        try:
+            self._tag_path(name, tag).unlink()
+        except FileNotFoundError:
+            raise ManifestUnknown(f"{name}:{tag}") from None
+        return digest
+
+    def list_tags(self, name: str) -> list[str]:
+        manifests = self._repo(name) / "_manifests"
+        if not manifests.is_dir():
+            raise NameUnknown(name)
+        tags = manifests / "tags"
+        return sorted(p.name for p in tags.iterdir()) if tags.is_dir() else []
+
+    def referrers(self, name: str, subject: Digest) -> list[Descriptor]:
+        directory = self._referrers_dir(name, subject)
+        if not directory.is_dir():
+            return []
+        out = []
+        for entry in sorted(directory.iterdir()):
+            doc = json.loads(entry.read_bytes())
+            out.append(
+                Descriptor(
+                    doc["mediaType"],
+                    parse_digest(doc["digest"]),
+                    doc["size"],
+                    doc.get("artifactType"),
+                    doc.get("annotations"),
+                )
+            )
+        return out
+
+    def list_repositories(self) -> list[str]:
+        return sorted(self._walk_repositories(self._repos, ""))
+
+    def _walk_repositories(self, directory: Path, prefix: str) -> Iterator[str]:
+        for child in directory.iterdir():
+            if not child.is_dir() or child.name.startswith("_"):
+                continue
+            name = f"{prefix}{child.name}"
+            if (child / "_manifests").is_dir():
+                yield name
+            yield from self._walk_repositories(child, f"{name}/")
