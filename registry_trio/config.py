@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -111,8 +112,179 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    """Exponential backoff with full jitter; the budget ends in the dead-letter store."""
+
+    initial_backoff: Duration = 0.5  # type: ignore[assignment]
+    max_backoff: Duration = 60.0  # type: ignore[assignment]
+    # 0 means no limit on attempts; maxAge still bounds how long an event is retried.
+    max_attempts: int = 0
+    max_age: Duration = 86400.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.initial_backoff <= 0:
+            raise ConfigError("initialBackoff", "must be greater than zero")
+        if self.max_backoff < self.initial_backoff:
+            raise ConfigError("maxBackoff", "must be at least initialBackoff")
+        if self.max_attempts < 0:
+            raise ConfigError("maxAttempts", "must be 0 (unlimited) or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """Several events per request, for formats that carry many."""
+
+    max_events: int = 100
+    # How long to wait for a batch to fill once the first event is there; 0 sends at once.
+    max_wait: Duration = 0.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_events <= 10000:
+            raise ConfigError("maxEvents", "must be between 1 and 10000")
+
+
+@dataclasses.dataclass(frozen=True)
+class CredentialsConfig:
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    token: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ConfigError(
+                "password" if self.password is None else "username",
+                "username and password go together",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_skip_verify: bool = False
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("caFile", self.ca_file),
+            ("certFile", self.cert_file),
+            ("keyFile", self.key_file),
+        ):
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(key, f"cannot read {value}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(
+                "keyFile" if self.key_file is None else "certFile",
+                "certFile and keyFile go together",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class HMACConfig:
+    secret: str = dataclasses.field(repr=False)
+    header: str = "X-Registry-Signature"
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            raise ConfigError("secret", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    """Which events a sink receives (distribution's ``ignore`` semantics, inverted where
+    an include list reads better). Pull actions reach a sink only when listed here."""
+
+    actions: list[str] | None = None
+    repositories: list[str] | None = None
+    ignore_media_types: list[str] = ()  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        from .events.model import Action
+
+        known = {str(a) for a in Action}
+        for i, action in enumerate(self.actions or ()):
+            if action not in known:
+                raise ConfigError(
+                    f"actions[{i}]", f"unknown action {action!r}; use {sorted(known)}"
+                )
+
+
+SINK_FORMATS = ("cloudevents", "cloudevents-binary", "cloudevents-batch", "distribution")
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkConfig:
+    type: str
+    address: str
+    name: str | None = None
+    timeout: Duration = 5.0  # type: ignore[assignment]
+    format: str = "cloudevents"
+    credentials: CredentialsConfig | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    tls: TLSConfig | None = None
+    hmac: HMACConfig | None = None
+    retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    # Above 1, events are delivered in parallel and out of order.
+    concurrency: int = 1
+    filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+
+    def __post_init__(self) -> None:
+        if self.type != "http":
+            raise ConfigError("type", f"unknown sink type {self.type!r}; supported: 'http'")
+        if not self.address.startswith(("http://", "https://")):
+            raise ConfigError(
+                "address", f"an http sink needs an http(s):// URL, not {self.address!r}"
+            )
+        if self.format not in SINK_FORMATS:
+            raise ConfigError(
+                "format", f"unknown format {self.format!r}; use one of {SINK_FORMATS}"
+            )
+        if self.timeout <= 0:
+            raise ConfigError("timeout", "must be greater than zero")
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError("concurrency", "must be between 1 and 64")
+        if self.name is None:
+            # The address is what stays stable when sinks are reordered in the file.
+            object.__setattr__(self, "name", self.address)
+
+    @property
+    def batches(self) -> bool:
+        """Whether this sink's format carries several events per request."""
+        return self.format in ("cloudevents-batch", "distribution")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueConfig:
+    directory: str = "queue_data"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventsConfig:
+    enable: bool = False
+    sinks: list[SinkConfig] = ()  # type: ignore[assignment]
+    queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
+    # CloudEvents types are "<prefix>.image.updated" etc.; zot's prefix by default.
+    type_prefix: str = "zotregistry"
+    # On SIGTERM, how long in-flight deliveries may take before they are left queued.
+    shutdown_timeout: Duration = 5.0  # type: ignore[assignment]
+    # Pull events to record even with no sink listing them (for replay to sinks added later).
+    record_pulls: bool = False
+
+    def __post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        for i, sink in enumerate(self.sinks):
+            if sink.name in seen:
+                raise ConfigError(
+                    f"sinks[{i}].name",
+                    f"duplicate sink name {sink.name!r} (also sinks[{seen[sink.name]}])",
+                )
+            seen[sink.name] = i
+
+
+@dataclasses.dataclass(frozen=True)
 class ExtensionsConfig:
-    pass
+    events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +363,12 @@ def _build(cls: type, data: Any, path: str) -> Any:
             known = ", ".join(sorted(fields)) or "none"
             raise ConfigError(child, f"unknown key (known keys here: {known})")
         kwargs[field.name] = _convert(value, hints[field.name], child)
+    for key, field in fields.items():
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if required and field.name not in kwargs:
+            raise ConfigError(f"{path}.{key}" if path else key, "required key is missing")
     try:
         return cls(**kwargs)
     except ConfigError as exc:

@@ -1,14 +1,23 @@
 """Running the registry: build the shared state, serve HTTP, stop cleanly.
 
-Everything the process runs lives in the nursery opened by :func:`serve`; the caller owns it
-through ``shutdown`` (an event) or by cancelling. On shutdown Hypercorn stops accepting,
-lets in-flight requests finish for ``http.gracefulTimeout``, then ``serve`` returns.
+Task tree (every task has an owner, and shutdown runs in reverse order of start)::
+
+    serve
+    ├── outbox writer          (events on: commits events before requests get their 2xx)
+    ├── delivery supervisor    (events on: one task per sink)
+    └── hypercorn              (HTTP)
+
+On ``shutdown`` Hypercorn stops accepting and lets in-flight requests finish for
+``http.gracefulTimeout``; then delivery stops taking work and gives sends under way
+``extensions.events.shutdownTimeout``; then the writer commits what is queued and exits.
+What was not delivered stays in the outbox for the next start.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -17,6 +26,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from .api import Registry, create_app
 from .config import Config
 from .events import NullRecorder, Source
+from .events.delivery import Delivery
+from .events.filters import SinkFilter
+from .events.queue import Outbox
+from .events.recorder import QueueRecorder
 from .storage import FilesystemStorage
 
 __all__ = ["serve"]
@@ -42,30 +55,52 @@ async def serve(
 ) -> None:
     """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound base URL."""
     shutdown = shutdown if shutdown is not None else trio.Event()
+    events = config.extensions.events
     storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
-    registry = Registry(
-        config=config,
-        storage=storage,
-        events=NullRecorder(),
-        source=Source(
-            addr=f"{config.http.address}:{config.http.port}", instance_id=uuid.uuid4().hex
-        ),
-        io_limiter=trio.CapacityLimiter(32),
-    )
-    app = create_app(registry)
-    hypercorn_config = _hypercorn_config(config)
-
-    async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
-        await hypercorn_serve(
-            app, hypercorn_config, shutdown_trigger=shutdown.wait, task_status=task_status
-        )
 
     async with trio.open_nursery() as nursery:
+        outbox = delivery = None
+        if events.enable:
+            outbox = Outbox(Path(events.queue.directory))
+            await nursery.start(outbox.run)
+            delivery = Delivery(events, outbox)
+            await nursery.start(delivery.run)
+            recorder = QueueRecorder(outbox, [SinkFilter.for_sink(s) for s in events.sinks])
+            instance_id = outbox.instance_id
+        else:
+            recorder, instance_id = NullRecorder(), uuid.uuid4().hex
+
+        registry = Registry(
+            config=config,
+            storage=storage,
+            events=recorder,
+            source=Source(f"{config.http.address}:{config.http.port}", instance_id),
+            io_limiter=trio.CapacityLimiter(32),
+        )
+        app = create_app(registry)
+        hypercorn_config = _hypercorn_config(config)
+
+        async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn_serve(
+                app, hypercorn_config, shutdown_trigger=shutdown.wait, task_status=task_status
+            )
+            # HTTP is drained: no request can append any more. Stop delivery, then the writer.
+            if delivery is not None:
+                delivery.stop()
+
         binds = await nursery.start(run_http)
         url = binds[0]
         # With port 0 the real port is known only now; events name the address we serve on.
-        registry.source = Source(
-            addr=url.split("://", 1)[1], instance_id=registry.source.instance_id
-        )
+        registry.source = Source(url.split("://", 1)[1], instance_id)
         log.info("listening on %s", url)
         task_status.started(url)
+        if outbox is not None:
+            await shutdown.wait()
+            # The writer closes only after delivery has finished acknowledging.
+            nursery.start_soon(_close_after, delivery, outbox)
+
+
+async def _close_after(delivery: Delivery | None, outbox: Outbox) -> None:
+    if delivery is not None:
+        await delivery.stopped.wait()
+    outbox.close()

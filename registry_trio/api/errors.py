@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from .. import oci, storage
+from ..events.queue import QueueError
 
 __all__ = ["RegistryError", "error_response", "to_registry_error"]
 
@@ -40,6 +41,8 @@ _MAPPING: dict[type[Exception], tuple[str, int]] = {
     storage.DigestMismatch: ("DIGEST_INVALID", 400),
     storage.ManifestUnknown: ("MANIFEST_UNKNOWN", 404),
     storage.ManifestBlobUnknown: ("MANIFEST_BLOB_UNKNOWN", 400),
+    # The change is stored but its event is not: the client must not see success.
+    QueueError: ("UNAVAILABLE", 503),
 }
 
 _DEFAULT_MESSAGES = {

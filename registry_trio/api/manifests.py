@@ -47,7 +47,7 @@ async def _resolve(registry: Registry, name: str, reference: str) -> tuple[str |
 def _manifest_target(
     registry: Registry, name: str, record: ManifestRecord, tag: str | None, manifest: oci.Manifest
 ) -> Target:
-    references = tuple(str(d.digest) for d in (*manifest.blobs, *manifest.manifests))
+    references = tuple(d.to_json() for d in (*manifest.blobs, *manifest.manifests))
     return Target(
         repository=name,
         digest=str(record.digest),

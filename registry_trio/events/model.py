@@ -44,7 +44,8 @@ class Target:
     size: int | None = None
     tag: str | None = None
     url: str | None = None
-    references: tuple[str, ...] = ()
+    # Descriptors ({mediaType, digest, size}) of what a manifest points at.
+    references: tuple[dict[str, Any], ...] = ()
     from_repository: str | None = None
     # The manifest JSON itself, which zot's consumers read from ``data.manifest``.
     manifest: str | None = None

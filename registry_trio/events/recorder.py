@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .model import Action, Event
+
+if TYPE_CHECKING:
+    from .filters import SinkFilter
+    from .queue import Outbox
 
 
 class EventRecorder(Protocol):
@@ -30,3 +34,19 @@ class NullRecorder:
 
     async def record(self, events: Sequence[Event]) -> None:
         return None
+
+
+class QueueRecorder:
+    """Routes each event to the sinks whose filter matches, through the durable outbox."""
+
+    def __init__(self, outbox: Outbox, filters: Sequence[SinkFilter]) -> None:
+        self._outbox = outbox
+        self._filters = tuple(filters)
+
+    def wants(self, action: Action) -> bool:
+        return any(f.wants(action) for f in self._filters)
+
+    async def record(self, events: Sequence[Event]) -> None:
+        await self._outbox.append(
+            [(e, [f.sink for f in self._filters if f.matches(e)]) for e in events]
+        )

@@ -1,0 +1,261 @@
+"""Delivery: one supervised task per sink, the only place that knows about retries.
+
+Per sink, a :class:`SinkWorker` loops: take due deliveries from the outbox (in enqueue order),
+encode them, send them through the sink's transport, then acknowledge, reschedule with
+backoff, or bury in the dead-letter store. :class:`Delivery` runs one worker per sink under a
+supervisor that logs a crash and restarts the worker with backoff, so a broken sink never
+takes the server or another sink down.
+
+Ordering: with ``concurrency: 1`` (the default) a worker never skips past an event that is
+waiting for its retry, so a sink sees events in enqueue order. ``concurrency: N`` runs N
+loops over one sink and gives up ordering for throughput.
+
+Shutdown (:meth:`Delivery.stop`): workers stop taking new work, sends already under way get
+until the deadline to finish and be acknowledged; anything else stays pending in the outbox
+and the next start resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ..config import EventsConfig, SinkConfig
+from .formats import encoder_for
+from .queue import Delivery as Owed
+from .queue import Outbox, OutboxReader
+from .sinks import Outcome, Result, Transport
+from .sinks.http import HTTPSink
+
+__all__ = ["Delivery", "SinkWorker"]
+
+log = logging.getLogger("registry_trio.events.delivery")
+
+# Rows read per query; a batch never exceeds the sink's own batch size.
+READ_AHEAD = 256
+
+
+def full_jitter(attempt: int, initial: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, initial * 2^(n-1))].
+
+    Full jitter spreads the retries of many failed events across the window instead of
+    sending them back in lock-step when a sink comes back.
+    """
+    return random.uniform(0, min(cap, initial * 2 ** max(attempt - 1, 0)))
+
+
+class SinkWorker:
+    def __init__(
+        self,
+        config: SinkConfig,
+        outbox: Outbox,
+        transport: Transport,
+        type_prefix: str,
+        stopping: trio.Event,
+    ) -> None:
+        self.config = config
+        self.name = str(config.name)
+        self._outbox = outbox
+        self._transport = transport
+        self._prefix = type_prefix
+        self._stopping = stopping
+        self._encode = encoder_for(config.format)
+        self._group = config.batch.max_events if config.batches else 1
+        self._ordered = config.concurrency == 1
+        self._reader: OutboxReader | None = None
+        self._read_lock = trio.Lock()
+        # Deliveries being sent right now; kept in memory only (a crash makes them pending).
+        self.in_flight: set[int] = set()
+
+    async def run(self) -> None:
+        self.in_flight.clear()
+        self._reader = self._outbox.reader()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.concurrency):
+                    nursery.start_soon(self._loop)
+        finally:
+            self._reader.close()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = await self._take()
+            if batch:
+                await self._deliver(batch)
+
+    async def _read(self) -> list[tuple[Owed, float]]:
+        assert self._reader is not None
+        async with self._read_lock:
+            return await self._reader.pending(self.name, READ_AHEAD + len(self.in_flight))
+
+    async def _take(self) -> list[Owed]:
+        """Wait for due deliveries; return up to one batch of them (empty when stopping)."""
+        filling_until: float | None = None
+        while not self._stopping.is_set():
+            # Taken before reading, so a commit that lands after the read still wakes us.
+            signal = self._outbox.signal(self.name)
+            now = time.time()
+            due: list[Owed] = []
+            next_due = math.inf
+            for owed, due_at in await self._read():
+                if owed.seq in self.in_flight:
+                    continue
+                if due_at > now:
+                    next_due = min(next_due, due_at)
+                    if self._ordered:
+                        break  # never overtake an event that waits for its retry
+                    continue
+                due.append(owed)
+                if len(due) >= self._group:
+                    break
+            wait_for_more = (
+                due
+                and len(due) < self._group
+                and self.config.batch.max_wait > 0
+                and (filling_until is None or trio.current_time() < filling_until)
+            )
+            if due and not wait_for_more:
+                self.in_flight.update(o.seq for o in due)
+                return due
+            if wait_for_more:
+                if filling_until is None:
+                    filling_until = trio.current_time() + self.config.batch.max_wait
+                deadline = filling_until
+            else:
+                deadline = trio.current_time() + max(next_due - now, 0.0)
+            with trio.move_on_at(deadline):
+                await signal.wait()
+        return []
+
+    async def _deliver(self, batch: Sequence[Owed]) -> None:
+        delivered: list[Owed] = []
+        failed: list[Owed] = []
+        outcome = Outcome(Result.DELIVERED)
+        try:
+            for start in range(0, len(batch), self._group):
+                group = batch[start : start + self._group]
+                headers, body = self._encode([o.event for o in group], self._prefix)
+                outcome = await self._transport.send(headers, body)
+                if outcome.result is not Result.DELIVERED:
+                    failed = list(group)
+                    break
+                delivered.extend(group)
+                if self._stopping.is_set():
+                    break  # finish what is in flight, leave the rest queued
+            if delivered:
+                await self._outbox.ack(self.name, [o.seq for o in delivered])
+            if failed:
+                await self._fail(failed, outcome)
+        finally:
+            self.in_flight.difference_update(o.seq for o in batch)
+
+    async def _fail(self, group: Sequence[Owed], outcome: Outcome) -> None:
+        retry = self.config.retry
+        now = time.time()
+        if outcome.result is Result.REJECTED:
+            dead, later = list(group), []
+            reason = f"rejected: {outcome.error}"
+        else:
+            dead = [
+                o
+                for o in group
+                if (retry.max_attempts and o.attempts + 1 >= retry.max_attempts)
+                or now - o.created >= retry.max_age
+            ]
+            later = [o for o in group if o not in dead]
+            reason = f"retry budget exhausted: {outcome.error}"
+        if later:
+            attempt = max(o.attempts for o in later) + 1
+            delay = full_jitter(attempt, retry.initial_backoff, retry.max_backoff)
+            if outcome.retry_after is not None:
+                delay = max(delay, min(outcome.retry_after, retry.max_backoff))
+            log.info(
+                "sink %s: %d event(s) failed (%s); attempt %d, retrying in %.2fs",
+                self.name,
+                len(later),
+                outcome.error,
+                attempt,
+                delay,
+            )
+            await self._outbox.retry_later(
+                self.name, [o.seq for o in later], now + delay, outcome.error
+            )
+        if dead:
+            for owed in dead:
+                log.warning(
+                    "sink %s: event %s (%s) moved to dead letters: %s",
+                    self.name,
+                    owed.event.id,
+                    owed.event.action,
+                    reason,
+                )
+            await self._outbox.bury(self.name, [o.seq for o in dead], reason)
+
+
+def _transport_for(config: SinkConfig) -> Transport:
+    return HTTPSink(config)
+
+
+class Delivery:
+    """Supervises one :class:`SinkWorker` per configured sink."""
+
+    def __init__(
+        self,
+        config: EventsConfig,
+        outbox: Outbox,
+        transport_for: Callable[[SinkConfig], Transport] = _transport_for,
+    ) -> None:
+        self._config = config
+        self._outbox = outbox
+        self._stopping = trio.Event()
+        # Set once every worker has returned and every transport is closed.
+        self.stopped = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self.workers = [
+            SinkWorker(sink, outbox, transport_for(sink), config.type_prefix, self._stopping)
+            for sink in config.sinks
+        ]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                for worker in self.workers:
+                    nursery.start_soon(self._supervise, worker)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                for worker in self.workers:
+                    await worker.aclose()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Stop taking new work; sends under way get ``shutdownTimeout`` to finish."""
+        self._stopping.set()
+        for worker in self.workers:
+            self._outbox.wake(worker.name)
+        if self._scope is not None:
+            self._scope.deadline = trio.current_time() + self._config.shutdown_timeout
+
+    async def _supervise(self, worker: SinkWorker) -> None:
+        restarts = 0
+        while not self._stopping.is_set():
+            started = trio.current_time()
+            try:
+                await worker.run()
+            except Exception:
+                log.exception("sink %s: delivery task crashed; restarting", worker.name)
+            if trio.current_time() - started > 60:
+                restarts = 0  # it ran fine for a while: start the backoff over
+            delay = min(0.1 * 2**restarts, 30.0)
+            restarts += 1
+            with trio.move_on_after(delay):
+                await self._stopping.wait()

@@ -1,0 +1,388 @@
+"""The durable event outbox: SQLite on the standard ``sqlite3`` module.
+
+Why our own and not persist-queue: persist-queue fsyncs every put and every get on its own
+and slows to a crawl when acked rows pile up (see ``shared/notes/libs.md``). Here one writer
+task commits *every* waiting write in one transaction (group commit): a request awaits its
+own commit, yet a burst of requests shares one fsync.
+
+Schema::
+
+    events(seq, body, created)                  one row per event, the JSON of Event
+    deliveries(sink, seq, state, attempts, next_attempt, last_error)
+                                                one row per (sink, event) still owed;
+                                                state 0 = pending, 2 = dead letter
+    sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at)
+    meta(key, value)                            instance id, schema version
+
+An event and its delivery rows are written in one transaction, so an event becomes visible to
+every sink at once or not at all. A delivered row is deleted (and the event with its last
+row), so the file does not grow with history. "In flight" is deliberately not stored: after a
+crash, whatever was being sent is simply still pending, which is at-least-once by
+construction.
+
+Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit. :meth:`Outbox.append`
+returns only after that commit; the API awaits it before answering 2xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .model import Event
+
+__all__ = ["Delivery", "Outbox", "OutboxReader", "QueueError", "SinkCounts"]
+
+log = logging.getLogger("registry_trio.events.queue")
+
+PENDING = 0
+DEAD = 2
+
+# How many queued writes one transaction may take. Large enough that a burst shares one
+# fsync, small enough that one commit never holds the writer for long.
+MAX_GROUP = 2048
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (sink, state, seq);
+CREATE INDEX IF NOT EXISTS deliveries_by_seq ON deliveries (seq);
+CREATE TABLE IF NOT EXISTS sink_counters (
+    sink TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_at REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class QueueError(Exception):
+    """The queue could not commit; nothing that depended on it may be acknowledged."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event owed to one sink."""
+
+    seq: int
+    event: Event
+    attempts: int
+    created: float
+
+
+@dataclass(frozen=True)
+class SinkCounts:
+    pending: int
+    dead: int
+    delivered: int
+    failed_attempts: int
+    oldest_pending: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # check_same_thread=False: trio.to_thread may run each call on a different worker
+    # thread; every connection is used by one task at a time, which is what SQLite needs.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+@dataclass
+class _Write:
+    apply: Callable[[sqlite3.Connection], Any]
+    wakes: Sequence[str] = ()
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Outbox:
+    """The queue's single writer, and the factory for per-sink readers.
+
+    Run :meth:`run` in a nursery (``await nursery.start(outbox.run)``) before appending;
+    :meth:`close` lets it finish what is queued and return.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / "events.db"
+        self.instance_id = ""
+        self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        self._signals: dict[str, trio.Event] = {}
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = _connect(self.path)
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
+            if row is None:
+                self.instance_id = uuid.uuid4().hex
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('instance_id', ?)", (self.instance_id,)
+                )
+            else:
+                self.instance_id = row[0]
+        except sqlite3.DatabaseError as exc:
+            raise QueueError(f"cannot open the event queue at {self.path}: {exc}") from exc
+        self._conn = conn
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer loop: take every waiting write, commit them together, wake waiters."""
+        await trio.to_thread.run_sync(self._open)
+        task_status.started()
+        try:
+            async for first in self._receive:
+                group = [first]
+                while len(group) < MAX_GROUP:
+                    try:
+                        group.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # Shielded: a write that reached the disk must report back, or its waiter
+                # would never learn the outcome; the thread cannot be interrupted anyway.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._commit, group)
+                for write in group:
+                    write.done.set()
+                    for sink in write.wakes:
+                        self._signal(sink)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def close(self) -> None:
+        """Stop accepting writes; :meth:`run` returns once the queued ones are committed."""
+        self._send.close()
+
+    def _commit(self, group: list[_Write]) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in group:
+                write.apply(conn)
+            conn.execute("COMMIT")
+            return
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if len(group) == 1:
+                group[0].error = exc
+                return
+        # One bad write must not fail its neighbours: retry each alone.
+        for write in group:
+            self._commit([write])
+
+    async def _write(
+        self, apply: Callable[[sqlite3.Connection], Any], wakes: Sequence[str] = ()
+    ) -> None:
+        write = _Write(apply, wakes)
+        try:
+            self._send.send_nowait(write)
+        except trio.ClosedResourceError:
+            raise QueueError("the event queue is shut down") from None
+        await write.done.wait()
+        if write.error is not None:
+            raise QueueError(f"the event queue could not commit: {write.error}") from write.error
+
+    # -- signals -------------------------------------------------------------------------
+
+    def signal(self, sink: str) -> trio.Event:
+        """An event set the next time new work for ``sink`` is committed (or on :meth:`wake`).
+
+        Take it *before* looking for work, so a commit between the look and the wait is
+        not missed.
+        """
+        signal = self._signals.get(sink)
+        if signal is None or signal.is_set():
+            signal = self._signals[sink] = trio.Event()
+        return signal
+
+    def _signal(self, sink: str) -> None:
+        if (signal := self._signals.get(sink)) is not None:
+            signal.set()
+
+    def wake(self, sink: str) -> None:
+        self._signal(sink)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
+        """Commit events, each owed to the given sinks; returns once durable on disk."""
+        rows = [(json.dumps(e.to_json()), e.time.timestamp(), sinks) for e, sinks in items if sinks]
+        if not rows:
+            return
+
+        def apply(conn: sqlite3.Connection) -> None:
+            for body, created, sinks in rows:
+                seq = conn.execute(
+                    "INSERT INTO events(body, created) VALUES (?, ?)", (body, created)
+                ).lastrowid
+                conn.executemany(
+                    "INSERT INTO deliveries(sink, seq) VALUES (?, ?)", [(s, seq) for s in sinks]
+                )
+
+        wakes = sorted({s for _, _, sinks in rows for s in sinks})
+        await self._write(apply, wakes)
+
+    async def ack(self, sink: str, seqs: Sequence[int]) -> None:
+        """Mark deliveries done: delete them, and each event nobody else still owes."""
+        params = [(sink, s) for s in seqs]
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM deliveries WHERE sink=? AND seq=?", params)
+            conn.executemany(
+                "DELETE FROM events WHERE seq=? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries WHERE deliveries.seq=events.seq)",
+                [(s,) for s in seqs],
+            )
+            _count(conn, sink, "delivered", len(seqs))
+
+        await self._write(apply)
+
+    async def retry_later(
+        self, sink: str, seqs: Sequence[int], next_attempt: float, error: str
+    ) -> None:
+        """Record a failed attempt; the deliveries become due again at ``next_attempt``."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET attempts=attempts+1, next_attempt=?, last_error=? "
+                "WHERE sink=? AND seq=?",
+                [(next_attempt, error, sink, s) for s in seqs],
+            )
+            _count(conn, sink, "failed_attempts", len(seqs), error)
+
+        await self._write(apply)
+
+    async def bury(self, sink: str, seqs: Sequence[int], error: str) -> None:
+        """Move deliveries to the dead-letter store, where they wait for a replay."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET state=?, attempts=attempts+1, last_error=? "
+                "WHERE sink=? AND seq=?",
+                [(DEAD, error, sink, s) for s in seqs],
+            )
+            _count(conn, sink, "failed_attempts", len(seqs), error)
+            _count(conn, sink, "dead", len(seqs), error)
+
+        await self._write(apply)
+
+    def reader(self) -> OutboxReader:
+        return OutboxReader(self.path)
+
+
+def _count(
+    conn: sqlite3.Connection, sink: str, column: str, n: int, error: str | None = None
+) -> None:
+    conn.execute("INSERT OR IGNORE INTO sink_counters(sink) VALUES (?)", (sink,))
+    if error is None:
+        conn.execute(f"UPDATE sink_counters SET {column}={column}+? WHERE sink=?", (n, sink))
+    else:
+        conn.execute(
+            f"UPDATE sink_counters SET {column}={column}+?, last_error=?, last_error_at=? "
+            "WHERE sink=?",
+            (n, error, time.time(), sink),
+        )
+
+
+class OutboxReader:
+    """A read connection of its own (WAL lets it read while the writer commits).
+
+    Owned by one task at a time; blocking calls go through ``trio.to_thread``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = _connect(self._path)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _pending(self, sink: str, limit: int, after: int) -> list[tuple[Delivery, float]]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT d.seq, d.attempts, d.next_attempt, e.body, e.created "
+                "FROM deliveries d JOIN events e ON e.seq = d.seq "
+                "WHERE d.sink=? AND d.state=? AND d.seq>? ORDER BY d.seq LIMIT ?",
+                (sink, PENDING, after, limit),
+            )
+            .fetchall()
+        )
+        return [
+            (Delivery(seq, Event.from_json(json.loads(body)), attempts, created), next_attempt)
+            for seq, attempts, next_attempt, body, created in rows
+        ]
+
+    async def pending(self, sink: str, limit: int, after: int = 0) -> list[tuple[Delivery, float]]:
+        """Up to ``limit`` pending deliveries in enqueue order, each with its due time."""
+        return await trio.to_thread.run_sync(self._pending, sink, limit, after)
+
+    def _counts(self, sink: str) -> SinkCounts:
+        conn = self._connection()
+        states = dict(
+            conn.execute(
+                "SELECT state, COUNT(*) FROM deliveries WHERE sink=? GROUP BY state", (sink,)
+            ).fetchall()
+        )
+        oldest = conn.execute(
+            "SELECT MIN(e.created) FROM deliveries d JOIN events e ON e.seq=d.seq "
+            "WHERE d.sink=? AND d.state=?",
+            (sink, PENDING),
+        ).fetchone()[0]
+        counters = conn.execute(
+            "SELECT delivered, failed_attempts, last_error, last_error_at "
+            "FROM sink_counters WHERE sink=?",
+            (sink,),
+        ).fetchone() or (0, 0, None, None)
+        return SinkCounts(
+            pending=states.get(PENDING, 0),
+            dead=states.get(DEAD, 0),
+            delivered=counters[0],
+            failed_attempts=counters[1],
+            oldest_pending=oldest,
+            last_error=counters[2],
+            last_error_at=counters[3],
+        )
+
+    async def counts(self, sink: str) -> SinkCounts:
+        return await trio.to_thread.run_sync(self._counts, sink)

@@ -1,0 +1,86 @@
+"""HTTP webhook transport on one keep-alive ``httpx.AsyncClient`` per sink."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import hmac
+import ssl
+import time
+
+import httpx
+
+from ...config import SinkConfig
+from . import Outcome, Result
+
+__all__ = ["HTTPSink"]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _verify(config: SinkConfig) -> ssl.SSLContext | bool:
+    tls = config.tls
+    if tls is None:
+        return True
+    if tls.insecure_skip_verify:
+        return False
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class HTTPSink:
+    def __init__(self, config: SinkConfig) -> None:
+        self._address = config.address
+        self._hmac = config.hmac
+        headers = dict(config.headers)
+        auth: httpx.Auth | None = None
+        if config.credentials is not None:
+            if config.credentials.token:
+                headers["Authorization"] = f"Bearer {config.credentials.token}"
+            elif config.credentials.username is not None:
+                auth = httpx.BasicAuth(
+                    config.credentials.username, config.credentials.password or ""
+                )
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            auth=auth,
+            timeout=config.timeout,
+            verify=_verify(config),
+            limits=httpx.Limits(max_connections=config.concurrency, keepalive_expiry=30),
+        )
+
+    async def send(self, headers: dict[str, str], body: bytes) -> Outcome:
+        headers = dict(headers)
+        if self._hmac is not None:
+            digest = hmac.new(self._hmac.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers[self._hmac.header] = digest
+        try:
+            response = await self._client.post(self._address, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            return Outcome(Result.RETRY, f"timed out: {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            # The message names the failure (refused, reset), never our headers or body.
+            return Outcome(Result.RETRY, f"{type(exc).__name__}: {exc}")
+        status = response.status_code
+        if 200 <= status < 300:
+            return Outcome(Result.DELIVERED)
+        error = f"HTTP {status} from the sink"
+        if status in (408, 429) or status >= 500:
+            return Outcome(Result.RETRY, error, _retry_after(response.headers.get("Retry-After")))
+        return Outcome(Result.REJECTED, error)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
