@@ -122,10 +122,10 @@ class HTTPSinkServer:
         return out
 
     async def wait_for(
-        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 20
+        self, predicate: Callable[[list[dict[str, Any]]], bool], within: float = 20
     ) -> list[dict[str, Any]]:
         """Wait until ``predicate(self.events())`` holds; fail the test at the deadline."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             while not predicate(events := self.events()):
                 await self._changed.wait()
         return events

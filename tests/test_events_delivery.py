@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 
-from registry_trio.client import make_image
+from registry_trio.client import RegistryClient, make_image
+from registry_trio.events.queue import OutboxReader, QueueError
 from tests.conftest import events_config, start_registry
+from tests.sink import HTTPSinkServer
 
 
 def http_sink(sink, **extra):
@@ -20,15 +30,11 @@ def http_sink(sink, **extra):
 
 
 async def test_push_produces_enriched_cloudevents(nursery, tmp_path, sink):
-    import httpx
-
     registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
     image = make_image((4096,))
     async with httpx.AsyncClient(
         base_url=registry.url, headers={"User-Agent": "tester/1.0"}
     ) as http:
-        from registry_trio.client import RegistryClient
-
         response = await RegistryClient(registry.url, client=http).push_image(
             "team/app", "v1", image
         )
@@ -59,3 +65,243 @@ async def test_push_produces_enriched_cloudevents(nursery, tmp_path, sink):
     assert request["addr"].startswith("127.0.0.1:")
     assert "actor" not in data  # no authentication configured: no actor
     assert len({e["id"] for e in events}) == 4
+
+
+# Field names of distribution's notifications/event.go (see shared/seeds/003_*).
+DISTRIBUTION_EVENT_KEYS = {"id", "timestamp", "action", "target", "request", "source"}
+DISTRIBUTION_TARGET_KEYS = {
+    "mediaType",
+    "digest",
+    "size",
+    "length",
+    "repository",
+    "fromRepository",
+    "url",
+    "tag",
+    "references",
+}
+DISTRIBUTION_REQUEST_KEYS = {"id", "addr", "host", "method", "useragent"}
+
+
+async def push(registry, repository, tag, image=None):
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        return await RegistryClient(registry.url, client=http).push_image(
+            repository, tag, image or make_image((1024,))
+        )
+
+
+def manifest_pushes(events):
+    return [e for e in events if e.get("type", e.get("action")) in ("zotregistry.image.updated",)]
+
+
+async def counts_until(queue_dir: Path, sink_name: str, predicate, within: float = 20):
+    reader = OutboxReader(queue_dir / "events.db")
+    try:
+        with trio.fail_after(within):
+            # The counts live in SQLite, written by another connection: no event to wait on.
+            while not predicate(counts := await reader.counts(sink_name)):  # noqa: ASYNC110
+                await trio.sleep(0.02)  # ok-sleep: polling the queue file with a deadline
+        return counts
+    finally:
+        reader.close()
+
+
+async def test_binary_format_parses_back(nursery, tmp_path, sink):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink, format="cloudevents-binary"))
+    )
+    response = await push(registry, "fmt/binary", "v1")
+    await sink.wait_for(lambda evs: len(evs) == 4)
+    last = sink.received[-1]
+    assert last.headers["ce-type"] == "zotregistry.image.updated"
+    parsed = ce_http.from_http(
+        ce_http.HTTPMessage(headers=last.headers, body=last.body), JSONFormat()
+    )
+    assert parsed.get_data()["request"]["id"] == response.headers["X-Request-Id"]
+    assert parsed.get_subject() == "fmt/binary:v1"
+
+
+async def test_batch_format_carries_several_events(nursery, tmp_path, sink):
+    registry = await start_registry(
+        nursery,
+        events_config(
+            tmp_path,
+            http_sink(
+                sink, format="cloudevents-batch", batch={"maxEvents": 50, "maxWait": "200ms"}
+            ),
+        ),
+    )
+    await push(registry, "fmt/batch", "v1")
+    events = await sink.wait_for(lambda evs: len(evs) == 4)
+    assert all(
+        r.headers["content-type"] == "application/cloudevents-batch+json" for r in sink.received
+    )
+    assert len(sink.received) < 4  # at least two events shared a request
+    fmt = JSONFormat()
+    for item in json.loads(sink.received[-1].body):
+        assert fmt.read(None, json.dumps(item).encode()).get_id() == item["id"]
+    assert events[-1]["type"] == "zotregistry.image.updated"
+
+
+async def test_distribution_envelope_uses_event_go_names(nursery, tmp_path, sink):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink, format="distribution"))
+    )
+    image = make_image((2048,))
+    response = await push(registry, "fmt/dist", "v1", image)
+    events = await sink.wait_for(lambda evs: any(e["target"].get("tag") == "v1" for e in evs))
+    assert sink.received[0].headers["content-type"] == (
+        "application/vnd.docker.distribution.events.v1+json"
+    )
+    # repository.created has no distribution counterpart and is not sent in this format.
+    assert [e["action"] for e in events] == ["push", "push", "push"]
+    manifest = events[-1]
+    assert set(manifest) <= DISTRIBUTION_EVENT_KEYS | {"actor"}
+    assert set(manifest["target"]) <= DISTRIBUTION_TARGET_KEYS
+    assert set(manifest["request"]) == DISTRIBUTION_REQUEST_KEYS
+    assert manifest["target"]["digest"] == image.digest
+    assert manifest["target"]["length"] == manifest["target"]["size"] == len(image.manifest)
+    assert [r["digest"] for r in manifest["target"]["references"]] == [
+        image.config.digest,
+        image.layers[0].digest,
+    ]
+    assert manifest["request"]["id"] == response.headers["X-Request-Id"]
+    assert set(manifest["source"]) == {"addr", "instanceID"}
+
+
+async def test_sink_outage_then_recovery_delivers_everything_in_order(nursery, tmp_path, sink):
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    await sink.stop()
+    tags = [f"v{i}" for i in range(8)]
+    for tag in tags:
+        await push(registry, "outage/app", tag)
+    await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.failed_attempts >= 2)
+    await sink.start(nursery)  # same port: the sink is back
+    events = await sink.wait_for(lambda evs: len(manifest_pushes(evs)) == len(tags))
+    assert [e["data"]["reference"] for e in manifest_pushes(events)] == tags
+    assert len(events) == len(tags) * 3 + 1  # 2 blobs + manifest each, 1 repository.created
+    ids = [e["id"] for e in events]
+    assert len(set(ids)) == len(ids)
+    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.pending == 0)
+    assert counts.delivered == len(events) and counts.dead == 0
+
+
+async def test_permanent_rejection_goes_to_dead_letters(nursery, tmp_path, sink, caplog):
+    sink.status = 400
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    await push(registry, "dead/app", "v1")
+    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.dead == 4)
+    assert counts.pending == 0 and counts.delivered == 0
+    assert counts.last_error == "rejected: HTTP 400 from the sink"
+    assert sum("moved to dead letters" in r.getMessage() for r in caplog.records) == 4
+
+
+async def test_exhausted_retry_budget_goes_to_dead_letters(nursery, tmp_path, sink):
+    sink.status = 503
+    registry = await start_registry(
+        nursery,
+        events_config(
+            tmp_path,
+            http_sink(sink, retry={"initialBackoff": "1ms", "maxBackoff": "5ms", "maxAttempts": 3}),
+        ),
+    )
+    await push(registry, "budget/app", "v1")
+    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.dead == 4)
+    assert counts.failed_attempts == 12  # 3 attempts for each of 4 events
+    assert counts.last_error.startswith("retry budget exhausted: HTTP 503")
+
+
+async def test_hanging_sink_blocks_neither_pushes_nor_other_sinks(nursery, tmp_path, sink):
+    hanging = HTTPSinkServer(delay=60)
+    await hanging.start(nursery)
+    registry = await start_registry(
+        nursery,
+        events_config(tmp_path, http_sink(hanging, timeout="30s"), http_sink(sink)),
+    )
+    with trio.fail_after(10):  # each push is milliseconds; a blocked one would hit this
+        for i in range(5):
+            await push(registry, "iso/app", f"v{i}")
+    events = await sink.wait_for(lambda evs: len(manifest_pushes(evs)) == 5)
+    assert len(events) == 16
+    assert hanging.received == []
+
+
+async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypatch, caplog):
+    from registry_trio.events.sinks.http import HTTPSink
+
+    real_send = HTTPSink.send
+    crashes = []
+
+    async def crash_once(self, headers, body):
+        if not crashes:
+            crashes.append(1)
+            raise RuntimeError("injected crash")
+        return await real_send(self, headers, body)
+
+    monkeypatch.setattr(HTTPSink, "send", crash_once)
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    await push(registry, "crash/app", "v1")
+    events = await sink.wait_for(lambda evs: len(evs) == 4)
+    assert [e["type"] for e in events][-1] == "zotregistry.image.updated"
+    assert any("delivery task crashed; restarting" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("sink_config", "key"),
+    [
+        ({"address": "http://127.0.0.1:9/x"}, "extensions.events.sinks[0].type"),
+        ({"type": "http"}, "extensions.events.sinks[0].address"),
+        (
+            {"type": "http", "address": "http://x", "format": "xml"},
+            "extensions.events.sinks[0].format",
+        ),
+        (
+            {"type": "http", "address": "http://x", "timeout": "soon"},
+            "extensions.events.sinks[0].timeout",
+        ),
+        (
+            {"type": "http", "address": "http://x", "tls": {"caFile": "/nonexistent/ca.pem"}},
+            "extensions.events.sinks[0].tls.caFile",
+        ),
+        (
+            {"type": "http", "address": "http://x", "filter": {"actions": ["image.exploded"]}},
+            "extensions.events.sinks[0].filter.actions[0]",
+        ),
+    ],
+)
+def test_misconfigured_sink_refuses_to_start(tmp_path, sink_config, key):
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(
+            {
+                "storage": {"rootDirectory": str(tmp_path / "data")},
+                "http": {"address": "127.0.0.1", "port": 0},
+                "extensions": {"events": {"enable": True, "sinks": [sink_config]}},
+            }
+        )
+    )
+    for verb in ("verify", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "registry_trio", verb, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert key in result.stderr
+
+
+async def test_queue_that_cannot_commit_fails_the_append(tmp_path):
+    from registry_trio.events import Action, Event, Source, Target
+    from registry_trio.events.queue import Outbox
+
+    outbox = Outbox(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        event = Event(Action.BLOB_PUSHED, Target(repository="r"), Source("a", "i"))
+        await outbox.append([(event, ["s"])])
+        # A read-only database is what a full or broken disk looks like to SQLite.
+        outbox._conn.execute("PRAGMA query_only=1")
+        with pytest.raises(QueueError, match="could not commit"):
+            await outbox.append([(event, ["s"])])
+        outbox.close()
