@@ -36,8 +36,11 @@ __all__ = ["Delivery", "SinkWorker"]
 
 log = logging.getLogger("registry_trio.events.delivery")
 
-# Rows read per query; a batch never exceeds the sink's own batch size.
+# Rows read per query when overtaking is allowed (concurrent mode skips rows not yet due).
 READ_AHEAD = 256
+# In ordered mode a single-event format sends this many events one after another before
+# acknowledging them in one commit; a crash in between redelivers at most this many.
+ORDERED_RUN = 64
 
 
 def full_jitter(attempt: int, initial: float, cap: float) -> float:
@@ -67,6 +70,9 @@ class SinkWorker:
         self._encode = encoder_for(config.format)
         self._group = config.batch.max_events if config.batches else 1
         self._ordered = config.concurrency == 1
+        # How many deliveries one take may hold: a batch, or an ordered run of single sends.
+        # Concurrent loops take one request's worth each, so they really run in parallel.
+        self._take_limit = ORDERED_RUN if self._ordered and not config.batches else self._group
         self._reader: OutboxReader | None = None
         self._read_lock = trio.Lock()
         # Deliveries being sent right now; kept in memory only (a crash makes them pending).
@@ -94,7 +100,8 @@ class SinkWorker:
     async def _read(self) -> list[tuple[Owed, float]]:
         assert self._reader is not None
         async with self._read_lock:
-            return await self._reader.pending(self.name, READ_AHEAD + len(self.in_flight))
+            limit = self._take_limit if self._ordered else READ_AHEAD
+            return await self._reader.pending(self.name, limit + len(self.in_flight))
 
     async def _take(self) -> list[Owed]:
         """Wait for due deliveries; return up to one batch of them (empty when stopping)."""
@@ -114,7 +121,7 @@ class SinkWorker:
                         break  # never overtake an event that waits for its retry
                     continue
                 due.append(owed)
-                if len(due) >= self._group:
+                if len(due) >= self._take_limit:
                     break
             wait_for_more = (
                 due
