@@ -43,8 +43,12 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def _load(path: str | None) -> Config:
+    from .config import check_files
+
     try:
-        return load_config(path)
+        config = load_config(path)
+        check_files(config)
+        return config
     except ConfigError as exc:
         print(f"registry-trio: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,6 +12,7 @@ silently ignored in a registry config is how events end up going nowhere.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -77,6 +78,80 @@ class StorageConfig:
     root_directory: str = "registry_data"
 
 
+ACCESS_ACTIONS = ("read", "create", "update", "delete")
+
+
+def _check_actions(actions: list[str] | tuple[str, ...], key: str) -> None:
+    for i, action in enumerate(actions):
+        if action not in ACCESS_ACTIONS:
+            raise ConfigError(f"{key}[{i}]", f"unknown action {action!r}; use {ACCESS_ACTIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HtpasswdConfig:
+    path: str
+
+    def __post_init__(self) -> None:
+        if not os.access(self.path, os.R_OK):
+            raise ConfigError("path", f"cannot read htpasswd file {self.path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BearerConfig:
+    """Token authentication as distribution and zot accept it (JWTs from a token service)."""
+
+    realm: str
+    service: str
+    # PEM certificate or public key of the token service's signing key.
+    cert: str
+    # When set, a token's ``iss`` must equal it.
+    issuer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not os.access(self.cert, os.R_OK):
+            raise ConfigError("cert", f"cannot read {self.cert}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: HtpasswdConfig | None = None
+    bearer: BearerConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    actions: list[str]
+    users: list[str] = ()  # type: ignore[assignment]
+    groups: list[str] = ()  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        _check_actions(self.actions, "actions")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepositoryPolicyConfig:
+    policies: list[PolicyConfig] = ()  # type: ignore[assignment]
+    # Actions for any authenticated user; anonymousPolicy for requests without credentials.
+    default_policy: list[str] = ()  # type: ignore[assignment]
+    anonymous_policy: list[str] = ()  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        _check_actions(self.default_policy, "defaultPolicy")
+        _check_actions(self.anonymous_policy, "anonymousPolicy")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    users: list[str] = ()  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessControlConfig:
+    repositories: dict[str, RepositoryPolicyConfig] = dataclasses.field(default_factory=dict)
+    admin_policy: PolicyConfig | None = None
+    groups: dict[str, GroupConfig] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class HTTPConfig:
     address: str = "127.0.0.1"
@@ -86,6 +161,10 @@ class HTTPConfig:
     max_manifest_size: int = 4 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests before closing connections.
     graceful_timeout: Duration = 10.0  # type: ignore[assignment]
+    auth: AuthConfig | None = None
+    access_control: AccessControlConfig | None = None
+    # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
+    trusted_proxies: list[str] = ()  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +174,11 @@ class HTTPConfig:
         if not 0 <= port <= 65535:
             raise ConfigError("port", f"{port} is outside 0-65535")
         object.__setattr__(self, "port", port)
+        for i, cidr in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"trustedProxies[{i}]", f"not a CIDR: {cidr!r}") from None
         if self.max_manifest_size < 4 * 1024 * 1024:
             raise ConfigError("maxManifestSize", "must be at least 4 MiB (4194304)")
 
@@ -394,3 +478,18 @@ def load_config(path: str | Path | None) -> Config:
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
     return parse_config(data)
+
+
+def check_files(config: Config) -> None:
+    """Read what the config points at (htpasswd, token key) and report problems by key.
+
+    Kept apart from parsing so that parsing stays free of I/O beyond readability checks.
+    """
+    from .auth import Authenticator, HtpasswdError
+
+    try:
+        Authenticator(config.http)
+    except HtpasswdError as exc:
+        raise ConfigError("http.auth.htpasswd.path", str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError("http.auth.bearer.cert", f"cannot load the key: {exc}") from None

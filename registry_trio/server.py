@@ -24,6 +24,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .api import Registry, create_app
+from .auth import Authenticator
 from .config import Config
 from .events import NullRecorder, Source
 from .events.delivery import Delivery
@@ -74,6 +75,7 @@ async def serve(
             config=config,
             storage=storage,
             events=recorder,
+            auth=Authenticator(config.http),
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
             io_limiter=trio.CapacityLimiter(32),
         )

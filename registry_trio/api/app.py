@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .. import oci
+from ..auth import Unauthorized
+from .access import required_access
 from .blobs import BlobRequest, ClientDisconnected, match_route
-from .context import REQUEST_ID_KEY, Registry, request_info
+from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, REQUEST_ID_KEY, Registry, request_info
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
 
@@ -106,7 +108,47 @@ class RegistryApp:
                 },
             )
 
+    async def _authorize(self, scope: Scope) -> None:
+        """Resolve the client address and identity, and refuse what the caller may not do.
+
+        Runs before any handler, so no route can forget it: anonymous callers that need to
+        log in get 401 with a challenge naming the scope; known callers without the right
+        get 403.
+        """
+        auth = self.registry.auth
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        scope[CLIENT_ADDR_KEY] = auth.proxies.client_address(
+            scope.get("client"), headers.get(b"x-forwarded-for"), headers.get(b"forwarded")
+        )
+        repository, action = required_access(scope["method"], scope["path"])
+        try:
+            who = await auth.authenticate(headers.get(b"authorization"))
+        except Unauthorized as exc:
+            log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
+            raise self._unauthorized(repository, action, str(exc)) from None
+        scope[IDENTITY_KEY] = who
+        if not auth.enabled:
+            return
+        if repository is None:
+            # The API root is where clients discover that they must log in.
+            login_probe = scope["path"] in ("/v2", "/v2/") and who.anonymous
+            if login_probe and not auth.policy.anonymous_has_any():
+                raise self._unauthorized(None, None, "authentication required")
+            return
+        if action in auth.policy.allowed(who, repository):
+            return
+        if who.anonymous:
+            raise self._unauthorized(repository, action, "authentication required")
+        raise RegistryError(
+            "DENIED", 403, f"{who.name} may not {action} in repository {repository}"
+        )
+
+    def _unauthorized(self, repository: str | None, action: str | None, why: str) -> RegistryError:
+        challenge = self.registry.auth.challenge(repository, action)
+        return RegistryError("UNAUTHORIZED", 401, why, headers=(("WWW-Authenticate", challenge),))
+
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._authorize(scope)
         route = match_route(scope["path"], scope["method"])
         if route is None:
             await self.quart(scope, receive, send)

@@ -24,7 +24,7 @@ import trio
 from .. import oci
 from ..events import Action, Target
 from ..storage import BlobUploadUnknown, UploadWriter
-from .context import Registry
+from .context import Registry, identity
 from .errors import RegistryError
 
 __all__ = ["BlobRequest", "match_route"]
@@ -196,9 +196,19 @@ async def start_upload(req: BlobRequest) -> None:
     if mount := req.query("mount"):
         digest = _digest_param(mount, "mount")
         source = req.query("from")
+        auth = registry.auth
         if source is not None:
             oci.validate_name(source)
-        size = await registry.io(registry.storage.mount_blob, req.name, digest, source)
+        # Mounting reads the source: without read access there it is as if the blob were
+        # absent. Without a source, any stored blob could be named, so that automatic mount
+        # is only offered when the registry has no authentication at all.
+        if source is not None:
+            may_mount = "read" in auth.policy.allowed(identity(req.scope), source)
+        else:
+            may_mount = not auth.enabled
+        size = None
+        if may_mount:
+            size = await registry.io(registry.storage.mount_blob, req.name, digest, source)
         if size is not None:
             location = f"/v2/{req.name}/blobs/{digest}"
             target = _blob_target(req, digest, size, from_repository=source)

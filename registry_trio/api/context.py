@@ -9,21 +9,27 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..storage import FilesystemStorage
 
-__all__ = ["REQUEST_ID_KEY", "Registry", "request_id", "request_info"]
+__all__ = ["REQUEST_ID_KEY", "Registry", "identity", "request_id", "request_info"]
 
 T = TypeVar("T")
 
 # Keys under which the dispatcher stores per-request facts in the ASGI scope.
 REQUEST_ID_KEY = "registry_trio.request_id"
-ACTOR_KEY = "registry_trio.actor"
+IDENTITY_KEY = "registry_trio.identity"
+CLIENT_ADDR_KEY = "registry_trio.client_addr"
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:
     return scope[REQUEST_ID_KEY]
+
+
+def identity(scope: MutableMapping[str, Any]) -> Identity:
+    return scope.get(IDENTITY_KEY, ANONYMOUS)
 
 
 def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
@@ -34,11 +40,14 @@ def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
 
 
 def request_info(scope: MutableMapping[str, Any]) -> RequestInfo:
-    """The request as events report it. ``addr`` is the TCP peer, never a client header."""
-    client = scope.get("client")
+    """The request as events report it.
+
+    ``addr`` was resolved by the dispatcher: the TCP peer, or the forwarded address only when
+    the peer is a trusted proxy.
+    """
     return RequestInfo(
         id=request_id(scope),
-        addr=f"{client[0]}:{client[1]}" if client else "",
+        addr=scope.get(CLIENT_ADDR_KEY, ""),
         host=_header(scope, b"host"),
         method=scope["method"],
         useragent=_header(scope, b"user-agent"),
@@ -52,6 +61,7 @@ class Registry:
     config: Config
     storage: FilesystemStorage
     events: EventRecorder
+    auth: Authenticator
     source: Source
     # Bounds the threads doing disk I/O so a burst of requests cannot spawn hundreds.
     io_limiter: trio.CapacityLimiter
@@ -72,7 +82,8 @@ class Registry:
         if not wanted:
             return
         request = request_info(scope)
-        actor: Actor | None = scope.get(ACTOR_KEY)
+        who = identity(scope)
+        actor = None if who.anonymous else Actor(who.name, who.method)
         await self.events.record(
             [Event(action, target, self.source, actor, request) for action, target in wanted]
         )

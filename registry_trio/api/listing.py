@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from quart import Blueprint, Response, request
 
 from .. import oci
+from .context import identity
 from .errors import RegistryError
 from .quart_app import current_registry
 
@@ -56,4 +57,6 @@ async def tags(name: str) -> Response:
 async def catalog() -> Response:
     registry = current_registry()
     names = await registry.io(registry.storage.list_repositories)
+    who = identity(request.scope)
+    names = [n for n in names if "read" in registry.auth.policy.allowed(who, n)]
     return _paginate(names, "/v2/_catalog", "repositories", {})

@@ -8,8 +8,8 @@ from quart import Blueprint, Response, request
 
 from .. import oci
 from ..events import Action, Target
-from ..storage import ManifestRecord
-from .context import Registry
+from ..storage import ManifestRecord, ManifestUnknown
+from .context import Registry, identity
 from .errors import RegistryError
 from .quart_app import current_registry
 
@@ -60,6 +60,14 @@ def _manifest_target(
     )
 
 
+def _tag_exists(registry: Registry, name: str, tag: str) -> bool:
+    try:
+        registry.storage.resolve_tag(name, tag)
+    except ManifestUnknown:
+        return False
+    return True
+
+
 @blueprint.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
 async def put_manifest(name: str, reference: str) -> Response:
     registry = current_registry()
@@ -74,6 +82,13 @@ async def put_manifest(name: str, reference: str) -> Response:
             400,
             f"manifest body has digest {digest}, not the {expected} it was pushed as",
         )
+    if tag is not None and "update" not in registry.auth.policy.allowed(
+        identity(request.scope), name
+    ):
+        # Moving an existing tag is an update, which `create` alone does not allow.
+        existing = await registry.io(_tag_exists, registry, name, tag)
+        if existing:
+            raise RegistryError("DENIED", 403, f"may not update existing tag {name}:{tag}")
     result = await registry.io(registry.storage.put_manifest, name, body, manifest, digest, tag)
     record = ManifestRecord(digest, manifest.media_type, body)
     changes = []
