@@ -130,9 +130,10 @@ class RegistryApp:
         if not auth.enabled:
             return
         if repository is None:
-            # The API root is where clients discover that they must log in.
-            login_probe = scope["path"] in ("/v2", "/v2/") and who.anonymous
-            if login_probe and not auth.policy.anonymous_has_any():
+            # The API root is where clients discover how to log in (and `docker login` checks
+            # credentials), so it always challenges anonymous callers, as distribution does;
+            # anonymous pulls still work where anonymousPolicy allows them.
+            if scope["path"] in ("/v2", "/v2/") and who.anonymous:
                 raise self._unauthorized(None, None, "authentication required")
             return
         if action in auth.policy.allowed(who, repository):

@@ -83,9 +83,3 @@ class AccessPolicy:
                             actions.update(policy.actions)
                 break
         return frozenset(actions)
-
-    def anonymous_has_any(self) -> bool:
-        """Whether anonymous requests may do anything at all (then ``/v2/`` needs no login)."""
-        if self._config is None:
-            return not self._authentication
-        return any(rule.anonymous_policy for rule in self._config.repositories.values())

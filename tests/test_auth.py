@@ -1,0 +1,285 @@
+"""Identity and access: real htpasswd files, real signed tokens, a real server and sink."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import bcrypt
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from registry_trio.auth import AccessPolicy, Identity
+from registry_trio.client import RegistryClient, make_image
+from registry_trio.config import ConfigError, check_files, parse_config
+from tests.conftest import make_config, start_registry
+
+PASSWORDS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw", "carol": "carol-secret-pw"}
+
+ACCESS_CONTROL = {
+    "groups": {"devs": {"users": ["bob"]}},
+    "repositories": {
+        "**": {"defaultPolicy": ["read"], "anonymousPolicy": []},
+        "team/**": {
+            "policies": [
+                {"users": ["alice"], "actions": ["read", "create", "update", "delete"]},
+                {"groups": ["devs"], "actions": ["read", "create"]},
+            ],
+            "defaultPolicy": ["read"],
+        },
+        "public/*": {"anonymousPolicy": ["read"], "defaultPolicy": ["read", "create"]},
+    },
+    "adminPolicy": {"users": ["carol"], "actions": ["read", "create", "update", "delete"]},
+}
+
+
+def write_htpasswd(path: Path) -> Path:
+    lines = [
+        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+        for user, pw in PASSWORDS.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def signing_key(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = tmp_path / "token-service.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return key, public
+
+
+def make_token(key, *, sub="robot", access=(), exp_in=300, aud="registry-trio", iss="tokens"):
+    now = int(time.time())
+    claims = {
+        "sub": sub,
+        "aud": aud,
+        "iss": iss,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now + exp_in,
+        "access": list(access),
+    }
+    return jwt.encode(claims, key, algorithm="ES256")
+
+
+def auth_overrides(tmp_path, signing_key=None, **http):
+    auth: dict[str, object] = {"htpasswd": {"path": str(write_htpasswd(tmp_path / "htpasswd"))}}
+    if signing_key is not None:
+        auth["bearer"] = {
+            "realm": "https://auth.example/token",
+            "service": "registry-trio",
+            "cert": str(signing_key[1]),
+            "issuer": "tokens",
+        }
+    return {"http": {"auth": auth, "accessControl": ACCESS_CONTROL, **http}}
+
+
+async def push_as(registry, repository, tag="v1", auth=None, headers=None):
+    async with httpx.AsyncClient(base_url=registry.url, auth=auth, headers=headers) as http:
+        return await RegistryClient(registry.url, client=http).push_image(
+            repository, tag, make_image((512,))
+        )
+
+
+async def test_anonymous_push_gets_401_with_challenge(nursery, tmp_path):
+    registry = await start_registry(nursery, make_config(tmp_path, **auth_overrides(tmp_path)))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        base = await http.get("/v2/")
+        assert base.status_code == 401
+        assert base.headers["WWW-Authenticate"] == 'Basic realm="registry-trio"'
+        response = await http.post("/v2/team/app/blobs/uploads/")
+        assert response.status_code == 401
+        assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+        # anonymousPolicy read on public/*: no login needed there.
+        assert (await http.get("/v2/public/app/tags/list")).status_code == 404
+
+
+async def test_wrong_password_gets_401(nursery, tmp_path):
+    registry = await start_registry(nursery, make_config(tmp_path, **auth_overrides(tmp_path)))
+    async with httpx.AsyncClient(base_url=registry.url, auth=("alice", "wrong")) as http:
+        response = await http.get("/v2/")
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+async def test_policies_groups_and_actor_in_events(nursery, tmp_path, sink):
+    registry = await start_registry(
+        nursery,
+        make_config(
+            tmp_path,
+            **auth_overrides(tmp_path),
+            extensions={
+                "events": {
+                    "enable": True,
+                    "sinks": [{"type": "http", "address": sink.url}],
+                    "queue": {"directory": str(tmp_path / "q")},
+                }
+            },
+        ),
+    )
+    # alice: full rights on team/** -> 201, and the event names her.
+    response = await push_as(registry, "team/app", auth=("alice", PASSWORDS["alice"]))
+    assert response.status_code == 201
+    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
+    pushed = next(e for e in events if e["type"].endswith("image.updated"))
+    assert pushed["data"]["actor"] == {"name": "alice", "authType": "basic"}
+
+    # bob (group devs): create on team/** but not update -> a new tag works, moving one not.
+    bob = ("bob", PASSWORDS["bob"])
+    assert (await push_as(registry, "team/app", "bob-tag", auth=bob)).status_code == 201
+    with pytest.raises(httpx.HTTPStatusError) as denied:
+        await push_as(registry, "team/app", "v1", auth=bob)
+    assert denied.value.response.status_code == 403
+    assert denied.value.response.json()["errors"][0]["code"] == "DENIED"
+
+    # A user with only defaultPolicy read on other repos -> 403 DENIED on push.
+    with pytest.raises(httpx.HTTPStatusError) as denied:
+        await push_as(registry, "other/app", auth=bob)
+    assert denied.value.response.status_code == 403
+    assert denied.value.response.json()["errors"][0]["code"] == "DENIED"
+
+    # carol (adminPolicy): anything anywhere; alice may also delete in team/**.
+    assert (
+        await push_as(registry, "other/app", auth=("carol", PASSWORDS["carol"]))
+    ).status_code == 201
+    async with httpx.AsyncClient(base_url=registry.url, auth=bob) as http:
+        assert (await http.delete("/v2/team/app/manifests/bob-tag")).status_code == 403
+        catalog = await http.get("/v2/_catalog")
+        assert catalog.json()["repositories"] == ["other/app", "team/app"]
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        # anonymousPolicy lets anyone read public/*: an unknown repository there is a 404.
+        assert (await http.get("/v2/public/x/tags/list")).status_code == 404
+        # ...and nothing else, so the anonymous catalog is empty.
+        assert (await http.get("/v2/_catalog")).json()["repositories"] == []
+    async with httpx.AsyncClient(base_url=registry.url, auth=("alice", PASSWORDS["alice"])) as http:
+        assert (await http.delete("/v2/team/app/manifests/bob-tag")).status_code == 202
+
+
+def test_policy_resolution_is_most_specific_pattern_first():
+    config = parse_config({"http": {"accessControl": ACCESS_CONTROL}}).http.access_control
+    policy = AccessPolicy(config, authentication=True)
+    alice, bob, dave = Identity("alice", "basic"), Identity("bob", "basic"), Identity("dave")
+    anonymous = Identity(None)
+    assert policy.allowed(alice, "team/a/b") == {"read", "create", "update", "delete"}
+    assert policy.allowed(bob, "team/a") == {"read", "create"}  # via group devs
+    assert policy.allowed(dave, "team/a") == {"read"}  # defaultPolicy of team/**
+    assert policy.allowed(dave, "public/x") == {"read", "create"}
+    assert policy.allowed(dave, "public/x/y") == {"read"}  # '*' stays in one component
+    assert policy.allowed(anonymous, "public/x") == {"read"}
+    assert policy.allowed(anonymous, "team/a") == set()
+    assert policy.allowed(Identity("carol"), "anything") == {"read", "create", "update", "delete"}
+
+
+async def test_bearer_tokens(nursery, tmp_path, signing_key):
+    key, _ = signing_key
+    registry = await start_registry(
+        nursery, make_config(tmp_path, **auth_overrides(tmp_path, signing_key))
+    )
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        challenge = (await http.post("/v2/team/app/blobs/uploads/")).headers["WWW-Authenticate"]
+    assert challenge == (
+        'Bearer realm="https://auth.example/token",service="registry-trio",'
+        'scope="repository:team/app:pull,push"'
+    )
+
+    grant = [{"type": "repository", "name": "team/app", "actions": ["pull", "push"]}]
+    good = make_token(key, access=grant)
+    response = await push_as(registry, "team/app", headers={"Authorization": f"Bearer {good}"})
+    assert response.status_code == 201
+
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    bad_tokens = {
+        "expired": make_token(key, access=grant, exp_in=-60),
+        "wrongly signed": make_token(other_key, access=grant),
+        "wrong audience": make_token(key, access=grant, aud="someone-else"),
+        "wrong issuer": make_token(key, access=grant, iss="mallory"),
+    }
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        for why, token in bad_tokens.items():
+            response = await http.get(
+                "/v2/team/app/tags/list", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.status_code == 401, why
+            assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        # A valid token without push for this repository: authenticated, so 403.
+        pull_only = make_token(
+            key, access=[{"type": "repository", "name": "team/app", "actions": ["pull"]}]
+        )
+        response = await http.post(
+            "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {pull_only}"}
+        )
+        assert response.status_code == 403
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [([], "peer"), (["127.0.0.0/8"], "1.2.3.4")])
+async def test_forwarded_address_only_from_trusted_proxies(
+    nursery, tmp_path, sink, trusted, expected
+):
+    registry = await start_registry(
+        nursery,
+        make_config(
+            tmp_path,
+            http={"trustedProxies": trusted},
+            extensions={
+                "events": {
+                    "enable": True,
+                    "sinks": [{"type": "http", "address": sink.url}],
+                    "queue": {"directory": str(tmp_path / "q")},
+                }
+            },
+        ),
+    )
+    await push_as(registry, "spoof/app", headers={"X-Forwarded-For": "9.9.9.9, 1.2.3.4"})
+    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
+    addr = events[-1]["data"]["request"]["addr"]
+    if expected == "peer":
+        assert addr.startswith("127.0.0.1:")
+    else:
+        assert addr == expected  # the rightmost untrusted hop, not the client-chosen first
+
+
+async def test_no_secret_in_logs(nursery, tmp_path, signing_key, caplog):
+    caplog.set_level(logging.DEBUG)
+    key, _ = signing_key
+    registry = await start_registry(
+        nursery, make_config(tmp_path, **auth_overrides(tmp_path, signing_key))
+    )
+    token = make_token(
+        key, access=[{"type": "repository", "name": "team/app", "actions": ["pull", "push"]}]
+    )
+    expired = make_token(key, exp_in=-10)
+    await push_as(registry, "team/app", auth=("alice", PASSWORDS["alice"]))
+    await push_as(registry, "team/app", "t2", headers={"Authorization": f"Bearer {token}"})
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await http.get("/v2/", auth=("alice", "a-wrong-password-123"))
+        await http.get("/v2/", headers={"Authorization": f"Bearer {expired}"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "authentication failed" in text  # failed logins are logged...
+    for secret in (
+        PASSWORDS["alice"],
+        "a-wrong-password-123",
+        token,
+        expired,
+        token.split(".")[2],
+        expired.split(".")[2],
+    ):
+        assert secret not in text  # ...but never with what was presented
+
+
+def test_non_bcrypt_htpasswd_refused_at_start(tmp_path):
+    path = tmp_path / "htpasswd"
+    path.write_text("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    config = parse_config({"http": {"auth": {"htpasswd": {"path": str(path)}}}})
+    with pytest.raises(ConfigError, match=r"http\.auth\.htpasswd\.path.*bcrypt"):
+        check_files(config)
