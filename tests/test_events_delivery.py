@@ -232,11 +232,11 @@ async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypat
     real_send = HTTPSink.send
     crashes = []
 
-    async def crash_once(self, headers, body):
+    async def crash_once(self, messages):
         if not crashes:
             crashes.append(1)
             raise RuntimeError("injected crash")
-        return await real_send(self, headers, body)
+        return await real_send(self, messages)
 
     monkeypatch.setattr(HTTPSink, "send", crash_once)
     registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))

@@ -29,7 +29,7 @@ from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
 from .queue import Delivery as Owed
 from .queue import Outbox, OutboxReader
-from .sinks import Outcome, Result, Transport
+from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
 
 __all__ = ["Delivery", "SinkWorker"]
@@ -143,20 +143,15 @@ class SinkWorker:
         return []
 
     async def _deliver(self, batch: Sequence[Owed]) -> None:
-        delivered: list[Owed] = []
-        failed: list[Owed] = []
-        outcome = Outcome(Result.DELIVERED)
+        groups = [batch[i : i + self._group] for i in range(0, len(batch), self._group)]
+        messages = []
+        for group in groups:
+            headers, body = self._encode([o.event for o in group], self._prefix)
+            messages.append(Message(headers, body, group[0].event.id))
         try:
-            for start in range(0, len(batch), self._group):
-                group = batch[start : start + self._group]
-                headers, body = self._encode([o.event for o in group], self._prefix)
-                outcome = await self._transport.send(headers, body)
-                if outcome.result is not Result.DELIVERED:
-                    failed = list(group)
-                    break
-                delivered.extend(group)
-                if self._stopping.is_set():
-                    break  # finish what is in flight, leave the rest queued
+            sent, outcome = await self._transport.send(messages)
+            delivered = [o for group in groups[:sent] for o in group]
+            failed = list(groups[sent]) if sent < len(groups) else []
             if delivered:
                 await self._outbox.ack(self.name, [o.seq for o in delivered])
             if failed:

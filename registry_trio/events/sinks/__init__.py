@@ -1,16 +1,19 @@
-"""Sink transports: each turns ``(headers, body)`` into an :class:`Outcome`, nothing more.
+"""Sink transports: each sends a run of messages and reports what happened, nothing more.
 
 Retries, ordering and dead letters live in :mod:`registry_trio.events.delivery`; a transport
-only says what happened to one request.
+only says how many of the messages, in order, were delivered and why the next one was not.
+That contract lets a transport batch per hop (NATS publishes a whole run in one call) while
+the delivery loop stays the same for every sink.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Outcome", "Result", "Transport"]
+__all__ = ["Message", "Outcome", "Result", "Transport"]
 
 
 class Result(enum.Enum):
@@ -27,7 +30,21 @@ class Outcome:
     retry_after: float | None = None
 
 
+DELIVERED = Outcome(Result.DELIVERED)
+
+
+@dataclass(frozen=True)
+class Message:
+    headers: dict[str, str]
+    body: bytes
+    # The id receivers de-duplicate on: the event id (the first one for a batch).
+    id: str
+
+
 class Transport(Protocol):
-    async def send(self, headers: dict[str, str], body: bytes) -> Outcome: ...
+    async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
+        """Send in order; return how many leading messages were delivered, and the outcome
+        of the first one that was not (``DELIVERED`` when all were)."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -7,11 +7,12 @@ import hashlib
 import hmac
 import ssl
 import time
+from collections.abc import Sequence
 
 import httpx
 
 from ...config import SinkConfig
-from . import Outcome, Result
+from . import DELIVERED, Message, Outcome, Result
 
 __all__ = ["HTTPSink"]
 
@@ -62,8 +63,16 @@ class HTTPSink:
             limits=httpx.Limits(max_connections=config.concurrency, keepalive_expiry=30),
         )
 
-    async def send(self, headers: dict[str, str], body: bytes) -> Outcome:
-        headers = dict(headers)
+    async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
+        # HTTP has no pipelining worth the name: one request per message, in order.
+        for sent, message in enumerate(messages):
+            outcome = await self._post(message)
+            if outcome.result is not Result.DELIVERED:
+                return sent, outcome
+        return len(messages), DELIVERED
+
+    async def _post(self, message: Message) -> Outcome:
+        headers, body = dict(message.headers), message.body
         if self._hmac is not None:
             digest = hmac.new(self._hmac.secret.encode(), body, hashlib.sha256).hexdigest()
             headers[self._hmac.header] = digest
@@ -76,7 +85,7 @@ class HTTPSink:
             return Outcome(Result.RETRY, f"{type(exc).__name__}: {exc}")
         status = response.status_code
         if 200 <= status < 300:
-            return Outcome(Result.DELIVERED)
+            return DELIVERED
         error = f"HTTP {status} from the sink"
         if status in (408, 429) or status >= 500:
             return Outcome(Result.RETRY, error, _retry_after(response.headers.get("Retry-After")))
