@@ -232,6 +232,9 @@ class CredentialsConfig:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     token: str | None = dataclasses.field(default=None, repr=False)
+    # NATS only: a .creds file (JWT + nkey seed) or an nkey seed file.
+    creds_file: str | None = None
+    nkey_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.username is None) != (self.password is None):
@@ -313,13 +316,37 @@ class SinkConfig:
     concurrency: int = 1
     filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
 
+    # NATS only: the subject to publish on, and "core" (publish + flush) or "jetstream"
+    # (publish with acknowledgement, Nats-Msg-Id = event id so the stream drops duplicates).
+    channel: str | None = None
+    mode: str | None = None
+
     def __post_init__(self) -> None:
-        if self.type != "http":
-            raise ConfigError("type", f"unknown sink type {self.type!r}; supported: 'http'")
-        if not self.address.startswith(("http://", "https://")):
-            raise ConfigError(
-                "address", f"an http sink needs an http(s):// URL, not {self.address!r}"
-            )
+        if self.type == "http":
+            if not self.address.startswith(("http://", "https://")):
+                raise ConfigError(
+                    "address", f"an http sink needs an http(s):// URL, not {self.address!r}"
+                )
+            for key, value in (("channel", self.channel), ("mode", self.mode)):
+                if value is not None:
+                    raise ConfigError(key, "only nats sinks take this key")
+        elif self.type == "nats":
+            if not self.address.startswith(("nats://", "tls://")):
+                raise ConfigError(
+                    "address", f"a nats sink needs a nats:// or tls:// URL, not {self.address!r}"
+                )
+            if not self.channel:
+                raise ConfigError("channel", "a nats sink needs the subject to publish on")
+            if self.mode is None:
+                object.__setattr__(self, "mode", "core")
+            if self.mode not in ("core", "jetstream"):
+                raise ConfigError("mode", f"unknown mode {self.mode!r}; use 'core' or 'jetstream'")
+            if self.format != "cloudevents":
+                raise ConfigError(
+                    "format", "nats sinks publish structured CloudEvents JSON, as zot does"
+                )
+        else:
+            raise ConfigError("type", f"unknown sink type {self.type!r}; use 'http' or 'nats'")
         if self.format not in SINK_FORMATS:
             raise ConfigError(
                 "format", f"unknown format {self.format!r}; use one of {SINK_FORMATS}"
@@ -329,8 +356,9 @@ class SinkConfig:
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("concurrency", "must be between 1 and 64")
         if self.name is None:
-            # The address is what stays stable when sinks are reordered in the file.
-            object.__setattr__(self, "name", self.address)
+            # The address (and subject) is what stays stable when sinks are reordered.
+            name = self.address if self.channel is None else f"{self.address}#{self.channel}"
+            object.__setattr__(self, "name", name)
 
     @property
     def batches(self) -> bool:

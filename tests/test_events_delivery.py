@@ -250,6 +250,11 @@ async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypat
     ("sink_config", "key"),
     [
         ({"address": "http://127.0.0.1:9/x"}, "extensions.events.sinks[0].type"),
+        ({"type": "smtp", "address": "mailto:x"}, "extensions.events.sinks[0].type"),
+        (
+            {"type": "nats", "address": "nats://127.0.0.1:4222"},
+            "extensions.events.sinks[0].channel",
+        ),
         ({"type": "http"}, "extensions.events.sinks[0].address"),
         (
             {"type": "http", "address": "http://x", "format": "xml"},

@@ -203,6 +203,10 @@ class SinkWorker:
 
 
 def _transport_for(config: SinkConfig) -> Transport:
+    if config.type == "nats":
+        from .sinks.nats import NATSSink
+
+        return NATSSink(config)
     return HTTPSink(config)
 
 
