@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import signal
 import sys
@@ -54,6 +55,106 @@ def _load(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
+def _add_events_parser(commands: argparse._SubParsersAction) -> None:
+    events = commands.add_parser(
+        "events",
+        help="inspect and repair event delivery",
+        description=(
+            "Ask the running server's admin API (credentials from REGISTRY_TRIO_USER="
+            "user:password when it has authentication), or, when no server answers, "
+            "work on the queue directory of the config directly."
+        ),
+    )
+    verbs = events.add_subparsers(dest="verb", required=True)
+    for name, help_text in (
+        ("status", "per-sink pending, in flight, delivered, failed, dead, last error"),
+        ("dead", "list dead letters of a sink"),
+        ("replay", "move dead letters back to pending (they keep their event id)"),
+    ):
+        verb = verbs.add_parser(name, help=help_text)
+        verb.add_argument("-c", "--config", help="the config the server runs with")
+        verb.add_argument("--json", action="store_true", help="machine-readable output")
+        if name != "status":
+            verb.add_argument("--sink", help="sink name (needed when several are configured)")
+        if name == "dead":
+            verb.add_argument("--limit", type=int, default=100, help="page size (default 100)")
+            verb.add_argument("--after", type=int, default=0, help="cursor from the last page")
+        if name == "replay":
+            verb.add_argument("--id", action="append", dest="ids", help="event id (repeatable)")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _events_command(config: Config, args: argparse.Namespace) -> None:
+    from . import operator
+
+    try:
+        if args.verb == "status":
+            result: object = operator.status(config)
+        elif args.verb == "dead":
+            result = operator.dead_letters(config, args.sink, args.limit, args.after)
+        else:
+            result = operator.replay(config, args.sink, args.ids)
+    except operator.OperatorError as exc:
+        print(f"registry-trio: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.verb == "status":
+        rows = [
+            [
+                "SINK",
+                "TYPE",
+                "PENDING",
+                "IN FLIGHT",
+                "DELIVERED",
+                "FAILED",
+                "DEAD",
+                "OLDEST",
+                "LAST ERROR",
+            ]
+        ]
+        for s in result:  # type: ignore[attr-defined]
+            age = s["oldestPendingAge"]
+            rows.append(
+                [
+                    str(s["name"]),
+                    s["type"],
+                    str(s["pending"]),
+                    str(s["inFlight"]),
+                    str(s["delivered"]),
+                    str(s["failedAttempts"]),
+                    str(s["dead"]),
+                    "-" if age is None else f"{age:.0f}s",
+                    s["lastError"] or "-",
+                ]
+            )
+        print(_table(rows))
+    elif args.verb == "dead":
+        rows = [["SEQ", "EVENT ID", "ACTION", "REPOSITORY", "ATTEMPTS", "LAST ERROR"]]
+        for d in result["deadLetters"]:  # type: ignore[index]
+            rows.append(
+                [
+                    str(d["seq"]),
+                    d["id"],
+                    d["action"],
+                    d["repository"],
+                    str(d["attempts"]),
+                    d["lastError"],
+                ]
+            )
+        print(_table(rows))
+        if result["next"] is not None:  # type: ignore[index]
+            print(f"more: --after {result['next']}")  # type: ignore[index]
+    else:
+        print(f"replayed {result['replayed']} dead letter(s) of sink {result['sink']}")  # type: ignore[index]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="registry-trio",
@@ -64,11 +165,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve_cmd.add_argument("-c", "--config", help="JSON config file (default: embedded)")
     verify_cmd = commands.add_parser("verify", help="check a config file without serving")
     verify_cmd.add_argument("-c", "--config", required=True, help="JSON config file")
+    _add_events_parser(commands)
     args = parser.parse_args(argv)
 
     config = _load(args.config)
     if args.command == "verify":
         print(f"{args.config}: configuration is valid")
+        return
+    if args.command == "events":
+        _events_command(config, args)
         return
     _setup_logging(config)
     trio.run(_serve_until_signalled, config)

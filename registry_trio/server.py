@@ -76,6 +76,8 @@ async def serve(
             storage=storage,
             events=recorder,
             auth=Authenticator(config.http),
+            outbox=outbox,
+            delivery=delivery,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
             io_limiter=trio.CapacityLimiter(32),
         )

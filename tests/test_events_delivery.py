@@ -17,6 +17,7 @@ from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import OutboxReader, QueueError
 from tests.conftest import events_config, start_registry
 from tests.sink import HTTPSinkServer
+from tests.waiting import eventually
 
 
 def http_sink(sink, **extra):
@@ -94,14 +95,10 @@ def manifest_pushes(events):
     return [e for e in events if e.get("type", e.get("action")) in ("zotregistry.image.updated",)]
 
 
-async def counts_until(queue_dir: Path, sink_name: str, predicate, within: float = 20):
+async def counts_until(queue_dir: Path, sink_name: str, predicate):
     reader = OutboxReader(queue_dir / "events.db")
     try:
-        with trio.fail_after(within):
-            # The counts live in SQLite, written by another connection: no event to wait on.
-            while not predicate(counts := await reader.counts(sink_name)):  # noqa: ASYNC110
-                await trio.sleep(0.02)  # ok-sleep: polling the queue file with a deadline
-        return counts
+        return await eventually(lambda: reader.counts(sink_name), predicate)
     finally:
         reader.close()
 

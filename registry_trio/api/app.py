@@ -7,6 +7,7 @@ raw blob routes (:mod:`.blobs`) or Quart (everything else).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .. import oci
-from ..auth import Unauthorized
+from ..auth import Identity, Unauthorized
 from .access import required_access
 from .blobs import BlobRequest, ClientDisconnected, match_route
 from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, REQUEST_ID_KEY, Registry, request_info
@@ -127,6 +128,9 @@ class RegistryApp:
             log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
             raise self._unauthorized(repository, action, str(exc)) from None
         scope[IDENTITY_KEY] = who
+        if scope["path"].startswith("/_registry/"):
+            self._authorize_admin(scope, who)
+            return
         if not auth.enabled:
             return
         if repository is None:
@@ -143,6 +147,19 @@ class RegistryApp:
         raise RegistryError(
             "DENIED", 403, f"{who.name} may not {action} in repository {repository}"
         )
+
+    def _authorize_admin(self, scope: Scope, who: Identity) -> None:
+        auth = self.registry.auth
+        if auth.enabled:
+            if who.anonymous:
+                raise self._unauthorized(None, None, "the admin API needs an admin login")
+            if not auth.policy.is_admin(who):
+                raise RegistryError("DENIED", 403, f"{who.name} is not an administrator")
+            return
+        # No authentication configured: the admin API answers the local machine only.
+        client = scope.get("client")
+        if client is None or not ipaddress.ip_address(client[0]).is_loopback:
+            raise RegistryError("DENIED", 403, "the admin API is only served on loopback")
 
     def _unauthorized(self, repository: str | None, action: str | None, why: str) -> RegistryError:
         challenge = self.registry.auth.challenge(repository, action)

@@ -12,6 +12,8 @@ import trio
 from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
+from ..events.delivery import Delivery
+from ..events.queue import Outbox
 from ..storage import FilesystemStorage
 
 __all__ = ["REQUEST_ID_KEY", "Registry", "identity", "request_id", "request_info"]
@@ -65,6 +67,9 @@ class Registry:
     source: Source
     # Bounds the threads doing disk I/O so a burst of requests cannot spawn hundreds.
     io_limiter: trio.CapacityLimiter
+    # The event pipeline, when the events extension is on (the admin API reads them).
+    outbox: Outbox | None = None
+    delivery: Delivery | None = None
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)
 

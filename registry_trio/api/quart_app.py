@@ -35,7 +35,7 @@ def _http_error(exc: HTTPException) -> RegistryError:
 
 
 def create_quart_app(registry: Registry) -> QuartTrio:
-    from . import listing, manifests
+    from . import admin, listing, manifests
 
     app = QuartTrio("registry_trio")
     # Quart rejects a larger Content-Length up front; handlers also count chunked bodies.
@@ -43,6 +43,7 @@ def create_quart_app(registry: Registry) -> QuartTrio:
     app.extensions[_EXTENSION_KEY] = registry
     app.register_blueprint(listing.blueprint)
     app.register_blueprint(manifests.blueprint)
+    app.register_blueprint(admin.blueprint)
 
     @app.errorhandler(Exception)
     async def render_error(exc: Exception) -> Response:

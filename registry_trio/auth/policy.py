@@ -59,6 +59,15 @@ class AccessPolicy:
     def _applies(self, policy: PolicyConfig, user: str) -> bool:
         return user in policy.users or bool(self._groups.get(user, set()) & set(policy.groups))
 
+    def is_admin(self, identity: Identity) -> bool:
+        """Whether ``identity`` may use the admin API (``/_registry/``)."""
+        if identity.anonymous or identity.token_access is not None:
+            return False
+        if self._config is None:
+            return self._authentication
+        admin = self._config.admin_policy
+        return admin is not None and self._applies(admin, identity.name)
+
     def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
         if identity.token_access is not None:
             return identity.token_access.get(repository, frozenset())

@@ -7,11 +7,12 @@ own commit, yet a burst of requests shares one fsync.
 
 Schema::
 
-    events(seq, body, created)                  one row per event, the JSON of Event
+    events(seq, event_id, body, created)        one row per event, the JSON of Event
     deliveries(sink, seq, state, attempts, next_attempt, last_error)
                                                 one row per (sink, event) still owed;
                                                 state 0 = pending, 2 = dead letter
     sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at)
+                                                totals since the queue was created
     meta(key, value)                            instance id, schema version
 
 An event and its delivery rows are written in one transaction, so an event becomes visible to
@@ -41,7 +42,7 @@ import trio
 
 from .model import Event
 
-__all__ = ["Delivery", "Outbox", "OutboxReader", "QueueError", "SinkCounts"]
+__all__ = ["DeadLetter", "Delivery", "Outbox", "OutboxReader", "QueueError", "SinkCounts"]
 
 log = logging.getLogger("registry_trio.events.queue")
 
@@ -55,9 +56,11 @@ MAX_GROUP = 2048
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
     body TEXT NOT NULL,
     created REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_by_id ON events (event_id);
 CREATE TABLE IF NOT EXISTS deliveries (
     sink TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -93,6 +96,15 @@ class Delivery:
     event: Event
     attempts: int
     created: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    seq: int
+    sink: str
+    event: Event
+    attempts: int
+    last_error: str
 
 
 @dataclass(frozen=True)
@@ -239,20 +251,25 @@ class Outbox:
 
     async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
         """Commit events, each owed to the given sinks; returns once durable on disk."""
-        rows = [(json.dumps(e.to_json()), e.time.timestamp(), sinks) for e, sinks in items if sinks]
+        rows = [
+            (e.id, json.dumps(e.to_json()), e.time.timestamp(), sinks)
+            for e, sinks in items
+            if sinks
+        ]
         if not rows:
             return
 
         def apply(conn: sqlite3.Connection) -> None:
-            for body, created, sinks in rows:
+            for event_id, body, created, sinks in rows:
                 seq = conn.execute(
-                    "INSERT INTO events(body, created) VALUES (?, ?)", (body, created)
+                    "INSERT INTO events(event_id, body, created) VALUES (?, ?, ?)",
+                    (event_id, body, created),
                 ).lastrowid
                 conn.executemany(
                     "INSERT INTO deliveries(sink, seq) VALUES (?, ?)", [(s, seq) for s in sinks]
                 )
 
-        wakes = sorted({s for _, _, sinks in rows for s in sinks})
+        wakes = sorted({s for *_, sinks in rows for s in sinks})
         await self._write(apply, wakes)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
@@ -298,6 +315,33 @@ class Outbox:
             _count(conn, sink, "dead", len(seqs), error)
 
         await self._write(apply)
+
+    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
+        """Move dead letters of ``sink`` (all, or those events) back to pending.
+
+        They keep their event id, so a receiver that saw an earlier attempt can tell; their
+        attempt count starts over, because the replay is a new decision by an operator.
+        """
+        replayed = 0
+
+        def apply(conn: sqlite3.Connection) -> None:
+            nonlocal replayed
+            query = (
+                "UPDATE deliveries SET state=?, attempts=0, next_attempt=0 WHERE sink=? AND state=?"
+            )
+            if event_ids is None:
+                replayed = conn.execute(query, (PENDING, sink, DEAD)).rowcount
+            else:
+                replayed = sum(
+                    conn.execute(
+                        query + " AND seq IN (SELECT seq FROM events WHERE event_id=?)",
+                        (PENDING, sink, DEAD, event_id),
+                    ).rowcount
+                    for event_id in event_ids
+                )
+
+        await self._write(apply, [sink])
+        return replayed
 
     def reader(self) -> OutboxReader:
         return OutboxReader(self.path)
@@ -356,6 +400,38 @@ class OutboxReader:
     async def pending(self, sink: str, limit: int, after: int = 0) -> list[tuple[Delivery, float]]:
         """Up to ``limit`` pending deliveries in enqueue order, each with its due time."""
         return await trio.to_thread.run_sync(self._pending, sink, limit, after)
+
+    def _dead(self, sink: str, limit: int, after: int) -> list[DeadLetter]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT d.seq, d.attempts, d.last_error, e.body "
+                "FROM deliveries d JOIN events e ON e.seq = d.seq "
+                "WHERE d.sink=? AND d.state=? AND d.seq>? ORDER BY d.seq LIMIT ?",
+                (sink, DEAD, after, limit),
+            )
+            .fetchall()
+        )
+        return [
+            DeadLetter(seq, sink, Event.from_json(json.loads(body)), attempts, error or "")
+            for seq, attempts, error, body in rows
+        ]
+
+    async def dead(self, sink: str, limit: int = 100, after: int = 0) -> list[DeadLetter]:
+        """Dead letters of ``sink`` in enqueue order, after position ``after`` (a cursor)."""
+        return await trio.to_thread.run_sync(self._dead, sink, limit, after)
+
+    def _sinks(self) -> list[str]:
+        rows = (
+            self._connection()
+            .execute("SELECT sink FROM sink_counters UNION SELECT DISTINCT sink FROM deliveries")
+            .fetchall()
+        )
+        return sorted(r[0] for r in rows)
+
+    async def sinks(self) -> list[str]:
+        """Every sink the queue has state for (configured now or not)."""
+        return await trio.to_thread.run_sync(self._sinks)
 
     def _counts(self, sink: str) -> SinkCounts:
         conn = self._connection()

@@ -1,0 +1,100 @@
+"""The operator's API under ``/_registry/``: sink status, dead letters and replay.
+
+Who may call it is decided by the dispatcher: ``adminPolicy`` users when authentication is
+configured, otherwise only clients on the loopback interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+
+from ..config import SinkConfig
+from ..events.status import dead_letter_json, sink_status
+from .context import Registry
+from .errors import RegistryError
+from .quart_app import current_registry
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("admin", __name__)
+
+
+def _events(registry: Registry) -> tuple[Any, Any]:
+    if registry.outbox is None or registry.delivery is None:
+        raise RegistryError("UNSUPPORTED", 404, "the events extension is not enabled")
+    return registry.outbox, registry.delivery
+
+
+def _sink(registry: Registry, name: str | None) -> SinkConfig:
+    sinks = registry.config.extensions.events.sinks
+    if name is None and len(sinks) == 1:
+        return sinks[0]
+    for sink in sinks:
+        if sink.name == name:
+            return sink
+    known = ", ".join(str(s.name) for s in sinks)
+    raise RegistryError("UNSUPPORTED", 404, f"no sink named {name!r}; sinks: {known}")
+
+
+@blueprint.route("/_registry/events/sinks", methods=["GET"])
+async def sinks() -> Response:
+    registry = current_registry()
+    outbox, delivery = _events(registry)
+    reader = outbox.reader()
+    try:
+        statuses = [
+            await sink_status(reader, worker.config, len(worker.in_flight))
+            for worker in delivery.workers
+        ]
+    finally:
+        reader.close()
+    return jsonify({"sinks": statuses})
+
+
+def _int_arg(name: str, default: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise RegistryError("UNSUPPORTED", 400, f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+@blueprint.route("/_registry/events/dead", methods=["GET"])
+async def dead() -> Response:
+    registry = current_registry()
+    outbox, _ = _events(registry)
+    sink = _sink(registry, request.args.get("sink"))
+    limit = min(_int_arg("limit", 100), 1000)
+    reader = outbox.reader()
+    try:
+        letters = await reader.dead(str(sink.name), limit, _int_arg("after", 0))
+    finally:
+        reader.close()
+    return jsonify(
+        {
+            "sink": sink.name,
+            "deadLetters": [dead_letter_json(d) for d in letters],
+            # Pass as ?after= for the next page; null on the last one.
+            "next": letters[-1].seq if len(letters) == limit else None,
+        }
+    )
+
+
+@blueprint.route("/_registry/events/dead/replay", methods=["POST"])
+async def replay() -> Response:
+    registry = current_registry()
+    outbox, _ = _events(registry)
+    body = await request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise RegistryError(
+            "UNSUPPORTED", 400, 'expected a JSON object: {"sink": ..., "ids": [...]}'
+        )
+    sink = _sink(registry, body.get("sink"))
+    ids = body.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise RegistryError("UNSUPPORTED", 400, "ids must be a list of event ids")
+    replayed = await outbox.replay(str(sink.name), ids)
+    return jsonify({"sink": sink.name, "replayed": replayed})

@@ -1,0 +1,54 @@
+"""What operators see of a sink: one shape for the admin API and the offline CLI alike."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..config import SinkConfig
+from .queue import DeadLetter, OutboxReader
+
+__all__ = ["dead_letter_json", "redact_address", "sink_status"]
+
+
+def redact_address(address: str) -> str:
+    """An address fit to show: any ``user:password@`` in it is dropped."""
+    parts = urlsplit(address)
+    if parts.username is None and parts.password is None:
+        return address
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+async def sink_status(reader: OutboxReader, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
+    counts = await reader.counts(str(sink.name))
+    now = time.time()
+    return {
+        "name": sink.name,
+        "type": sink.type,
+        "address": redact_address(sink.address),
+        "format": sink.format,
+        "pending": counts.pending,
+        "inFlight": in_flight,
+        "delivered": counts.delivered,
+        "failedAttempts": counts.failed_attempts,
+        "dead": counts.dead,
+        "oldestPendingAge": None if counts.oldest_pending is None else now - counts.oldest_pending,
+        "lastError": counts.last_error,
+        "lastErrorAt": counts.last_error_at,
+    }
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "seq": letter.seq,
+        "id": letter.event.id,
+        "action": str(letter.event.action),
+        "repository": letter.event.target.repository,
+        "attempts": letter.attempts,
+        "lastError": letter.last_error,
+        "event": letter.event.to_json(),
+    }

@@ -1,0 +1,141 @@
+"""Operator commands behind ``registry-trio events …``: sink status, dead letters, replay.
+
+Each asks the running server's admin API first (only it knows what is in flight right now)
+and, when no server answers on the configured address, works on the queue directory
+directly: SQLite serialises writers, so this is safe even if a server starts meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from .config import Config, SinkConfig
+from .events.queue import Outbox, OutboxReader
+from .events.status import dead_letter_json, sink_status
+
+__all__ = ["OperatorError", "dead_letters", "replay", "status"]
+
+# Credentials for an admin API behind authentication: REGISTRY_TRIO_USER=user:password.
+CREDENTIALS_ENV = "REGISTRY_TRIO_USER"
+
+
+class OperatorError(Exception):
+    pass
+
+
+def _base_url(config: Config) -> str | None:
+    if config.http.port == 0:
+        return None
+    host = config.http.address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.http.port}"
+
+
+def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
+    """The admin API's JSON answer, or None when no server is listening."""
+    base = _base_url(config)
+    if base is None:
+        return None
+    auth = None
+    if credentials := os.environ.get(CREDENTIALS_ENV):
+        user, _, password = credentials.partition(":")
+        auth = (user, password)
+    try:
+        response = httpx.request(method, base + path, auth=auth, timeout=10, **kwargs)
+    except httpx.ConnectError:
+        return None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["errors"][0]["message"]
+        except (ValueError, KeyError, IndexError):
+            message = response.text[:200]
+        raise OperatorError(f"the server at {base} answered {response.status_code}: {message}")
+    return response.json()
+
+
+def _queue(config: Config) -> Path:
+    path = Path(config.extensions.events.queue.directory) / "events.db"
+    if not path.exists():
+        raise OperatorError(f"no event queue at {path} (is extensions.events.queue right?)")
+    return path
+
+
+def _sink(config: Config, name: str | None) -> SinkConfig:
+    sinks = config.extensions.events.sinks
+    if name is None and len(sinks) == 1:
+        return sinks[0]
+    for sink in sinks:
+        if sink.name == name:
+            return sink
+    known = ", ".join(str(s.name) for s in sinks) or "none configured"
+    raise OperatorError(f"name a sink with --sink; sinks: {known}")
+
+
+def status(config: Config) -> list[dict[str, Any]]:
+    answer = _admin(config, "GET", "/_registry/events/sinks")
+    if answer is not None:
+        return answer["sinks"]
+    path = _queue(config)
+
+    async def offline() -> list[dict[str, Any]]:
+        reader = OutboxReader(path)
+        try:
+            return [await sink_status(reader, s, 0) for s in config.extensions.events.sinks]
+        finally:
+            reader.close()
+
+    return trio.run(offline)
+
+
+def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit, "after": after}
+    if sink is not None:
+        params["sink"] = sink
+    answer = _admin(config, "GET", "/_registry/events/dead", params=params)
+    if answer is not None:
+        return answer
+    path, chosen = _queue(config), _sink(config, sink)
+
+    async def offline() -> dict[str, Any]:
+        reader = OutboxReader(path)
+        try:
+            letters = await reader.dead(str(chosen.name), limit, after)
+        finally:
+            reader.close()
+        return {
+            "sink": chosen.name,
+            "deadLetters": [dead_letter_json(d) for d in letters],
+            "next": letters[-1].seq if len(letters) == limit else None,
+        }
+
+    return trio.run(offline)
+
+
+def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"ids": ids} if ids else {}
+    if sink is not None:
+        body["sink"] = sink
+    answer = _admin(config, "POST", "/_registry/events/dead/replay", json=body)
+    if answer is not None:
+        return answer
+    path, chosen = _queue(config), _sink(config, sink)
+
+    async def offline() -> dict[str, Any]:
+        outbox = Outbox(path.parent)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outbox.run)
+            try:
+                replayed = await outbox.replay(str(chosen.name), ids)
+            finally:
+                outbox.close()
+        return {"sink": chosen.name, "replayed": replayed}
+
+    return trio.run(offline)
