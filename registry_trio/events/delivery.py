@@ -148,10 +148,19 @@ class SinkWorker:
         for group in groups:
             headers, body = self._encode([o.event for o in group], self._prefix)
             messages.append(Message(headers, body, group[0].event.id))
+        hop = max(self._transport.per_hop, 1)
+        sent, outcome = 0, Outcome(Result.DELIVERED)
         try:
-            sent, outcome = await self._transport.send(messages)
+            for start in range(0, len(messages), hop):
+                done, outcome = await self._transport.send(messages[start : start + hop])
+                sent += done
+                if outcome.result is not Result.DELIVERED or self._stopping.is_set():
+                    break  # on stop: finish the hop in flight, leave the rest queued
             delivered = [o for group in groups[:sent] for o in group]
-            failed = list(groups[sent]) if sent < len(groups) else []
+            # Only the group that was tried and refused failed; groups after it (or left
+            # unsent by a stop) were never attempted and simply stay pending.
+            attempted = outcome.result is not Result.DELIVERED and sent < len(groups)
+            failed = list(groups[sent]) if attempted else []
             if delivered:
                 await self._outbox.ack(self.name, [o.seq for o in delivered])
             if failed:

@@ -42,6 +42,11 @@ class Message:
 
 
 class Transport(Protocol):
+    # How many messages one send() should carry: 1 for a transport that sends one request
+    # per message (HTTP), more for one that pipelines a run in one hop (NATS). Delivery
+    # checks for shutdown between hops, so a stop never waits on more than one hop.
+    per_hop: int
+
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
         """Send in order; return how many leading messages were delivered, and the outcome
         of the first one that was not (``DELIVERED`` when all were)."""

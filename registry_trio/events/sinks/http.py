@@ -43,6 +43,8 @@ def _verify(config: SinkConfig) -> ssl.SSLContext | bool:
 
 
 class HTTPSink:
+    per_hop = 1
+
     def __init__(self, config: SinkConfig) -> None:
         self._address = config.address
         self._hmac = config.hmac
