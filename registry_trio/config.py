@@ -76,6 +76,15 @@ def _camel(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
     root_directory: str = "registry_data"
+    # Periodic garbage collection (zot's keys): untagged manifests and unreferenced blobs
+    # older than gcDelay are removed every gcInterval.
+    gc: bool = False
+    gc_interval: Duration = 3600.0  # type: ignore[assignment]
+    gc_delay: Duration = 3600.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.gc_interval <= 0:
+            raise ConfigError("gcInterval", "must be greater than zero")
 
 
 ACCESS_ACTIONS = ("read", "create", "update", "delete")

@@ -38,6 +38,10 @@ log = logging.getLogger("registry_trio.events.delivery")
 
 # Rows read per query when overtaking is allowed (concurrent mode skips rows not yet due).
 READ_AHEAD = 256
+# An idle worker looks at the queue at least this often even without a signal, so work
+# committed by another process (`registry-trio events replay` or `gc` on a live queue) is
+# picked up without a push to wake it.
+IDLE_POLL = 2.0
 # In ordered mode a single-event format sends this many events one after another before
 # acknowledging them in one commit; a crash in between redelivers at most this many.
 ORDERED_RUN = 64
@@ -137,7 +141,7 @@ class SinkWorker:
                     filling_until = trio.current_time() + self.config.batch.max_wait
                 deadline = filling_until
             else:
-                deadline = trio.current_time() + max(next_due - now, 0.0)
+                deadline = trio.current_time() + min(max(next_due - now, 0.0), IDLE_POLL)
             with trio.move_on_at(deadline):
                 await signal.wait()
         return []
