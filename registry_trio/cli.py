@@ -13,19 +13,9 @@ from collections.abc import Sequence
 import trio
 
 from .config import Config, ConfigError, load_config
+from .logs import setup_logging
 
 __all__ = ["main"]
-
-
-def _setup_logging(config: Config) -> None:
-    level = config.log.level.upper()
-    handler: logging.Handler = (
-        logging.FileHandler(config.log.output) if config.log.output else logging.StreamHandler()
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel("WARNING" if level == "WARN" else level)
 
 
 async def _serve_until_signalled(config: Config) -> None:
@@ -175,5 +165,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "events":
         _events_command(config, args)
         return
-    _setup_logging(config)
+    setup_logging(config.log)
     trio.run(_serve_until_signalled, config)

@@ -196,12 +196,16 @@ class HTTPConfig:
 class LogConfig:
     level: str = "info"
     output: str | None = None
+    # "text" (readable lines) or "json" (one JSON object per line).
+    format: str = "text"
 
     LEVELS: ClassVar[tuple[str, ...]] = ("debug", "info", "warn", "warning", "error")
 
     def __post_init__(self) -> None:
         if self.level.lower() not in self.LEVELS:
             raise ConfigError("level", f"unknown level {self.level!r}; use one of {self.LEVELS}")
+        if self.format not in ("text", "json"):
+            raise ConfigError("format", f"unknown format {self.format!r}; use 'text' or 'json'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .events.delivery import Delivery
 from .events.filters import SinkFilter
 from .events.queue import Outbox
 from .events.recorder import QueueRecorder
+from .metrics import Metrics
 from .storage import FilesystemStorage
 
 __all__ = ["serve"]
@@ -59,12 +60,18 @@ async def serve(
     events = config.extensions.events
     storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
 
+    queue_dir = Path(events.queue.directory)
+    metrics = Metrics(
+        storage.root / "uploads",
+        queue_dir / "events.db" if events.enable else None,
+        [str(s.name) for s in events.sinks],
+    )
     async with trio.open_nursery() as nursery:
         outbox = delivery = None
         if events.enable:
-            outbox = Outbox(Path(events.queue.directory))
+            outbox = Outbox(queue_dir, on_commit=metrics.observe_commit)
             await nursery.start(outbox.run)
-            delivery = Delivery(events, outbox)
+            delivery = Delivery(events, outbox, on_delivered=metrics.observe_delivered)
             await nursery.start(delivery.run)
             recorder = QueueRecorder(outbox, [SinkFilter.for_sink(s) for s in events.sinks])
             instance_id = outbox.instance_id
@@ -76,6 +83,7 @@ async def serve(
             storage=storage,
             events=recorder,
             auth=Authenticator(config.http),
+            metrics=metrics,
             outbox=outbox,
             delivery=delivery,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),

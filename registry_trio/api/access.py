@@ -12,6 +12,28 @@ _REPOSITORY_ROUTE = re.compile(
 )
 
 
+_ROUTE_NAMES = [
+    (re.compile(r"^/v2/?$"), "/v2/"),
+    (re.compile(r"^/v2/_catalog$"), "/v2/_catalog"),
+    (re.compile(r"^/v2/.+/blobs/uploads/?$"), "/v2/{name}/blobs/uploads/"),
+    (re.compile(r"^/v2/.+/blobs/uploads/[^/]+$"), "/v2/{name}/blobs/uploads/{id}"),
+    (re.compile(r"^/v2/.+/blobs/[^/]+$"), "/v2/{name}/blobs/{digest}"),
+    (re.compile(r"^/v2/.+/manifests/[^/]+$"), "/v2/{name}/manifests/{reference}"),
+    (re.compile(r"^/v2/.+/tags/list$"), "/v2/{name}/tags/list"),
+    (re.compile(r"^/v2/.+/referrers/[^/]+$"), "/v2/{name}/referrers/{digest}"),
+    (re.compile(r"^/_registry/"), "/_registry/"),
+    (re.compile(r"^/metrics$"), "/metrics"),
+]
+
+
+def route_name(path: str) -> str:
+    """The route template of ``path``: a metrics label that does not grow with repositories."""
+    for pattern, name in _ROUTE_NAMES:
+        if pattern.match(path):
+            return name
+    return "other"
+
+
 def required_access(method: str, path: str) -> tuple[str | None, str | None]:
     """``(repository, action)`` for a repository route, ``(None, None)`` otherwise.
 

@@ -16,9 +16,16 @@ from typing import Any
 
 from .. import oci
 from ..auth import Identity, Unauthorized
-from .access import required_access
+from .access import required_access, route_name
 from .blobs import BlobRequest, ClientDisconnected, match_route
-from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, REQUEST_ID_KEY, Registry, request_info
+from .context import (
+    CLIENT_ADDR_KEY,
+    IDENTITY_KEY,
+    REQUEST_ID_KEY,
+    Registry,
+    identity,
+    request_info,
+)
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
 
@@ -87,27 +94,38 @@ class RegistryApp:
                 )
                 await tagging_send({"type": "http.response.body", "body": body})
         finally:
-            info = request_info(scope)
-            access_log.info(
-                "%s %s %s %s %d %d %d %.1fms",
-                rid,
-                info.addr,
-                scope["method"],
-                scope["path"],
-                state["status"],
-                state["received"],
-                state["sent"],
-                (time.perf_counter() - started) * 1000,
-                extra={
-                    "request_id": rid,
-                    "addr": info.addr,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": state["status"],
-                    "bytes_in": state["received"],
-                    "bytes_out": state["sent"],
-                },
-            )
+            self._log_access(scope, state, time.perf_counter() - started)
+
+    def _log_access(self, scope: Scope, state: dict[str, int], seconds: float) -> None:
+        info = request_info(scope)
+        actor = identity(scope).name or "-"
+        status, received, sent = state["status"], state["received"], state["sent"]
+        access_log.info(
+            "%s %s %s %s %s %d %d %d %.1fms",
+            info.id,
+            info.addr,
+            actor,
+            scope["method"],
+            scope["path"],
+            status,
+            received,
+            sent,
+            seconds * 1000,
+            extra={
+                "request_id": info.id,
+                "actor": None if actor == "-" else actor,
+                "addr": info.addr,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "bytes_in": received,
+                "bytes_out": sent,
+                "duration_ms": round(seconds * 1000, 3),
+            },
+        )
+        self.registry.metrics.observe_request(
+            route_name(scope["path"]), scope["method"], status, received, sent, seconds
+        )
 
     async def _authorize(self, scope: Scope) -> None:
         """Resolve the client address and identity, and refuse what the caller may not do.

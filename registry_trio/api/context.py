@@ -14,6 +14,7 @@ from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import Delivery
 from ..events.queue import Outbox
+from ..metrics import Metrics
 from ..storage import FilesystemStorage
 
 __all__ = ["REQUEST_ID_KEY", "Registry", "identity", "request_id", "request_info"]
@@ -67,6 +68,7 @@ class Registry:
     source: Source
     # Bounds the threads doing disk I/O so a burst of requests cannot spawn hundreds.
     io_limiter: trio.CapacityLimiter
+    metrics: Metrics
     # The event pipeline, when the events extension is on (the admin API reads them).
     outbox: Outbox | None = None
     delivery: Delivery | None = None

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from quart import Blueprint, Response, request
 
 from .. import oci
+from ..metrics import CONTENT_TYPE
 from .context import identity
 from .errors import RegistryError
 from .quart_app import current_registry
@@ -15,6 +16,12 @@ from .quart_app import current_registry
 __all__ = ["blueprint"]
 
 blueprint = Blueprint("listing", __name__)
+
+
+@blueprint.route("/metrics", methods=["GET"])
+async def metrics() -> Response:
+    body = await current_registry().metrics.render()
+    return Response(body, 200, {"Content-Type": CONTENT_TYPE})
 
 
 @blueprint.route("/v2/", methods=["GET", "HEAD"])

@@ -64,8 +64,11 @@ class SinkWorker:
         transport: Transport,
         type_prefix: str,
         stopping: trio.Event,
+        on_delivered: Callable[[str, Sequence[float]], None] | None = None,
     ) -> None:
         self.config = config
+        # Called with (sink, seconds from each event's time to its acknowledgement): metrics.
+        self._on_delivered = on_delivered
         self.name = str(config.name)
         self._outbox = outbox
         self._transport = transport
@@ -167,6 +170,10 @@ class SinkWorker:
             failed = list(groups[sent]) if attempted else []
             if delivered:
                 await self._outbox.ack(self.name, [o.seq for o in delivered])
+                if self._on_delivered is not None:
+                    now = time.time()
+                    latencies = [now - o.event.time.timestamp() for o in delivered]
+                    self._on_delivered(self.name, latencies)
             if failed:
                 await self._fail(failed, outcome)
         finally:
@@ -231,6 +238,7 @@ class Delivery:
         config: EventsConfig,
         outbox: Outbox,
         transport_for: Callable[[SinkConfig], Transport] = _transport_for,
+        on_delivered: Callable[[str, Sequence[float]], None] | None = None,
     ) -> None:
         self._config = config
         self._outbox = outbox
@@ -239,7 +247,9 @@ class Delivery:
         self.stopped = trio.Event()
         self._scope: trio.CancelScope | None = None
         self.workers = [
-            SinkWorker(sink, outbox, transport_for(sink), config.type_prefix, self._stopping)
+            SinkWorker(
+                sink, outbox, transport_for(sink), config.type_prefix, self._stopping, on_delivered
+            )
             for sink in config.sinks
         ]
 

@@ -142,8 +142,12 @@ class Outbox:
     :meth:`close` lets it finish what is queued and return.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(
+        self, directory: str | Path, on_commit: Callable[[int, float], None] | None = None
+    ) -> None:
         self.path = Path(directory) / "events.db"
+        # Called after each transaction with (writes committed, seconds): metrics.
+        self._on_commit = on_commit
         self.instance_id = ""
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._signals: dict[str, trio.Event] = {}
@@ -182,8 +186,11 @@ class Outbox:
                         break
                 # Shielded: a write that reached the disk must report back, or its waiter
                 # would never learn the outcome; the thread cannot be interrupted anyway.
+                started = time.perf_counter()
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._commit, group)
+                if self._on_commit is not None:
+                    self._on_commit(len(group), time.perf_counter() - started)
                 for write in group:
                     write.done.set()
                     for sink in write.wakes:
@@ -433,7 +440,8 @@ class OutboxReader:
         """Every sink the queue has state for (configured now or not)."""
         return await trio.to_thread.run_sync(self._sinks)
 
-    def _counts(self, sink: str) -> SinkCounts:
+    def read_counts(self, sink: str) -> SinkCounts:
+        """:meth:`counts`, blocking: for callers already on a worker thread."""
         conn = self._connection()
         states = dict(
             conn.execute(
@@ -461,4 +469,4 @@ class OutboxReader:
         )
 
     async def counts(self, sink: str) -> SinkCounts:
-        return await trio.to_thread.run_sync(self._counts, sink)
+        return await trio.to_thread.run_sync(self.read_counts, sink)

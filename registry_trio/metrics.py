@@ -1,0 +1,142 @@
+"""Prometheus metrics, served at ``/metrics``.
+
+Each server owns a :class:`Metrics` with its own ``CollectorRegistry`` (two servers in one
+process, as in the tests, never mix their numbers). Request and delivery figures are counted
+as they happen; the queue's figures (pending, delivered, dead, oldest pending age) are read
+from SQLite at scrape time, so they agree with ``registry-trio events status`` and survive
+restarts. The whole scrape runs on a worker thread: it touches the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .events.queue import OutboxReader
+from .events.status import redact_address
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class _ScrapeCollector(Collector):
+    """Figures read at scrape time: the queue per sink, and open upload sessions."""
+
+    def __init__(self, uploads: Path, queue: Path | None, sinks: Sequence[str]) -> None:
+        self._uploads = uploads
+        self._queue = queue
+        self._sinks = list(sinks)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            uploads = len(os.listdir(self._uploads))
+        except FileNotFoundError:
+            uploads = 0
+        yield GaugeMetricFamily(
+            "registry_upload_sessions_open", "Blob upload sessions in progress", value=uploads
+        )
+        if self._queue is None or not self._queue.exists():
+            return
+        families = {
+            "pending": GaugeMetricFamily(
+                "registry_events_pending", "Events waiting for delivery", labels=["sink"]
+            ),
+            "dead": GaugeMetricFamily(
+                "registry_events_dead", "Events in the dead-letter store", labels=["sink"]
+            ),
+            "delivered": CounterMetricFamily(
+                "registry_events_delivered", "Events delivered", labels=["sink"]
+            ),
+            "failed": CounterMetricFamily(
+                "registry_events_failed_attempts", "Failed delivery attempts", labels=["sink"]
+            ),
+            "oldest": GaugeMetricFamily(
+                "registry_events_oldest_pending_age_seconds",
+                "Age of the oldest pending event",
+                labels=["sink"],
+            ),
+        }
+        reader = OutboxReader(self._queue)
+        try:
+            now = time.time()
+            for sink in self._sinks:
+                counts = reader.read_counts(sink)
+                label = [redact_address(sink)]
+                families["pending"].add_metric(label, counts.pending)
+                families["dead"].add_metric(label, counts.dead)
+                families["delivered"].add_metric(label, counts.delivered)
+                families["failed"].add_metric(label, counts.failed_attempts)
+                oldest = 0.0 if counts.oldest_pending is None else now - counts.oldest_pending
+                families["oldest"].add_metric(label, oldest)
+        finally:
+            reader.close()
+        yield from families.values()
+
+
+class Metrics:
+    def __init__(self, uploads: Path, queue: Path | None = None, sinks: Sequence[str] = ()) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "registry_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "registry_http_request_duration_seconds",
+            "HTTP request duration",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter("registry_http_received_bytes", "Request body bytes", registry=r)
+        self.bytes_out = Counter("registry_http_sent_bytes", "Response body bytes", registry=r)
+        self.commit_batch = Histogram(
+            "registry_events_commit_batch_size",
+            "Writes committed together by one queue transaction (group commit)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "registry_events_commit_seconds",
+            "Queue commit latency, fsync included",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "registry_events_delivery_latency_seconds",
+            "From the event's time to its acknowledged delivery",
+            ["sink"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_ScrapeCollector(uploads, queue, sinks))
+
+    def observe_request(
+        self, route: str, method: str, status: int, received: int, sent: int, seconds: float
+    ) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.duration.labels(route, method).observe(seconds)
+        self.bytes_in.inc(received)
+        self.bytes_out.inc(sent)
+
+    def observe_commit(self, writes: int, seconds: float) -> None:
+        self.commit_batch.observe(writes)
+        self.commit_seconds.observe(seconds)
+
+    def observe_delivered(self, sink: str, latencies: Sequence[float]) -> None:
+        histogram = self.delivery_latency.labels(redact_address(sink))
+        for latency in latencies:
+            histogram.observe(latency)
+
+    async def render(self) -> bytes:
+        return await trio.to_thread.run_sync(generate_latest, self.registry)
