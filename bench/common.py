@@ -1,0 +1,449 @@
+"""Shared pieces of the ``bench/`` scripts: options, the machine header, the server process.
+
+Not a benchmark itself. The scripts import it as ``common`` (they run as ``python bench/X.py``,
+which puts ``bench/`` first on ``sys.path``).
+
+* :func:`base_parser` gives every script ``--url``, ``--concurrency``, ``--count``, ``--json``
+  and the options of the server it may start.
+* :func:`machine_info` / :func:`print_header` say what the figures were measured on.
+* :class:`ServerProcess` starts ``python -m registry_trio serve`` on ``127.0.0.1`` with a
+  fresh temporary storage directory, waits (with a deadline) for its ``listening on`` log
+  line, drains its log so it can never block on a full pipe, reads its CPU time and memory
+  from ``/proc``, and stops it with SIGTERM.
+* :func:`percentiles`, :func:`parse_size`, :func:`progress` are small helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+__all__ = [
+    "MB",
+    "MiB",
+    "ServerProcess",
+    "base_parser",
+    "cpu_times",
+    "emit_json",
+    "format_size",
+    "machine_info",
+    "parse_size",
+    "percentiles",
+    "positive_int",
+    "print_header",
+    "progress",
+    "read_memory",
+    "report_failure",
+    "reset_peak",
+]
+
+MB = 1_000_000
+MiB = 1 << 20
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "ki": 1 << 10,
+    "kb": 10**3,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mi": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gi": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "ti": 1 << 40,
+    "tb": 10**12,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"`` -> 1073741824. Bare K/M/G are binary; ``KB``/``MB``/``GB`` are decimal."""
+    match = _SIZE.match(text)
+    unit = match[2].lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (examples: 4096, 512KiB, 2MiB, 1GiB, 100MB)"
+        )
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{int(n)} B"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def base_parser(
+    description: str,
+    *,
+    count: int | None = None,
+    concurrency: int | None = None,
+    count_help: str = "how many operations to run",
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """The options every script shares; ``count``/``concurrency`` None leaves them out."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = parser.add_argument_group("target registry")
+    target.add_argument(
+        "--url",
+        metavar="URL",
+        help="benchmark an already-running registry at URL (e.g. http://127.0.0.1:5000); "
+        "by default the script starts registry-trio itself on 127.0.0.1 with a temporary "
+        "storage directory and stops it at the end (server-side figures such as CPU time "
+        "and memory are only available then)",
+    )
+    target.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="create the started server's temporary storage under DIR instead of the system "
+        "temp directory (pick the disk you want to measure)",
+    )
+    target.add_argument(
+        "--events",
+        action="store_true",
+        help="start the server with the durable event outbox enabled (queue in the temp "
+        "directory, no sinks): every push then also commits its events before the 2xx",
+    )
+    target.add_argument(
+        "--server-log",
+        metavar="FILE",
+        help="copy the started server's log to FILE (default: kept in memory; the last "
+        "lines are printed if the server fails)",
+    )
+    target.add_argument(
+        "--start-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the started server to listen (default: %(default)s)",
+    )
+    load = parser.add_argument_group("load")
+    if count is not None:
+        load.add_argument(
+            "-n",
+            "--count",
+            type=positive_int,
+            default=count,
+            metavar="N",
+            help=f"{count_help} (default: %(default)s)",
+        )
+    if concurrency is not None:
+        load.add_argument(
+            "-c",
+            "--concurrency",
+            type=positive_int,
+            default=concurrency,
+            metavar="C",
+            help="requests in flight at once, and the size of the HTTP connection pool "
+            "(default: %(default)s)",
+        )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (machine, settings, results) on stdout instead of the "
+        "human-readable report; disables the progress bars",
+    )
+    output.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they go to stderr)"
+    )
+    return parser
+
+
+# -- the machine -----------------------------------------------------------------------------
+
+
+def _meminfo_total() -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model", "Hardware"):
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "memory_bytes": _meminfo_total(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    memory = machine["memory_bytes"]
+    cores = f"{machine['cores']} cores"
+    if machine.get("usable_cores") not in (None, machine["cores"]):
+        cores += f" ({machine['usable_cores']} usable)"
+    return (
+        f"{machine['cpu_model']}, {cores}, "
+        f"{format_size(memory) if memory else '? memory'} RAM, {machine['kernel']}, "
+        f"{machine['python']}, SQLite {machine['sqlite']}"
+    )
+
+
+def print_header(title: str, machine: dict[str, Any], settings: dict[str, Any]) -> None:
+    print(f"== {title}")
+    print(f"machine:  {machine_line(machine)}")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    print()
+
+
+def emit_json(document: dict[str, Any]) -> None:
+    json.dump(document, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+# -- statistics and progress -----------------------------------------------------------------
+
+
+def percentiles(
+    values: Iterable[float], points: Sequence[float] = (50, 95, 99)
+) -> dict[str, float]:
+    """Linear-interpolated percentiles (numpy's default method); empty input gives ``{}``."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    out = {}
+    for p in points:
+        rank = (len(ordered) - 1) * p / 100
+        low = int(rank)
+        high = min(low + 1, len(ordered) - 1)
+        out[f"p{p:g}"] = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    return out
+
+
+def progress(args: argparse.Namespace, total: int, desc: str, unit: str = "it", **kw: Any) -> tqdm:
+    """A tqdm bar on stderr; off with ``--json``/``--no-progress``, and when not a terminal."""
+    disable = True if (args.json or args.no_progress) else None
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False, **kw)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def report_failure(script: str, exc: BaseException, server: ServerProcess | None) -> None:
+    """One line per underlying error (Trio wraps them in groups), then the server's log."""
+    for leaf in _leaves(exc):
+        print(f"{script}: FAILED: {type(leaf).__name__}: {leaf}", file=sys.stderr)
+    if server is not None and server.proc is not None:
+        print("server log (last lines):\n" + server.log_tail(), file=sys.stderr)
+
+
+# -- the server under test -------------------------------------------------------------------
+
+
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+class ServerProcess:
+    """registry-trio in a subprocess, on 127.0.0.1 with an ephemeral port and a temp dir.
+
+    Use as a context manager. ``url`` is the base URL it logged; ``pid`` its process id.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | None = None,
+        events: bool = False,
+        log_file: str | None = None,
+        start_timeout: float = 30.0,
+        python: str = sys.executable,
+    ) -> None:
+        self._data_dir = data_dir
+        self._events = events
+        self._log_file = log_file
+        self._start_timeout = start_timeout
+        self._python = python
+        self._tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._listening = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.root: Path | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def config(self) -> dict[str, Any]:
+        assert self.root is not None
+        doc: dict[str, Any] = {
+            "storage": {"rootDirectory": str(self.root / "registry_data")},
+            "http": {"address": "127.0.0.1", "port": 0},
+            "log": {"level": "info"},
+        }
+        if self._events:
+            doc["extensions"] = {
+                "events": {"enable": True, "queue": {"directory": str(self.root / "queue_data")}}
+            }
+        return doc
+
+    def __enter__(self) -> ServerProcess:
+        self.root = Path(tempfile.mkdtemp(prefix="registry-trio-bench-", dir=self._data_dir))
+        config_path = self.root / "config.json"
+        config_path.write_text(json.dumps(self.config(), indent=2))
+        try:
+            self.proc = subprocess.Popen(
+                [self._python, "-m", "registry_trio", "serve", "-c", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+            self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
+            self._reader.start()
+            # The reader sets the event on the line, or when the output ends (a crash).
+            if not self._listening.wait(self._start_timeout) or not self.url:
+                raise RuntimeError(
+                    f"registry-trio did not log 'listening on' within {self._start_timeout}s"
+                    + (f" (exit code {self.proc.poll()})" if self.proc.poll() is not None else "")
+                    + ":\n"
+                    + self.log_tail()
+                )
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        sink = open(self._log_file, "w") if self._log_file else None  # noqa: SIM115
+        try:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self._tail.append(line)
+                if sink:
+                    sink.write(line + "\n")
+                if not self.url and (match := re.search(r"listening on (\S+)", line)):
+                    self.url = match[1]
+                    self._listening.set()
+        finally:
+            if sink:
+                sink.close()
+            self._listening.set()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- /proc readings ------------------------------------------------------------------
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds the server has used so far, all threads."""
+        return cpu_times(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server has used so far."""
+        return sum(self.cpu_times())
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS (now) and VmHWM (peak since start or the last reset), in bytes."""
+        return read_memory(self.pid)
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
+        return reset_peak(self.pid)
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds ``pid`` has used so far, all threads (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Field 2 (comm) may hold spaces; the fields after its closing parenthesis are fixed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return utime / _clock_ticks(), stime / _clock_ticks()
+
+
+def read_memory(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
