@@ -110,7 +110,12 @@ class UploadWriter:
 
 
 class FilesystemStorage:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, clean_tmp: bool = True) -> None:
+        """Open (creating) the store at ``root``.
+
+        ``clean_tmp=False`` is for a second handle on a root a running server owns (e.g.
+        ``registry-trio gc``): its staged files are in use, not crash leftovers.
+        """
         self.root = Path(root).resolve()
         self._blobs = self.root / "blobs"
         self._repos = self.root / "repositories"
@@ -121,8 +126,9 @@ class FilesystemStorage:
         # upload id -> (offset covered, sha256 state). Lost on restart by design.
         self._hashers: dict[str, tuple[int, hashlib._Hash]] = {}
         # Staged files are never visible; whatever a crash left there is garbage.
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+        if clean_tmp:
+            for leftover in self._tmp.iterdir():
+                leftover.unlink(missing_ok=True)
 
     # -- paths -----------------------------------------------------------------------------
 

@@ -1,0 +1,451 @@
+"""Garbage collection: untagged manifests and unreferenced blobs older than a delay.
+
+Pure storage logic, synchronous and blocking like the rest of this package; it knows nothing
+of events or HTTP (:mod:`registry_trio.maintenance` runs it off the event loop and turns the
+report into events). It works on the on-disk layout documented in
+:mod:`registry_trio.storage.filesystem`, through that module's path helpers.
+
+The rules, per run, with ``cutoff = now - delay`` ("old" means an mtime at or before it):
+
+1. **Manifests, per repository.** The roots are the manifests tags point at and every
+   revision younger than the delay (a push in progress, or one that has not been tagged
+   yet). Kept is everything reachable from a root through index children and through
+   referrers whose subject is kept (recursively: a referrer of a referrer of a tagged
+   manifest is kept). Every other revision is old and is deleted: its referrer entry, then its
+   revision link, then its ``_layers`` self-link (unless that link is young). Manifests are
+   deleted parents first (an index before its children), so a crash part-way never leaves a
+   manifest that points at a deleted one.
+2. **Blobs, across repositories, after every manifest deletion is on disk.** A blob file is
+   kept when any remaining manifest in any repository names it (config, layer, index child,
+   or the manifest itself), when the file is young, or when any ``_layers`` link to it is
+   young (blobs are pushed before the manifest that names them). Otherwise its ``_layers``
+   links are removed from every repository, and then the file. Links go first: a link without
+   its file would let a manifest push succeed against missing content, a file without links
+   is only garbage for the next run.
+3. **Never touched:** upload sessions (their bytes live under ``uploads/`` until the upload
+   finishes), ``tmp/``, and files whose names are not digests.
+
+Running against a live registry: each deletion is re-checked just before it happens (a tag
+that appeared, a revision or link that was re-written, a manifest pushed since the scan), and
+a repository whose state changed under the run is left for the next one. That narrows, but
+cannot close, the window in which a client that found old unreferenced content a moment ago
+races the collector; the delay is what makes that window irrelevant in practice, as in zot.
+
+Deletions are fsync'd (their directories) at each phase boundary, so the order above holds
+across a power loss, not only across a process crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..oci import Digest, InvalidDigest, InvalidManifest, UnsupportedMediaType, parse_digest
+from ..oci import parse_manifest as _parse_manifest
+from .filesystem import FilesystemStorage, _fsync_dir
+
+__all__ = ["DeletedBlob", "DeletedManifest", "GCReport", "collect"]
+
+log = logging.getLogger("registry_trio.storage.gc")
+
+
+@dataclass(frozen=True)
+class DeletedManifest:
+    repository: str
+    digest: Digest
+    media_type: str
+
+
+@dataclass(frozen=True)
+class DeletedBlob:
+    digest: Digest
+    size: int
+    # Repositories whose ``_layers`` linked the blob when the blob phase began (sorted). Empty
+    # when it was linked nowhere any more: unlinked by ``DELETE /v2/<name>/blobs/<digest>``,
+    # or the body of a manifest whose self-link went with the manifest in the first phase.
+    repositories: tuple[str, ...]
+
+
+@dataclass
+class GCReport:
+    """What a run deleted or, with ``dry_run``, would delete."""
+
+    dry_run: bool
+    manifests: list[DeletedManifest] = field(default_factory=list)
+    blobs: list[DeletedBlob] = field(default_factory=list)
+    # Repositories whose manifests were left alone because they changed during the run.
+    skipped_repositories: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(b.size for b in self.blobs)
+
+
+# -- scanning ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Refs:
+    """What a manifest names: blobs (config and layers), child manifests, its subject."""
+
+    blobs: frozenset[Digest] = frozenset()
+    children: frozenset[Digest] = frozenset()
+    subject: Digest | None = None
+
+
+_NO_REFS = _Refs()
+
+
+@dataclass
+class _Repository:
+    name: str
+    path: Path
+    tags: dict[str, Digest] = field(default_factory=dict)
+    # digest -> (mtime, media type) of each revision link
+    revisions: dict[Digest, tuple[float, str]] = field(default_factory=dict)
+    # digest -> mtime of each _layers link
+    links: dict[Digest, float] = field(default_factory=dict)
+
+
+def _digest_files(directory: Path) -> Iterator[tuple[Digest, Path]]:
+    """``<directory>/<alg>/<hex>`` files whose names form a digest we know."""
+    if not directory.is_dir():
+        return
+    for alg_dir in directory.iterdir():
+        if not alg_dir.is_dir():
+            continue
+        for entry in alg_dir.iterdir():
+            try:
+                yield parse_digest(f"{alg_dir.name}:{entry.name}"), entry
+            except InvalidDigest:
+                continue
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _repository_dirs(root: Path, prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """Every repository directory, including ones that hold blob links but no manifest."""
+    for child in root.iterdir():
+        if not child.is_dir() or child.name.startswith("_"):
+            continue
+        name = f"{prefix}{child.name}"
+        if (child / "_manifests").is_dir() or (child / "_layers").is_dir():
+            yield name, child
+        yield from _repository_dirs(child, f"{name}/")
+
+
+def _read_tags(path: Path) -> dict[str, Digest]:
+    tags: dict[str, Digest] = {}
+    tags_dir = path / "_manifests" / "tags"
+    if not tags_dir.is_dir():
+        return tags
+    for entry in tags_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError, InvalidDigest, UnicodeDecodeError):
+            tags[entry.name] = parse_digest(entry.read_text(encoding="ascii").strip())
+    return tags
+
+
+def _scan_repository(name: str, path: Path) -> _Repository:
+    repo = _Repository(name, path, tags=_read_tags(path))
+    for digest, link in _digest_files(path / "_manifests" / "revisions"):
+        try:
+            mtime = link.stat().st_mtime
+            media_type = link.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            continue
+        repo.revisions[digest] = (mtime, media_type)
+    for digest, link in _digest_files(path / "_layers"):
+        if (mtime := _mtime(link)) is not None:
+            repo.links[digest] = mtime
+    return repo
+
+
+def _scan(storage: FilesystemStorage) -> list[_Repository]:
+    return sorted(
+        (_scan_repository(name, path) for name, path in _repository_dirs(storage._repos)),
+        key=lambda r: r.name,
+    )
+
+
+class _Manifests:
+    """Parsed references of manifest bodies, by digest (a body is the same in every repo)."""
+
+    def __init__(self, storage: FilesystemStorage) -> None:
+        self._storage = storage
+        self._cache: dict[Digest, _Refs] = {}
+
+    def refs(self, digest: Digest, media_type: str) -> _Refs:
+        refs = self._cache.get(digest)
+        if refs is None:
+            refs = self._cache[digest] = self._parse(digest, media_type)
+        return refs
+
+    def _parse(self, digest: Digest, media_type: str) -> _Refs:
+        try:
+            body = self._storage._blob_path(digest).read_bytes()
+            manifest = _parse_manifest(body, media_type)
+        except (FileNotFoundError, InvalidManifest, UnsupportedMediaType) as exc:
+            # Nothing to follow; the revision itself is still judged by tags and age.
+            log.warning("gc: cannot read manifest %s: %s", digest, exc)
+            return _NO_REFS
+        return _Refs(
+            blobs=frozenset(b.digest for b in manifest.blobs),
+            children=frozenset(c.digest for c in manifest.manifests),
+            subject=manifest.subject.digest if manifest.subject else None,
+        )
+
+
+# -- phase 1: manifests ------------------------------------------------------------------
+
+
+def _unreachable(repo: _Repository, manifests: _Manifests, cutoff: float) -> list[Digest]:
+    """Revisions of ``repo`` to delete, ordered parents first."""
+    refs = {d: manifests.refs(d, media_type) for d, (_, media_type) in repo.revisions.items()}
+    referrers: dict[Digest, list[Digest]] = {}
+    for digest, r in refs.items():
+        if r.subject is not None:
+            referrers.setdefault(r.subject, []).append(digest)
+
+    roots = {d for d in repo.tags.values() if d in refs}
+    roots.update(d for d, (mtime, _) in repo.revisions.items() if mtime > cutoff)
+    kept = set(roots)
+    todo = list(roots)
+    while todo:
+        digest = todo.pop()
+        for nxt in (*refs[digest].children, *referrers.get(digest, ())):
+            if nxt in refs and nxt not in kept:
+                kept.add(nxt)
+                todo.append(nxt)
+
+    doomed = set(refs) - kept
+    # Depth-first post-order puts children before parents; reversed, parents come first.
+    order: list[Digest] = []
+    seen: set[Digest] = set()
+
+    def visit(digest: Digest) -> None:
+        seen.add(digest)
+        for child in sorted(refs[digest].children):
+            if child in doomed and child not in seen:
+                visit(child)
+        order.append(digest)
+
+    for digest in sorted(doomed):
+        if digest not in seen:
+            visit(digest)
+    order.reverse()
+    return order
+
+
+def _referrer_entries(path: Path) -> dict[Digest, list[Path]]:
+    """Referrer entry files of a repository, by the referrer's digest."""
+    entries: dict[Digest, list[Path]] = {}
+    for _subject, subject_dir in _digest_files(path / "_referrers"):
+        if not subject_dir.is_dir():
+            continue
+        for entry in subject_dir.iterdir():
+            alg, _, rest = entry.name.partition("-")
+            with contextlib.suppress(InvalidDigest):
+                digest = parse_digest(f"{alg}:{rest.removesuffix('.json')}")
+                entries.setdefault(digest, []).append(entry)
+    return entries
+
+
+def _changed(storage: FilesystemStorage, repo: _Repository, doomed: list[Digest]) -> bool:
+    """Whether ``repo`` moved under us: a doomed revision got tagged or was re-written."""
+    tagged = set(_read_tags(repo.path).values())
+    for digest in doomed:
+        if digest in tagged:
+            return True
+        if _mtime(storage._revision_link(repo.name, digest)) != repo.revisions[digest][0]:
+            return True
+    return False
+
+
+def _unlink(path: Path, touched: set[Path]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+        touched.add(path.parent)
+
+
+def _sync(touched: set[Path]) -> None:
+    for directory in touched:
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(directory)
+    touched.clear()
+
+
+def _delete_manifests(
+    storage: FilesystemStorage,
+    repo: _Repository,
+    doomed: list[Digest],
+    cutoff: float,
+    touched: set[Path],
+) -> None:
+    entries = _referrer_entries(repo.path)
+    for digest in doomed:
+        # Referrer entry first: a crash after it leaves an unlisted but whole manifest,
+        # which the next run deletes; never a listed referrer that does not exist.
+        for entry in entries.get(digest, ()):
+            _unlink(entry, touched)
+        _unlink(storage._revision_link(repo.name, digest), touched)
+        link_mtime = repo.links.get(digest)
+        if link_mtime is not None and link_mtime <= cutoff:
+            _unlink(storage._layer_link(repo.name, digest), touched)
+
+
+# -- phase 2: blobs ----------------------------------------------------------------------
+
+
+def _blob_files(storage: FilesystemStorage) -> Iterator[tuple[Digest, Path]]:
+    """``blobs/<alg>/<hex[:2]>/<hex>`` files whose names form a digest we know."""
+    for alg_dir in storage._blobs.iterdir():
+        if not alg_dir.is_dir():
+            continue
+        for prefix_dir in alg_dir.iterdir():
+            if not prefix_dir.is_dir():
+                continue
+            for entry in prefix_dir.iterdir():
+                try:
+                    digest = parse_digest(f"{alg_dir.name}:{entry.name}")
+                except InvalidDigest:
+                    continue
+                if digest.encoded[:2] == prefix_dir.name:
+                    yield digest, entry
+
+
+def _referenced(repos: Iterable[_Repository], manifests: _Manifests) -> set[Digest]:
+    referenced: set[Digest] = set()
+    for repo in repos:
+        for digest, (_, media_type) in repo.revisions.items():
+            refs = manifests.refs(digest, media_type)
+            referenced.add(digest)
+            referenced.update(refs.blobs)
+            referenced.update(refs.children)
+    return referenced
+
+
+def _unreferenced_blobs(
+    storage: FilesystemStorage,
+    repos: list[_Repository],
+    manifests: _Manifests,
+    cutoff: float,
+) -> list[tuple[DeletedBlob, Path]]:
+    referenced = _referenced(repos, manifests)
+    linked: dict[Digest, list[tuple[str, float]]] = {}
+    for repo in repos:
+        for digest, mtime in repo.links.items():
+            linked.setdefault(digest, []).append((repo.name, mtime))
+    out = []
+    for digest, path in sorted(_blob_files(storage)):
+        if digest in referenced:
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        links = linked.get(digest, [])
+        if stat.st_mtime > cutoff or any(mtime > cutoff for _, mtime in links):
+            continue
+        repositories = tuple(sorted(name for name, _ in links))
+        out.append((DeletedBlob(digest, stat.st_size, repositories), path))
+    return out
+
+
+def _delete_blobs(
+    storage: FilesystemStorage,
+    planned: list[tuple[DeletedBlob, Path]],
+    cutoff: float,
+    touched: set[Path],
+) -> list[DeletedBlob]:
+    # Links first, each re-checked: a link re-written since the scan is an upload or a
+    # mount that just landed, and its blob stays.
+    survivors = []
+    for blob, path in planned:
+        links = [storage._layer_link(name, blob.digest) for name in blob.repositories]
+        if any((m := _mtime(link)) is not None and m > cutoff for link in links):
+            continue
+        for link in links:
+            _unlink(link, touched)
+        survivors.append((blob, path))
+    _sync(touched)
+
+    # A link that appeared anywhere meanwhile (a mount into another repository) keeps the
+    # blob; the file must not go from under it.
+    relinked = {
+        digest
+        for _, path in _repository_dirs(storage._repos)
+        for digest, _ in _digest_files(path / "_layers")
+    }
+    deleted = []
+    for blob, path in survivors:
+        if blob.digest in relinked:
+            continue
+        mtime = _mtime(path)
+        if mtime is None or mtime > cutoff:
+            continue
+        _unlink(path, touched)
+        deleted.append(blob)
+    _sync(touched)
+    return deleted
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def collect(
+    storage: FilesystemStorage,
+    *,
+    delay: float,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> GCReport:
+    """Delete untagged manifests and unreferenced blobs older than ``delay`` seconds.
+
+    ``now`` defaults to the wall clock (mtimes are wall-clock times). With ``dry_run``
+    nothing is deleted and the report says what a real run would have deleted.
+    """
+    cutoff = (time.time() if now is None else now) - delay
+    report = GCReport(dry_run=dry_run)
+    manifests = _Manifests(storage)
+    touched: set[Path] = set()
+
+    # Phase 1: manifests, every repository, all on disk before any blob goes.
+    removed: dict[str, set[Digest]] = {}
+    for repo in _scan(storage):
+        doomed = _unreachable(repo, manifests, cutoff)
+        if not doomed:
+            continue
+        if not dry_run:
+            if _changed(storage, repo, doomed):
+                report.skipped_repositories.append(repo.name)
+                continue
+            _delete_manifests(storage, repo, doomed, cutoff, touched)
+        removed[repo.name] = set(doomed)
+        report.manifests.extend(DeletedManifest(repo.name, d, repo.revisions[d][1]) for d in doomed)
+    _sync(touched)
+
+    # Phase 2: blobs, against a fresh scan, so manifests pushed since phase 1 count.
+    repos = _scan(storage)
+    if dry_run:
+        # What phase 1 would have removed: the revisions and their old self-links.
+        for repo in repos:
+            for digest in removed.get(repo.name, ()):
+                repo.revisions.pop(digest, None)
+                link_mtime = repo.links.get(digest)
+                if link_mtime is not None and link_mtime <= cutoff:
+                    del repo.links[digest]
+    planned = _unreferenced_blobs(storage, repos, manifests, cutoff)
+    if dry_run:
+        report.blobs = [blob for blob, _ in planned]
+    else:
+        report.blobs = _delete_blobs(storage, planned, cutoff, touched)
+    return report
