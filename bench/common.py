@@ -305,12 +305,14 @@ class ServerProcess:
         *,
         data_dir: str | None = None,
         events: bool = False,
+        sinks: Sequence[dict[str, Any]] = (),
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
     ) -> None:
         self._data_dir = data_dir
-        self._events = events
+        self._events = events or bool(sinks)
+        self._sinks = list(sinks)
         self._log_file = log_file
         self._start_timeout = start_timeout
         self._python = python
@@ -335,7 +337,11 @@ class ServerProcess:
         }
         if self._events:
             doc["extensions"] = {
-                "events": {"enable": True, "queue": {"directory": str(self.root / "queue_data")}}
+                "events": {
+                    "enable": True,
+                    "queue": {"directory": str(self.root / "queue_data")},
+                    "sinks": self._sinks,
+                }
             }
         return doc
 

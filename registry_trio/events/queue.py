@@ -55,7 +55,9 @@ MAX_GROUP = 2048
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: positions never go back, even when pruning empties the table, so a
+    -- dead-letter cursor or an in-flight position can never name a different event later.
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL,
     body TEXT NOT NULL,
     created REAL NOT NULL
@@ -127,9 +129,15 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# One event to insert: (event id, JSON body, created, sinks that are owed it).
+_Row = tuple[str, str, float, Sequence[str]]
+
+
 @dataclass
 class _Write:
-    apply: Callable[[sqlite3.Connection], Any]
+    # Either an arbitrary change, or events to append (merged across the group: see _commit).
+    apply: Callable[[sqlite3.Connection], Any] | None = None
+    rows: Sequence[_Row] = ()
     wakes: Sequence[str] = ()
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
@@ -208,8 +216,12 @@ class Outbox:
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Every append of the group in two statements: per-event statements cost more
+            # than the fsync they share.
+            _insert(conn, [row for write in group for row in write.rows])
             for write in group:
-                write.apply(conn)
+                if write.apply is not None:
+                    write.apply(conn)
             conn.execute("COMMIT")
             return
         except sqlite3.Error as exc:
@@ -223,9 +235,12 @@ class Outbox:
             self._commit([write])
 
     async def _write(
-        self, apply: Callable[[sqlite3.Connection], Any], wakes: Sequence[str] = ()
+        self,
+        apply: Callable[[sqlite3.Connection], Any] | None = None,
+        wakes: Sequence[str] = (),
+        rows: Sequence[_Row] = (),
     ) -> None:
-        write = _Write(apply, wakes)
+        write = _Write(apply, rows, wakes)
         try:
             self._send.send_nowait(write)
         except trio.ClosedResourceError:
@@ -265,19 +280,8 @@ class Outbox:
         ]
         if not rows:
             return
-
-        def apply(conn: sqlite3.Connection) -> None:
-            for event_id, body, created, sinks in rows:
-                seq = conn.execute(
-                    "INSERT INTO events(event_id, body, created) VALUES (?, ?, ?)",
-                    (event_id, body, created),
-                ).lastrowid
-                conn.executemany(
-                    "INSERT INTO deliveries(sink, seq) VALUES (?, ?)", [(s, seq) for s in sinks]
-                )
-
         wakes = sorted({s for *_, sinks in rows for s in sinks})
-        await self._write(apply, wakes)
+        await self._write(wakes=wakes, rows=rows)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         """Mark deliveries done: delete them, and each event nobody else still owes."""
@@ -352,6 +356,22 @@ class Outbox:
 
     def reader(self) -> OutboxReader:
         return OutboxReader(self.path)
+
+
+def _insert(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+    if not rows:
+        return
+    last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+    first = (last[0] if last else 0) + 1
+    numbered = list(enumerate(rows, start=first))
+    conn.executemany(
+        "INSERT INTO events(seq, event_id, body, created) VALUES (?, ?, ?, ?)",
+        [(seq, event_id, body, created) for seq, (event_id, body, created, _) in numbered],
+    )
+    conn.executemany(
+        "INSERT INTO deliveries(sink, seq) VALUES (?, ?)",
+        [(sink, seq) for seq, (*_, sinks) in numbered for sink in sinks],
+    )
 
 
 def _count(

@@ -1,0 +1,452 @@
+"""Event pipeline benchmark: durable enqueue, backlog drain, push cost, slow receivers.
+
+Measures, in one run:
+
+1. **Durable enqueue**: events/s committed (fsync'd) by our SQLite outbox, with ``--appenders``
+   concurrent tasks each awaiting its own commit (as concurrent requests do), against
+   persist-queue's ``SQLiteAckQueue.put`` with the same event JSON (the baseline).
+2. **Backlog drain**: a backlog of ``--backlog`` events delivered to a local HTTP receiver
+   (a separate process), batched (``cloudevents-batch``) and unbatched (one event per POST).
+3. **Push cost of events**: small-image pushes/s against a registry-trio server with events
+   off, and with events on and an HTTP sink (the 2xx waits for the event's commit).
+4. **Slow receiver**: delivery to a receiver that takes 50 ms per request, batched and not.
+
+Run: ``python bench/events.py`` (``--json`` for machine-readable output, ``--help`` for the
+knobs). It starts its own registry-trio and receivers on 127.0.0.1 and stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from common import (
+    ServerProcess,
+    base_parser,
+    emit_json,
+    machine_info,
+    print_header,
+    progress,
+)
+
+from registry_trio.client import RegistryClient, make_image
+from registry_trio.config import parse_config
+from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
+from registry_trio.events.delivery import Delivery
+from registry_trio.events.queue import Outbox
+
+SINK = "bench-sink"
+
+
+def sample_event(i: int) -> Event:
+    """A manifest push as the API records it (about 1 KB of JSON with its manifest)."""
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + "c" * 64,
+                "size": 512,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + "a" * 64,
+                    "size": 4096,
+                }
+            ],
+        }
+    )
+    return Event(
+        Action.MANIFEST_PUSHED,
+        Target(
+            repository=f"bench/app-{i % 16}",
+            digest="sha256:" + f"{i:064x}",
+            media_type="application/vnd.oci.image.manifest.v1+json",
+            size=len(manifest),
+            tag=f"v{i}",
+            url=f"http://127.0.0.1:5000/v2/bench/app/manifests/v{i}",
+            manifest=manifest,
+        ),
+        Source("127.0.0.1:5000", "bench-instance"),
+        Actor("alice", "basic"),
+        RequestInfo(f"req-{i}", "127.0.0.1:40000", "127.0.0.1:5000", "PUT", "bench/1.0"),
+    )
+
+
+# -- 1. durable enqueue ------------------------------------------------------------------------
+
+
+async def enqueue_ours(directory: Path, count: int, appenders: int) -> dict[str, Any]:
+    batches: list[int] = []
+    outbox = Outbox(directory, on_commit=lambda writes, _s: batches.append(writes))
+    events = [sample_event(i) for i in range(count)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        next_index = iter(range(count))
+
+        async def appender() -> None:
+            for i in next_index:
+                await outbox.append([(events[i], [SINK])])
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as workers:
+            for _ in range(appenders):
+                workers.start_soon(appender)
+        seconds = time.perf_counter() - started
+        outbox.close()
+    return {
+        "events": count,
+        "appenders": appenders,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(count / seconds),
+        "mean_group_commit": round(sum(batches) / len(batches), 1),
+    }
+
+
+def enqueue_persist_queue(directory: Path, count: int, threads: int) -> dict[str, Any]:
+    from persistqueue import SQLiteAckQueue
+
+    queue = SQLiteAckQueue(str(directory), multithreading=True, auto_commit=True)
+    body = json.dumps(sample_event(0).to_json())
+    per_thread = count // threads
+
+    def put_many() -> None:
+        for _ in range(per_thread):
+            queue.put(body)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=put_many) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - started
+    return {
+        "events": per_thread * threads,
+        "threads": threads,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(per_thread * threads / seconds),
+    }
+
+
+# -- receivers and in-process delivery -------------------------------------------------------------
+
+
+class Receiver:
+    """``bench/receiver.py`` as a subprocess."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self._delay = delay
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Receiver:
+        script = Path(__file__).with_name("receiver.py")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(script), "--delay", str(self._delay)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # blocks until the receiver listens (or dies)
+        match = re.search(r"listening on (\S+)", line)
+        if match is None:
+            raise RuntimeError(f"receiver did not start: {line!r}")
+        self.url = match[1] + "/events"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proc is not None
+        self._proc.terminate()
+        self._proc.wait(10)
+
+    def count(self) -> int:
+        return httpx.get(self.url.rsplit("/", 1)[0] + "/count").json()["events"]
+
+
+async def drain(
+    directory: Path, backlog: int, sink: dict[str, Any], args: argparse.Namespace, label: str
+) -> dict[str, Any]:
+    """Fill the outbox with ``backlog`` events for one sink, then time their delivery."""
+    events_config = parse_config(
+        {
+            "extensions": {
+                "events": {
+                    "enable": True,
+                    "queue": {"directory": str(directory)},
+                    "sinks": [{"name": SINK, **sink}],
+                }
+            }
+        }
+    ).extensions.events
+    outbox = Outbox(directory)
+    delivered = 0
+    all_delivered = trio.Event()
+    bar = progress(args, backlog, label, unit="ev")
+
+    def on_delivered(_sink: str, latencies: Sequence[float]) -> None:
+        nonlocal delivered
+        delivered += len(latencies)
+        bar.update(len(latencies))
+        if delivered >= backlog:
+            all_delivered.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        template = sample_event(0)
+        for start in range(0, backlog, 1000):
+            chunk = [
+                (
+                    Event(
+                        template.action,
+                        template.target,
+                        template.source,
+                        template.actor,
+                        template.request,
+                    ),
+                    [SINK],
+                )
+                for _ in range(min(1000, backlog - start))
+            ]
+            await outbox.append(chunk)
+        delivery = Delivery(events_config, outbox, on_delivered=on_delivered)
+        started = time.perf_counter()
+        await nursery.start(delivery.run)
+        await all_delivered.wait()
+        seconds = time.perf_counter() - started
+        delivery.stop()
+        await delivery.stopped.wait()
+        outbox.close()
+    bar.close()
+    return {
+        "events": backlog,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(backlog / seconds),
+    }
+
+
+# -- 3. push cost ----------------------------------------------------------------------------------
+
+
+async def push_rate(url: str, count: int, concurrency: int, prefix: str) -> float:
+    images = [make_image((4096,)) for _ in range(count)]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+        client = RegistryClient(url, client=http)
+        next_index = iter(range(count))
+
+        async def worker() -> None:
+            for i in next_index:
+                await client.push_image(f"{prefix}-{i % 8}", f"v{i}", images[i])
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        return count / (time.perf_counter() - started)
+
+
+def push_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate off/on runs so that drift on a shared machine hits both alike."""
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    with Receiver() as receiver:
+        for round_ in range(args.push_rounds):
+            for mode in ("off", "on"):
+                sinks = [{"type": "http", "address": receiver.url}] if mode == "on" else []
+                with ServerProcess(sinks=sinks, data_dir=args.data_dir) as server:
+                    rate = trio.run(
+                        push_rate, server.url, args.push_count, args.concurrency, f"r{round_}{mode}"
+                    )
+                rates[mode].append(rate)
+    off = sum(rates["off"]) / len(rates["off"])
+    on = sum(rates["on"]) / len(rates["on"])
+    return {
+        "images": args.push_count,
+        "concurrency": args.concurrency,
+        "rounds": args.push_rounds,
+        "events_off_images_per_s": round(off, 1),
+        "events_on_images_per_s": round(on, 1),
+        "ratio_on_off": round(on / off, 3),
+    }
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser(__doc__.split("\n\n", 1)[0], concurrency=8)
+    knobs = parser.add_argument_group("event pipeline")
+    knobs.add_argument("--enqueue", type=int, default=50_000, help="events to enqueue (ours)")
+    knobs.add_argument(
+        "--appenders",
+        type=int,
+        default=256,
+        help="concurrent appenders, each awaiting its own commit",
+    )
+    knobs.add_argument(
+        "--baseline",
+        type=int,
+        default=5_000,
+        help="events to put into persist-queue (the baseline)",
+    )
+    knobs.add_argument("--backlog", type=int, default=100_000, help="batched drain backlog")
+    knobs.add_argument(
+        "--unbatched-backlog", type=int, default=100_000, help="unbatched drain backlog"
+    )
+    knobs.add_argument("--batch", type=int, default=500, help="events per batched request")
+    knobs.add_argument(
+        "--slow-events", type=int, default=3_000, help="events for the 50 ms receiver, batched"
+    )
+    knobs.add_argument("--push-count", type=int, default=300, help="images per push run")
+    knobs.add_argument("--push-rounds", type=int, default=2, help="off/on rounds to average")
+    knobs.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["enqueue", "drain", "push", "slow"],
+        help="leave a part out",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    base = Path(tempfile.mkdtemp(prefix="registry-trio-events-bench-", dir=args.data_dir))
+
+    def part(name: str, fn: Callable[[], Any]) -> None:
+        if name not in args.skip:
+            results[name] = fn()
+
+    part(
+        "enqueue",
+        lambda: {
+            "ours": trio.run(enqueue_ours, base / "ours", args.enqueue, args.appenders),
+            "persist_queue": enqueue_persist_queue(base / "pq", args.baseline, 1),
+        },
+    )
+
+    def drains() -> dict[str, Any]:
+        with Receiver() as receiver:
+            batched = {
+                "type": "http",
+                "address": receiver.url,
+                "format": "cloudevents-batch",
+                "batch": {"maxEvents": args.batch},
+            }
+            single = {"type": "http", "address": receiver.url}
+            out = {
+                "batched": trio.run(
+                    drain, base / "drain-batched", args.backlog, batched, args, "drain batched"
+                ),
+                "unbatched": trio.run(
+                    drain,
+                    base / "drain-single",
+                    args.unbatched_backlog,
+                    single,
+                    args,
+                    "drain unbatched",
+                ),
+            }
+            out["receiver_counted"] = receiver.count()
+        return out
+
+    part("drain", drains)
+    part("push", lambda: push_comparison(args))
+
+    def slow() -> dict[str, Any]:
+        with Receiver(delay=0.05) as receiver:
+            batched = {
+                "type": "http",
+                "address": receiver.url,
+                "format": "cloudevents-batch",
+                "batch": {"maxEvents": 100, "maxWait": "20ms"},
+            }
+            single = {"type": "http", "address": receiver.url}
+            return {
+                "batched": trio.run(
+                    drain,
+                    base / "slow-batched",
+                    args.slow_events,
+                    batched,
+                    args,
+                    "50ms receiver, batched",
+                ),
+                "unbatched": trio.run(
+                    drain, base / "slow-single", 100, single, args, "50ms receiver, one per request"
+                ),
+            }
+
+    part("slow", slow)
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    if "enqueue" in results:
+        ours, pq = results["enqueue"]["ours"], results["enqueue"]["persist_queue"]
+        print(
+            f"durable enqueue     ours {ours['events_per_s']:>8,} events/s "
+            f"({ours['appenders']} appenders, mean group commit {ours['mean_group_commit']})"
+        )
+        print(
+            f"                    persist-queue {pq['events_per_s']:>,} events/s "
+            f"(SQLiteAckQueue.put, 1 thread) -> ratio "
+            f"{ours['events_per_s'] / pq['events_per_s']:.1f}x   target >= 20,000/s"
+        )
+    if "drain" in results:
+        d = results["drain"]
+        print(
+            f"backlog drain       batched {d['batched']['events_per_s']:>8,} events/s "
+            f"({d['batched']['events']:,} events)   target >= 10,000/s"
+        )
+        print(
+            f"                    unbatched {d['unbatched']['events_per_s']:>6,} events/s "
+            f"({d['unbatched']['events']:,} events)"
+        )
+    if "push" in results:
+        p = results["push"]
+        print(f"push, events off    {p['events_off_images_per_s']:>8} images/s")
+        print(
+            f"push, events on     {p['events_on_images_per_s']:>8} images/s "
+            f"(ratio {p['ratio_on_off']:.2f})   target >= 0.90"
+        )
+    if "slow" in results:
+        s = results["slow"]
+        print(
+            f"50 ms receiver      batched {s['batched']['events_per_s']:>6,} events/s   "
+            f"target >= 360/s"
+        )
+        print(f"                    one per request {s['unbatched']['events_per_s']:>,} events/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "no_progress")}
+    machine = machine_info()
+    if not args.json:
+        print_header("registry-trio event pipeline benchmark", machine, settings)
+    results = run(args)
+    if args.json:
+        emit_json({"machine": machine, "settings": settings, "results": results})
+    else:
+        report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
