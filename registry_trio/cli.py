@@ -145,6 +145,26 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
         print(f"replayed {result['replayed']} dead letter(s) of sink {result['sink']}")  # type: ignore[index]
 
 
+def _gc_command(config: Config, args: argparse.Namespace) -> None:
+    from .maintenance import collect_once
+
+    report = trio.run(functools.partial(collect_once, config, dry_run=args.dry_run))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{verb} {len(report.manifests)} manifest(s) and {len(report.blobs)} blob(s), "
+        f"{report.bytes_freed} bytes"
+    )
+    for manifest in report.manifests:
+        print(f"  manifest {manifest.repository}@{manifest.digest}")
+    for blob in report.blobs:
+        print(f"  blob {blob.digest} ({blob.size} bytes)")
+    if report.skipped_repositories:
+        print("skipped (changed during the run): " + ", ".join(report.skipped_repositories))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="registry-trio",
@@ -156,6 +176,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     verify_cmd = commands.add_parser("verify", help="check a config file without serving")
     verify_cmd.add_argument("-c", "--config", required=True, help="JSON config file")
     _add_events_parser(commands)
+    gc_cmd = commands.add_parser(
+        "gc",
+        help="remove untagged manifests and unreferenced blobs older than storage.gcDelay",
+        description="Safe beside a running server; deletions are recorded as events "
+        "(without actor and request) when the events extension is on.",
+    )
+    gc_cmd.add_argument("-c", "--config", help="the config the server runs with")
+    gc_cmd.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    gc_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
     config = _load(args.config)
@@ -164,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "events":
         _events_command(config, args)
+        return
+    if args.command == "gc":
+        _gc_command(config, args)
         return
     setup_logging(config.log)
     trio.run(_serve_until_signalled, config)

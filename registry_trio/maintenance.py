@@ -14,16 +14,21 @@ to report). Recording is durable once :meth:`EventRecorder.record` returns.
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import trio
 
+from .config import Config
+from .events.filters import SinkFilter
 from .events.model import Action, Event, Source, Target
-from .events.recorder import EventRecorder
+from .events.queue import Outbox
+from .events.recorder import EventRecorder, NullRecorder, QueueRecorder
 from .storage import FilesystemStorage
 from .storage.gc import GCReport, collect
 
-__all__ = ["gc_events", "gc_periodically", "run_gc"]
+__all__ = ["collect_once", "gc_events", "gc_periodically", "run_gc"]
 
 log = logging.getLogger("registry_trio.maintenance")
 
@@ -114,3 +119,31 @@ async def gc_periodically(
         except Exception:
             log.exception("gc: run failed; next run in %.0fs", interval)
         await trio.sleep(interval)
+
+
+async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
+    """``registry-trio gc``: one run on the config's storage, beside a server or not.
+
+    Its events go through an outbox of its own on the same queue file; SQLite serialises the
+    two writers, and the server's idle delivery workers pick the events up.
+    """
+    storage = await trio.to_thread.run_sync(
+        functools.partial(FilesystemStorage, config.storage.root_directory, clean_tmp=False)
+    )
+    events = config.extensions.events
+    source = Source(f"{config.http.address}:{config.http.port}", "gc")
+    if not events.enable:
+        return await run_gc(
+            storage, NullRecorder(), source, delay=config.storage.gc_delay, dry_run=dry_run
+        )
+    outbox = Outbox(Path(events.queue.directory))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        try:
+            recorder = QueueRecorder(outbox, [SinkFilter.for_sink(s) for s in events.sinks])
+            source = Source(source.addr, outbox.instance_id)
+            return await run_gc(
+                storage, recorder, source, delay=config.storage.gc_delay, dry_run=dry_run
+            )
+        finally:
+            outbox.close()

@@ -5,6 +5,7 @@ Task tree (every task has an owner, and shutdown runs in reverse order of start)
     serve
     ├── outbox writer          (events on: commits events before requests get their 2xx)
     ├── delivery supervisor    (events on: one task per sink)
+    ├── garbage collector      (storage.gc on: every gcInterval)
     └── hypercorn              (HTTP)
 
 On ``shutdown`` Hypercorn stops accepting and lets in-flight requests finish for
@@ -31,6 +32,7 @@ from .events.delivery import Delivery
 from .events.filters import SinkFilter
 from .events.queue import Outbox
 from .events.recorder import QueueRecorder
+from .maintenance import gc_periodically
 from .metrics import Metrics
 from .storage import FilesystemStorage
 
@@ -100,14 +102,30 @@ async def serve(
             if delivery is not None:
                 delivery.stop()
 
+        gc_scope = trio.CancelScope()
+        if config.storage.gc:
+
+            async def collect_garbage() -> None:
+                with gc_scope:
+                    await gc_periodically(
+                        storage,
+                        recorder,
+                        registry.source,
+                        interval=config.storage.gc_interval,
+                        delay=config.storage.gc_delay,
+                    )
+
+            nursery.start_soon(collect_garbage)
+
         binds = await nursery.start(run_http)
         url = binds[0]
         # With port 0 the real port is known only now; events name the address we serve on.
         registry.source = Source(url.split("://", 1)[1], instance_id)
         log.info("listening on %s", url)
         task_status.started(url)
+        await shutdown.wait()
+        gc_scope.cancel()
         if outbox is not None:
-            await shutdown.wait()
             # The writer closes only after delivery has finished acknowledging.
             nursery.start_soon(_close_after, delivery, outbox)
 

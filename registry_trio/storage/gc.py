@@ -84,6 +84,21 @@ class GCReport:
     def bytes_freed(self) -> int:
         return sum(b.size for b in self.blobs)
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dryRun": self.dry_run,
+            "manifests": [
+                {"repository": m.repository, "digest": str(m.digest), "mediaType": m.media_type}
+                for m in self.manifests
+            ],
+            "blobs": [
+                {"digest": str(b.digest), "size": b.size, "repositories": list(b.repositories)}
+                for b in self.blobs
+            ],
+            "bytesFreed": self.bytes_freed,
+            "skippedRepositories": self.skipped_repositories,
+        }
+
 
 # -- scanning ----------------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""GC as operators run it: the `registry-trio gc` command and the periodic task."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import trio
+
+from registry_trio.client import RegistryClient, make_image
+from registry_trio.events.queue import OutboxReader
+from tests.conftest import events_config, make_config, start_registry
+from tests.waiting import eventually
+
+
+async def gc_cli(config, *args):
+    result = await trio.run_process(
+        [sys.executable, "-m", "registry_trio", "gc", "-c", str(config), "--json", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def blob_files(root):
+    return {p.name for p in (root / "blobs").rglob("*") if p.is_file()}
+
+
+async def test_gc_command_removes_garbage_and_queues_events(nursery, tmp_path, sink):
+    config = events_config(tmp_path, {"type": "http", "address": sink.url, "name": "s"})
+    registry = await start_registry(nursery, config)
+    kept, dropped = make_image((700,)), make_image((900,))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        client = RegistryClient(registry.url, client=http)
+        await client.push_image("gc/app", "kept", kept)
+        await client.push_image("gc/app", "dropped", dropped)
+        assert (await http.delete("/v2/gc/app/manifests/dropped")).status_code == 202
+    await sink.wait_for(lambda evs: len(evs) == 8)  # 2 x (2 blobs + manifest), created, tag
+    registry.shutdown.set()
+
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(
+            {
+                "storage": {"rootDirectory": str(registry.root), "gcDelay": "0s"},
+                "extensions": {
+                    "events": {
+                        "enable": True,
+                        "queue": {"directory": str(tmp_path / "queue_data")},
+                        "sinks": [{"type": "http", "address": sink.url, "name": "s"}],
+                    }
+                },
+            }
+        )
+    )
+    dry = await gc_cli(path, "--dry-run")
+    planned = dry
+    assert {b["digest"] for b in planned["blobs"]} >= {
+        dropped.layers[0].digest,
+        dropped.config.digest,
+    }
+    assert dropped.layers[0].digest.split(":")[1] in blob_files(registry.root)
+
+    run = await gc_cli(path)
+    done = run
+    assert done["manifests"] == planned["manifests"] and done["blobs"] == planned["blobs"]
+    files = blob_files(registry.root)
+    assert dropped.layers[0].digest.split(":")[1] not in files
+    assert kept.layers[0].digest.split(":")[1] in files
+
+    reader = OutboxReader(tmp_path / "queue_data" / "events.db")
+    try:
+        counts = await reader.counts("s")
+    finally:
+        reader.close()
+    # The deletions wait in the queue for the next server start, like any other event.
+    expected = len(done["manifests"]) + sum(len(b["repositories"]) for b in done["blobs"])
+    assert expected >= 2 and counts.pending == expected
+
+
+async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
+    config = make_config(
+        tmp_path,
+        storage={
+            "rootDirectory": str(tmp_path / "registry_data"),
+            "gc": True,
+            "gcInterval": "100ms",
+            "gcDelay": "0s",
+        },
+        extensions={
+            "events": {
+                "enable": True,
+                "queue": {"directory": str(tmp_path / "queue_data")},
+                "sinks": [{"type": "http", "address": sink.url}],
+            }
+        },
+    )
+    registry = await start_registry(nursery, config)
+    image = make_image((600,))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await RegistryClient(registry.url, client=http).push_image("pgc/app", "v1", image)
+        assert (await http.delete(f"/v2/pgc/app/manifests/{image.digest}")).status_code == 202
+    layer = image.layers[0].digest.split(":")[1]
+    await eventually(
+        lambda: trio.to_thread.run_sync(blob_files, registry.root), lambda files: layer not in files
+    )
+    events = await sink.wait_for(
+        lambda evs: any(
+            e["type"] == "zotregistry.blob.deleted" and "request" not in e["data"] for e in evs
+        )
+    )
+    gc_events = [e for e in events if e["type"] == "zotregistry.blob.deleted"]
+    assert all("actor" not in e["data"] and "request" not in e["data"] for e in gc_events)
