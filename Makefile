@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/push.py
 	$(BIN)/python bench/bigblob.py
+	$(BIN)/python bench/nats.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check registry_trio tests bench

@@ -1,0 +1,136 @@
+"""Run asyncio coroutines on one dedicated asyncio thread, awaited from Trio.
+
+nats-py is asyncio-only. Rather than a second event loop inside Trio, a sink owns one
+:class:`AsyncioThread`: an asyncio loop running forever on its own thread. Trio code awaits
+:meth:`AsyncioThread.run`, which schedules a coroutine on that loop and sleeps until it is done.
+No Trio worker thread is held per call; a call ("hop") costs about 100 µs, so callers batch
+work per hop (the NATS sink publishes a whole run of messages in one).
+
+Contract:
+
+- The thread starts at the first :meth:`~AsyncioThread.run` and stops in
+  :meth:`~AsyncioThread.aclose`, which cancels whatever is still running on the loop, waits
+  for it, closes the loop and joins the thread. Nothing is left behind.
+- Cancelling the Trio caller cancels the asyncio task, and the caller waits (shielded, up to
+  :data:`CANCEL_GRACE` seconds) until that task has really finished, so a cancelled call does
+  not leave work running behind the caller's back. A task that ignores cancellation longer
+  than that is left to :meth:`~AsyncioThread.aclose`.
+- The coroutine's result is returned, its exception raised, in the Trio caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import trio
+
+__all__ = ["CANCEL_GRACE", "AsyncioThread"]
+
+T = TypeVar("T")
+
+# How long a cancelled caller waits for the asyncio task to acknowledge the cancellation.
+CANCEL_GRACE = 5.0
+
+
+class AsyncioThread:
+    """One asyncio event loop on one thread, for one owner (a sink); see the module doc."""
+
+    def __init__(self, name: str = "asyncio-bridge") -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop (starting the thread if needed); for callbacks scheduled from asyncio."""
+        return self._start()
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the asyncio thread is closed")
+        if self._loop is None:
+            # The loop is created here but only ever runs on the thread; call_soon_threadsafe
+            # before run_forever starts is queued, so callers need not wait for the thread.
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+            self._thread.start()
+        return self._loop
+
+    def _main(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            # Stopped by aclose(): cancel what is left and let it unwind before closing.
+            leftover = asyncio.all_tasks(loop)
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the asyncio loop; its result in Trio."""
+        loop = self._start()
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: dict[str, Any] = {}
+
+        def wake(_: object = None) -> None:  # on the asyncio thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        def start() -> None:  # on the asyncio thread
+            try:
+                task = loop.create_task(fn(*args, **kwargs))
+            except BaseException as exc:  # fn raised before returning a coroutine
+                box["error"] = exc
+                wake()
+                return
+            box["task"] = task
+            task.add_done_callback(wake)
+
+        def cancel() -> None:  # on the asyncio thread; always after start() (FIFO)
+            if "task" in box:
+                box["task"].cancel()
+
+        loop.call_soon_threadsafe(start)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            loop.call_soon_threadsafe(cancel)
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
+                await done.wait()
+            raise
+        if "error" in box:
+            raise box["error"]
+        task: asyncio.Task[T] = box["task"]
+        if task.cancelled():
+            # Cancelled from the asyncio side (by aclose): the caller's call did not happen.
+            raise RuntimeError(f"{self.name}: the call was cancelled by shutdown")
+        return task.result()
+
+    async def aclose(self) -> None:
+        """Stop the loop (cancelling what still runs on it) and join the thread."""
+        self._closed = True
+        if self._loop is None or self._thread is None:
+            return
+        loop, thread = self._loop, self._thread
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(loop.stop)
+        # Not cancellable: returning before the thread is gone would leave an orphan.
+        await trio.to_thread.run_sync(thread.join)

