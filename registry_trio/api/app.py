@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import trio
+
 from .. import oci
 from ..auth import Identity, Unauthorized
 from .access import required_access, route_name
@@ -30,6 +32,9 @@ from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
 
 __all__ = ["create_app"]
+
+# Set while Quart serves a request: its own task then reads the request body.
+QUART_READS_KEY = "registry_trio.quart_reads"
 
 access_log = logging.getLogger("registry_trio.access")
 log = logging.getLogger("registry_trio.api")
@@ -52,11 +57,25 @@ class RegistryApp:
         scope[REQUEST_ID_KEY] = rid
         started = time.perf_counter()
         state = {"status": 0, "sent": 0, "received": 0}
+        body_done = trio.Event()
 
         async def counting_receive() -> dict[str, Any]:
             message = await receive()
             state["received"] += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done.set()
             return message
+
+        async def finish_request_body() -> None:
+            # A response that ends before the request body did (a refused upload, an oversize
+            # manifest) leaves Hypercorn unable to recycle or close the connection: its bounded
+            # request queue stays full, or Quart's cancellation aborts the close. So the rest of
+            # the body is read and dropped first, and the connection stays usable.
+            while not body_done.is_set():
+                if scope.get(QUART_READS_KEY):
+                    await body_done.wait()  # Quart's own reader drains until the body ends
+                else:
+                    await counting_receive()
 
         async def tagging_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -69,6 +88,8 @@ class RegistryApp:
                 ]
             elif message["type"] == "http.response.body":
                 state["sent"] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await finish_request_body()
             await send(message)
 
         try:
@@ -187,6 +208,7 @@ class RegistryApp:
         await self._authorize(scope)
         route = match_route(scope["path"], scope["method"])
         if route is None:
+            scope[QUART_READS_KEY] = True
             await self.quart(scope, receive, send)
             return
         handler, params = route

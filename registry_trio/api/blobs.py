@@ -298,7 +298,9 @@ async def get_blob(req: BlobRequest) -> None:
             ("ETag", f'"{digest}"'),
         ]
         start, end, status = 0, size - 1, 200
-        if (range_header := req.header("range")) and size > 0:
+        range_header = req.header("range")
+        # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2): serve it all.
+        if range_header and range_header.strip().startswith("bytes=") and size > 0:
             start, end = _parse_range(range_header, size)
             status = 206
             headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))

@@ -118,7 +118,9 @@ async def get_manifest(name: str, reference: str) -> Response:
         "Content-Length": str(len(record.body)),
     }
     if request.method == "HEAD":
-        return Response(b"", 200, headers)
+        # With the body given, Content-Length stays the manifest's size (clients take the
+        # descriptor size from it); Hypercorn sends no body in answer to HEAD.
+        return Response(record.body, 200, headers)
     if registry.events.wants(Action.MANIFEST_PULLED):
         manifest = oci.parse_manifest(record.body, record.media_type)
         target = _manifest_target(registry, name, record, tag, manifest)

@@ -1,0 +1,550 @@
+"""Bad input gets a clear OCI error, never a 500, never a write, and the server keeps serving.
+
+One table: each row sends one bad request to a real server that already holds an image
+(``setup:v1``) and an open upload session holding 100 bytes. For every row the test checks
+the status and OCI code, the error body's shape, that nothing under ``blobs/`` or
+``repositories/`` changed, that ``uploads/`` changed only where the row says a session is
+discarded, that nothing was left in ``tmp/``, and that the same keep-alive connection still
+gets answers afterwards.
+
+Requests go out with httpx's ``target`` extension, so paths such as ``/v2/a/../b/...`` reach
+the server exactly as written (httpx would otherwise normalise the dot segments away); rows
+about names check the server's message quotes the name it actually received.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+import trio
+
+from tests.api_helpers import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    assert_oci_error,
+    config_blob,
+    digest_of,
+    dumps,
+    image_manifest,
+    index_manifest,
+    push_blob,
+    push_manifest,
+    random_blob,
+    snapshot,
+)
+from tests.conftest import RunningRegistry
+
+REPO = "setup"
+SESSION_BYTES = 100
+LIMIT = 4 * 1024 * 1024  # the default manifest size limit
+
+
+@dataclass
+class Ctx:
+    http: httpx.AsyncClient
+    image: bytes  # the manifest of setup:v1
+    layer: bytes  # one of its blobs
+    session: str  # Location of an upload session holding SESSION_BYTES bytes
+
+    @property
+    def session_id(self) -> str:
+        return self.session.rsplit("/", 1)[1]
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | AsyncIterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send ``target`` verbatim as the request target (no dot-segment normalisation)."""
+        if params:
+            target = f"{target}?{urlencode(params)}"
+        return await self.http.request(
+            method,
+            "/v2/",
+            content=content,
+            headers=headers,
+            extensions={"target": target.encode()},
+        )
+
+    async def put_manifest(
+        self, target: str, body: bytes, media_type: str = OCI_MANIFEST
+    ) -> httpx.Response:
+        return await self.send("PUT", target, content=body, headers={"Content-Type": media_type})
+
+
+@dataclass(frozen=True)
+class Case:
+    run: Callable[[Ctx], Awaitable[httpx.Response]]
+    status: int
+    code: str
+    # Text the error's message or detail must contain (for names: what the server received).
+    says: str | None = None
+    # The request legitimately ends the setup upload session (a failed final PUT).
+    discards_session: bool = False
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(status: int, code: str, *, says: str | None = None, discards_session: bool = False):
+    def register(fn: Callable[[Ctx], Awaitable[httpx.Response]]):
+        CASES[fn.__name__] = Case(fn, status, code, says, discards_session)
+        return fn
+
+    return register
+
+
+def upper(digest: str) -> str:
+    algorithm, encoded = digest.split(":")
+    return f"{algorithm}:{encoded.upper()}"
+
+
+# -- repository names ------------------------------------------------------------------------
+
+
+@case(400, "NAME_INVALID", says="'../x'")
+async def name_leading_dotdot(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", "/v2/../x/tags/list")
+
+
+@case(400, "NAME_INVALID", says="'a/../b'")
+async def name_dotdot_in_manifest_put(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest("/v2/a/../b/manifests/latest", ctx.image)
+
+
+@case(400, "NAME_INVALID", says="'a/../b'")
+async def name_dotdot_in_monolithic_upload(ctx: Ctx) -> httpx.Response:
+    return await ctx.send(
+        "POST",
+        "/v2/a/../b/blobs/uploads/",
+        params={"digest": digest_of(ctx.layer)},
+        content=ctx.layer,
+    )
+
+
+@case(400, "NAME_INVALID", says="'a/../setup'")
+async def name_percent_encoded_dotdot(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/a/%2e%2e/setup/blobs/{digest_of(ctx.layer)}")
+
+
+@case(400, "NAME_INVALID", says="'Library/app'")
+async def name_upper_case(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("POST", "/v2/Library/app/blobs/uploads/")
+
+
+@case(400, "NAME_INVALID", says="'_layers'")
+async def name_leading_underscore(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest("/v2/_layers/manifests/latest", ctx.image)
+
+
+@case(400, "NAME_INVALID", says="'setup/_manifests'")
+async def name_metadata_component(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", "/v2/setup/_manifests/tags/list")
+
+
+@case(400, "NAME_INVALID", says="'a//b'")
+async def name_double_slash(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest("/v2/a//b/manifests/latest", ctx.image)
+
+
+@case(400, "NAME_INVALID", says="longer than 255")
+async def name_300_characters(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{'a' * 300}/manifests/latest", ctx.image)
+
+
+@case(400, "NAME_INVALID", says="'../setup'")
+async def mount_from_bad_name(ctx: Ctx) -> httpx.Response:
+    params = {"mount": digest_of(ctx.layer), "from": "../setup"}
+    return await ctx.send("POST", "/v2/other/blobs/uploads/", params=params)
+
+
+# -- malformed digests -----------------------------------------------------------------------
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_too_short(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/{REPO}/blobs/sha256:abc")
+
+
+@case(400, "DIGEST_INVALID", says="md5")
+async def digest_md5_manifest_reference(ctx: Ctx) -> httpx.Response:
+    md5 = "md5:" + "0" * 32
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/{md5}", ctx.image)
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_delete(ctx: Ctx) -> httpx.Response:
+    # The upper-cased name of a blob that exists must not reach (or delete) it.
+    return await ctx.send("DELETE", f"/v2/{REPO}/blobs/{upper(digest_of(ctx.layer))}")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_manifest(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/{REPO}/manifests/{upper(digest_of(ctx.image))}")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_without_colon_on_put(ctx: Ctx) -> httpx.Response:
+    params = {"digest": digest_of(ctx.layer).split(":")[1]}
+    return await ctx.send("PUT", ctx.session, params=params, content=b"more")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_short_on_monolithic_post(ctx: Ctx) -> httpx.Response:
+    params = {"digest": "sha256:abc"}
+    return await ctx.send("POST", f"/v2/{REPO}/blobs/uploads/", params=params, content=b"data")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_bad_mount(ctx: Ctx) -> httpx.Response:
+    params = {"mount": "sha256:abc", "from": REPO}
+    return await ctx.send("POST", f"/v2/{REPO}/blobs/uploads/", params=params)
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_bad_referrers_subject(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/{REPO}/referrers/sha256:{'g' * 64}")
+
+
+# -- content that does not match its digest --------------------------------------------------
+
+
+@case(400, "DIGEST_INVALID")
+async def wrong_digest_monolithic(ctx: Ctx) -> httpx.Response:
+    data = random_blob()
+    params = {"digest": digest_of(data + b"!")}
+    return await ctx.send("POST", f"/v2/{REPO}/blobs/uploads/", params=params, content=data)
+
+
+@case(400, "DIGEST_INVALID", discards_session=True)
+async def wrong_digest_closing_put(ctx: Ctx) -> httpx.Response:
+    params = {"digest": digest_of(b"not what was uploaded")}
+    return await ctx.send("PUT", ctx.session, params=params, content=b"last chunk")
+
+
+@case(400, "DIGEST_INVALID")
+async def wrong_digest_manifest_by_digest(ctx: Ctx) -> httpx.Response:
+    other = image_manifest(config_blob(), [random_blob()])
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/{digest_of(other)}", ctx.image)
+
+
+# -- manifests -------------------------------------------------------------------------------
+
+
+def padded_manifest(ctx: Ctx, size: int) -> bytes:
+    """A well-formed manifest of exactly ``size`` bytes (so only its size is wrong)."""
+    doc = json.loads(ctx.image)
+    doc["annotations"] = {"pad": ""}
+    base = len(dumps(doc))
+    doc["annotations"]["pad"] = "x" * (size - base)
+    body = dumps(doc)
+    assert len(body) == size
+    return body
+
+
+@case(413, "MANIFEST_INVALID")
+async def manifest_oversize_with_content_length(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/big", padded_manifest(ctx, LIMIT + 1))
+
+
+@case(413, "MANIFEST_INVALID")
+async def manifest_oversize_chunked(ctx: Ctx) -> httpx.Response:
+    body = padded_manifest(ctx, LIMIT + 64 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked encoding
+        for i in range(0, len(body), 256 * 1024):
+            yield body[i : i + 256 * 1024]
+
+    return await ctx.send(
+        "PUT",
+        f"/v2/{REPO}/manifests/big",
+        content=chunks(),
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+
+@case(400, "MANIFEST_BLOB_UNKNOWN")
+async def manifest_missing_blob(ctx: Ctx) -> httpx.Response:
+    body = image_manifest(config_blob(), [ctx.layer])  # the config was never pushed
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/missing", body)
+
+
+@case(400, "MANIFEST_BLOB_UNKNOWN")
+async def index_missing_child(ctx: Ctx) -> httpx.Response:
+    absent = image_manifest(config_blob(), [random_blob()])
+    body = index_manifest([(OCI_MANIFEST, ctx.image), (OCI_MANIFEST, absent)])
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/idx", body, OCI_INDEX)
+
+
+@case(400, "MANIFEST_INVALID", says="not valid JSON")
+async def manifest_invalid_json(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", b'{"schemaVersion": 2,')
+
+
+@case(400, "MANIFEST_INVALID")
+async def manifest_not_utf8(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", b"\xff\xfe\x00{")
+
+
+@case(400, "MANIFEST_INVALID")
+async def manifest_not_an_object(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", b"[]")
+
+
+@case(400, "MANIFEST_INVALID", says="schemaVersion")
+async def manifest_schema_version_1(ctx: Ctx) -> httpx.Response:
+    doc = json.loads(ctx.image)
+    doc["schemaVersion"] = 1
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", dumps(doc))
+
+
+@case(400, "MANIFEST_INVALID", says="layers")
+async def manifest_without_layers(ctx: Ctx) -> httpx.Response:
+    doc = json.loads(ctx.image)
+    del doc["layers"]
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", dumps(doc))
+
+
+@case(400, "MANIFEST_INVALID", says="config.digest")
+async def manifest_descriptor_with_bad_digest(ctx: Ctx) -> httpx.Response:
+    doc = json.loads(ctx.image)
+    doc["config"]["digest"] = "sha256:abc"
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", dumps(doc))
+
+
+@case(400, "MANIFEST_INVALID", says="size")
+async def manifest_descriptor_with_negative_size(ctx: Ctx) -> httpx.Response:
+    doc = json.loads(ctx.image)
+    doc["layers"][0]["size"] = -1
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", dumps(doc))
+
+
+@case(400, "MANIFEST_INVALID", says="does not match")
+async def manifest_type_differs_from_content_type(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", ctx.image, DOCKER_MANIFEST)
+
+
+@case(415, "UNSUPPORTED")
+async def manifest_unknown_media_type(ctx: Ctx) -> httpx.Response:
+    doc = json.loads(ctx.image)
+    doc["mediaType"] = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    return await ctx.put_manifest(
+        f"/v2/{REPO}/manifests/old",
+        dumps(doc),
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    )
+
+
+# -- tags ------------------------------------------------------------------------------------
+
+
+@case(400, "MANIFEST_INVALID", says="'-bad'")
+async def tag_leading_dash(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/-bad", ctx.image)
+
+
+@case(400, "MANIFEST_INVALID", says="128")
+async def tag_too_long(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/{'t' * 129}", ctx.image)
+
+
+@case(400, "MANIFEST_INVALID", says="'a+b'")
+async def tag_bad_character(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("DELETE", f"/v2/{REPO}/manifests/a+b")
+
+
+# -- upload sessions and Content-Range -------------------------------------------------------
+
+
+@case(416, "BLOB_UPLOAD_INVALID")
+async def content_range_with_a_gap(ctx: Ctx) -> httpx.Response:
+    # A body far larger than the server's request queue, refused before it is read.
+    size = 1 << 20
+    headers = {"Content-Range": f"{SESSION_BYTES + 100}-{SESSION_BYTES + 99 + size}"}
+    return await ctx.send("PATCH", ctx.session, content=random_blob(size), headers=headers)
+
+
+@case(416, "BLOB_UPLOAD_INVALID")
+async def content_range_overlapping(ctx: Ctx) -> httpx.Response:
+    headers = {"Content-Range": "50-149"}
+    return await ctx.send("PATCH", ctx.session, content=random_blob(100), headers=headers)
+
+
+@case(416, "BLOB_UPLOAD_INVALID")
+async def content_range_malformed(ctx: Ctx) -> httpx.Response:
+    headers = {"Content-Range": "bytes=abc"}
+    return await ctx.send("PATCH", ctx.session, content=random_blob(100), headers=headers)
+
+
+@case(416, "BLOB_UPLOAD_INVALID")
+async def content_range_on_closing_put(ctx: Ctx) -> httpx.Response:
+    headers = {"Content-Range": "500-599"}
+    params = {"digest": digest_of(b"whatever")}
+    return await ctx.send(
+        "PUT", ctx.session, params=params, content=random_blob(100), headers=headers
+    )
+
+
+@case(400, "SIZE_INVALID")
+async def content_range_longer_than_the_body(ctx: Ctx) -> httpx.Response:
+    # The chunk's bytes are written as they stream in, then rolled back.
+    headers = {"Content-Range": f"{SESSION_BYTES}-{SESSION_BYTES + 999}"}
+    return await ctx.send("PATCH", ctx.session, content=random_blob(10), headers=headers)
+
+
+@case(404, "BLOB_UPLOAD_UNKNOWN")
+async def upload_unknown_id(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("PATCH", f"/v2/{REPO}/blobs/uploads/{'0' * 32}", content=b"data")
+
+
+@case(404, "BLOB_UPLOAD_UNKNOWN")
+async def upload_id_not_an_id(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("PUT", f"/v2/{REPO}/blobs/uploads/..", params={"digest": digest_of(b"")})
+
+
+@case(404, "BLOB_UPLOAD_UNKNOWN")
+async def upload_of_another_repository(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("PATCH", f"/v2/other/blobs/uploads/{ctx.session_id}", content=b"data")
+
+
+# -- the rest --------------------------------------------------------------------------------
+
+
+@case(400, "PAGINATION_NUMBER_INVALID")
+async def pagination_n_not_a_number(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/{REPO}/tags/list", params={"n": "ten"})
+
+
+@case(400, "PAGINATION_NUMBER_INVALID")
+async def pagination_n_negative(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", "/v2/_catalog", params={"n": "-1"})
+
+
+@case(416, "RANGE_INVALID")
+async def range_past_the_end(ctx: Ctx) -> httpx.Response:
+    headers = {"Range": f"bytes={len(ctx.layer)}-"}
+    return await ctx.send("GET", f"/v2/{REPO}/blobs/{digest_of(ctx.layer)}", headers=headers)
+
+
+@case(405, "UNSUPPORTED")
+async def method_not_allowed_on_a_blob(ctx: Ctx) -> httpx.Response:
+    target = f"/v2/{REPO}/blobs/{digest_of(ctx.layer)}"
+    return await ctx.send("PATCH", target, content=random_blob(1 << 20))
+
+
+# -- running the table -----------------------------------------------------------------------
+
+
+async def push_setup_image(http: httpx.AsyncClient) -> tuple[bytes, bytes]:
+    config, layer = config_blob(), random_blob(1000)
+    await push_blob(http, REPO, config)
+    await push_blob(http, REPO, layer)
+    image = image_manifest(config, [layer])
+    await push_manifest(http, REPO, "v1", image, OCI_MANIFEST)
+    return image, layer
+
+
+async def open_session(http: httpx.AsyncClient) -> str:
+    response = await http.post(f"/v2/{REPO}/blobs/uploads/")
+    assert response.status_code == 202
+    location = response.headers["Location"]
+    patch = await http.patch(location, content=random_blob(SESSION_BYTES))
+    assert patch.headers["Range"] == f"0-{SESSION_BYTES - 1}"
+    return location
+
+
+def disk(registry: RunningRegistry) -> dict[str, dict[str, bytes]]:
+    return {part: snapshot(registry.root / part) for part in ("blobs", "repositories", "uploads")}
+
+
+def local_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+async def check_case(registry: RunningRegistry, ctx: Ctx, name: str) -> None:
+    row = CASES[name]
+    before = disk(registry)
+
+    response = await row.run(ctx)
+    port = local_port(response)
+    entry = assert_oci_error(response, row.status, row.code)
+    if row.says is not None:
+        said = entry["message"] + " " + json.dumps(entry.get("detail"))
+        assert row.says in said, said
+
+    after = disk(registry)
+    assert after["blobs"] == before["blobs"]
+    assert after["repositories"] == before["repositories"]
+    expected_uploads = before["uploads"]
+    if row.discards_session:
+        expected_uploads = {
+            path: data
+            for path, data in before["uploads"].items()
+            if not path.startswith(ctx.session_id)
+        }
+    assert after["uploads"] == expected_uploads
+    assert list((registry.root / "tmp").iterdir()) == []
+
+    # The same keep-alive connection is still served (no hang, no reconnect).
+    with trio.fail_after(10):
+        alive = await ctx.http.get("/v2/")
+    assert alive.status_code == 200
+    assert local_port(alive) == port
+
+
+def one_connection(registry: RunningRegistry) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=registry.url,
+        timeout=10,
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_bad_input(registry, name):
+    async with one_connection(registry) as http:
+        image, layer = await push_setup_image(http)
+        ctx = Ctx(http, image, layer, await open_session(http))
+        await check_case(registry, ctx, name)
+        # What the server held before is still served as it was.
+        assert (await http.get(f"/v2/{REPO}/manifests/v1")).content == image
+        assert (await http.get(f"/v2/{REPO}/blobs/{digest_of(layer)}")).content == layer
+
+
+async def test_server_keeps_serving_after_the_whole_table(registry):
+    async with one_connection(registry) as http:
+        image, layer = await push_setup_image(http)
+        for name in CASES:
+            await check_case(registry, Ctx(http, image, layer, await open_session(http)), name)
+
+        assert (await http.get("/v2/")).status_code == 200
+        # Still a working registry: a fresh push and pull go through.
+        data = random_blob()
+        digest = await push_blob(http, "after/table", data)
+        assert (await http.get(f"/v2/after/table/blobs/{digest}")).content == data
+        assert (await http.get(f"/v2/{REPO}/manifests/v1")).content == image
+
+
+def test_the_table_covers_every_error_code():
+    codes = {row.code for row in CASES.values()}
+    assert codes >= {
+        "NAME_INVALID",
+        "DIGEST_INVALID",
+        "MANIFEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "SIZE_INVALID",
+        "UNSUPPORTED",
+    }
+    assert {row.status for row in CASES.values()} >= {400, 404, 413, 415, 416}
