@@ -157,8 +157,12 @@ async def test_kill_9_mid_upload_leaves_no_partial_blob(tmp_path: Path) -> None:
             except httpx.TransportError as exc:
                 outcome["error"] = exc
 
+    def staged_files() -> list[Path]:
+        # A monolithic POST streams into one staging file under tmp/ (no session).
+        return sorted((root / "tmp").iterdir())
+
     def partial_size() -> int:
-        return max((p.stat().st_size for p in upload_data_files(root)), default=0)
+        return max((p.stat().st_size for p in staged_files()), default=0)
 
     async with server_process(write_config(tmp_path)) as server:
         with trio.fail_after(30):
@@ -170,23 +174,16 @@ async def test_kill_9_mid_upload_leaves_no_partial_blob(tmp_path: Path) -> None:
                 gate.set()
         assert server.process is not None and server.process.returncode == -9
         assert "error" in outcome, f"the upload did not fail: {outcome}"
-        [partial] = upload_data_files(root)
+        [partial] = staged_files()
         assert 8 * MiB <= partial.stat().st_size < total_blocks * MiB
         assert digest not in blob_files(root)
 
         await server.start()
+        # The cut-off staging file was never visible, and the new process cleared it away.
+        assert staged_files() == []
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             head = await http.head(f"/v2/crash/big/blobs/{digest}")
             assert head.status_code == 404
-            # The cut-off session survives as a session (it could be resumed)...
-            session = f"/v2/crash/big/blobs/uploads/{partial.parent.name}"
-            status = await http.get(session)
-            assert status.status_code == 204
-            assert status.headers["Range"] == f"0-{partial.stat().st_size - 1}"
-            # ...but closing it as the full blob is refused: its bytes are not that digest.
-            closed = await http.put(session, params={"digest": digest})
-            assert closed.status_code == 400
-            assert closed.json()["errors"][0]["code"] == "DIGEST_INVALID"
             assert digest not in blob_files(root)
             # The registry still works after the crash: push the whole blob now.
             again = await http.post(
@@ -199,6 +196,73 @@ async def test_kill_9_mid_upload_leaves_no_partial_blob(tmp_path: Path) -> None:
     blobs = assert_blobs_intact(root)
     assert blobs[digest].stat().st_size == total_blocks * MiB
     assert not list((root / "tmp").iterdir())
+
+
+async def test_kill_9_mid_chunk_keeps_a_resumable_session_and_no_blob(tmp_path: Path) -> None:
+    block = os.urandom(MiB)
+    total_blocks, blocks_before_gate = 64, 16
+    data = block * total_blocks
+    digest = _digest(data)
+    root = tmp_path / "registry_data"
+    gate = trio.Event()  # the client holds back the last 48 MiB until the server is dead
+    outcome: dict[str, object] = {}
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(total_blocks):
+            if i == blocks_before_gate:
+                await gate.wait()
+            for offset in range(0, MiB, 64 * 1024):
+                yield block[offset : offset + 64 * 1024]
+
+    async def stream_chunk(http: httpx.AsyncClient, location: str) -> None:
+        # A streamed PATCH without Content-Range, as docker sends a layer.
+        try:
+            outcome["response"] = await http.patch(location, content=body())
+        except httpx.TransportError as exc:
+            outcome["error"] = exc
+
+    async with server_process(write_config(tmp_path)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            started = await http.post("/v2/crash/chunked/blobs/uploads/")
+            assert started.status_code == 202
+            location = started.headers["Location"]
+            session_data = root / "uploads" / location.rsplit("/", 1)[1] / "data"
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream_chunk, http, location)
+                    await server.wait_until(
+                        lambda: session_data.exists() and session_data.stat().st_size >= 8 * MiB
+                    )
+                    await server.kill()
+                    gate.set()
+        assert server.process is not None and server.process.returncode == -9
+        assert "error" in outcome, f"the PATCH did not fail: {outcome}"
+        partial = session_data.stat().st_size
+        assert 8 * MiB <= partial < len(data)
+        assert digest not in blob_files(root)
+
+        await server.start()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            head = await http.head(f"/v2/crash/chunked/blobs/{digest}")
+            assert head.status_code == 404
+            # The session survived with exactly the bytes that reached the disk...
+            status = await http.get(location)
+            assert status.status_code == 204
+            assert status.headers["Range"] == f"0-{partial - 1}"
+            # ...and they are a true prefix: resuming from there yields the right blob.
+            rest = await http.patch(
+                location,
+                content=data[partial:],
+                headers={"Content-Range": f"{partial}-{len(data) - 1}"},
+            )
+            assert rest.status_code == 202, rest.text
+            done = await http.put(location, params={"digest": digest})
+            assert done.status_code == 201, done.text
+            blob = await http.get(f"/v2/crash/chunked/blobs/{digest}")
+            assert blob.status_code == 200 and blob.content == data
+    blobs = assert_blobs_intact(root)
+    assert blobs[digest].stat().st_size == len(data)
+    assert upload_data_files(root) == []
 
 
 async def test_kill_9_after_completed_push_keeps_blob_and_image(tmp_path: Path) -> None:

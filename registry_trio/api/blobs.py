@@ -12,7 +12,6 @@ touching storage, and renders every failure through :mod:`registry_trio.api.erro
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import trio
 
 from .. import oci
 from ..events import Action, Target
-from ..storage import BlobUploadUnknown, UploadWriter
+from ..storage import UploadWriter
 from .context import Registry, identity
 from .errors import RegistryError
 
@@ -183,6 +182,11 @@ def _blob_target(req: BlobRequest, digest: oci.Digest, size: int, **extra: Any) 
 
 async def _finish(req: BlobRequest, upload_id: str, digest: oci.Digest) -> None:
     size = await req.registry.io(req.registry.storage.finish_upload, req.name, upload_id, digest)
+    await _pushed(req, digest, size)
+
+
+async def _pushed(req: BlobRequest, digest: oci.Digest, size: int) -> None:
+    """Record the blob push (durably) and only then answer 201."""
     location = f"/v2/{req.name}/blobs/{digest}"
     await req.registry.emit(req.scope, (Action.BLOB_PUSHED, _blob_target(req, digest, size)))
     await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
@@ -218,24 +222,25 @@ async def start_upload(req: BlobRequest) -> None:
         # Nothing to mount: fall through to an ordinary session, as the spec asks.
 
     monolithic = req.query("digest")
-    digest = _digest_param(monolithic) if monolithic is not None else None
-    upload_id = await registry.io(registry.storage.create_upload, req.name)
-    if digest is None:
+    if monolithic is None:
+        upload_id = await registry.io(registry.storage.create_upload, req.name)
         await req.respond(202, _upload_headers(req.name, upload_id, 0))
         return
+    # Monolithic: the whole blob in this request, staged in one file rather than a session.
+    digest = _digest_param(monolithic)
+    writer = await registry.io(registry.storage.open_staged_upload)
     try:
-        await _append(req, upload_id, None)
-        await _finish(req, upload_id, digest)
+        try:
+            await _write_body(req, writer)
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.io(writer.close)
+        size = await registry.io(registry.storage.finish_staged_upload, req.name, writer, digest)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await registry.io(_discard_upload, registry, req.name, upload_id)
+            await registry.io(registry.storage.discard_staged_upload, writer)
         raise
-
-
-def _discard_upload(registry: Registry, name: str, upload_id: str) -> None:
-    # Already finished or discarded: nothing left to clean.
-    with contextlib.suppress(BlobUploadUnknown, FileNotFoundError):
-        registry.storage.cancel_upload(name, upload_id)
+    await _pushed(req, digest, size)
 
 
 async def patch_upload(req: BlobRequest) -> None:

@@ -79,13 +79,15 @@ class UploadWriter:
     to the offset at open, so a chunk that fails half-way leaves the session as it was.
     """
 
-    def __init__(self, storage: FilesystemStorage, upload_id: str, data_path: Path) -> None:
+    def __init__(self, storage: FilesystemStorage, upload_id: str | None, data_path: Path) -> None:
         self._storage = storage
+        # None for a monolithic upload staged in tmp/: no session, the hash stays here.
         self._upload_id = upload_id
+        self.path = data_path
         self._file: BinaryIO = open(data_path, "ab")  # noqa: SIM115 - closed in close()
         self.start = self._file.tell()
         self.offset = self.start
-        cached = storage._hashers.pop(upload_id, None)
+        cached = storage._hashers.pop(upload_id, None) if upload_id else None
         # A hasher is only trusted when it covers exactly the bytes on disk; after a restart
         # (or a rolled-back chunk) the digest is recomputed from the file at the end instead.
         self._hasher = cached[1] if cached and cached[0] == self.start else None
@@ -105,8 +107,13 @@ class UploadWriter:
 
     def close(self) -> None:
         self._file.close()
-        if self._hasher is not None:
+        if self._hasher is not None and self._upload_id is not None:
             self._storage._hashers[self._upload_id] = (self.offset, self._hasher)
+
+    @property
+    def sha256(self) -> tuple[int, hashlib._Hash] | None:
+        """(bytes covered, sha256 state) when the hash covers the whole file, else None."""
+        return (self.offset, self._hasher) if self._hasher is not None else None
 
 
 class FilesystemStorage:
@@ -164,6 +171,22 @@ class FilesystemStorage:
             os.fsync(f.fileno())
         self._publish(staged, path)
 
+    def _link(self, path: Path) -> None:
+        """Create an empty marker file (a link), or refresh the time of an existing one.
+
+        An empty file has no content a crash could tear, so creating it in place is as
+        atomic as a rename; the directory fsync makes the creation durable. The time matters:
+        garbage collection spares blobs whose links are younger than its delay.
+        """
+        try:
+            os.utime(path)
+            return
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        _fsync_dir(path.parent)
+
     def _publish(self, staged: Path, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, path)
@@ -209,7 +232,7 @@ class FilesystemStorage:
             size = self._blob_path(digest).stat().st_size
         except FileNotFoundError:
             return None
-        self._atomic_write(self._layer_link(name, digest), b"")
+        self._link(self._layer_link(name, digest))
         return size
 
     # -- uploads ---------------------------------------------------------------------------
@@ -255,9 +278,40 @@ class FilesystemStorage:
         blob, and keeping them would only leak disk.
         """
         directory = self._checked_upload(name, upload_id)
-        data = directory / "data"
-        cached = self._hashers.pop(upload_id, None)
-        with open(data, "rb+") as f:
+        try:
+            return self._publish_blob(
+                name, directory / "data", expected, self._hashers.pop(upload_id, None)
+            )
+        finally:
+            self.cancel_upload(name, upload_id)
+
+    def open_staged_upload(self) -> UploadWriter:
+        """A writer for a monolithic upload (``POST ?digest=``): one file in ``tmp/``.
+
+        Cheaper than a session (no directory, no bookkeeping files), and just as safe: the
+        file is invisible until :meth:`finish_staged_upload` verifies and renames it.
+        """
+        return UploadWriter(self, None, self._tmp / uuid.uuid4().hex)
+
+    def finish_staged_upload(self, name: str, writer: UploadWriter, expected: Digest) -> int:
+        """Verify and publish a staged upload (the writer must be closed); it is consumed."""
+        try:
+            return self._publish_blob(name, writer.path, expected, writer.sha256)
+        finally:
+            writer.path.unlink(missing_ok=True)
+
+    def discard_staged_upload(self, writer: UploadWriter) -> None:
+        writer.path.unlink(missing_ok=True)
+
+    def _publish_blob(
+        self,
+        name: str,
+        data: Path,
+        expected: Digest,
+        cached: tuple[int, hashlib._Hash] | None,
+    ) -> int:
+        """Check ``data`` against ``expected``, fsync it, rename it into place, link it."""
+        with open(data, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if cached and cached[0] == size and expected.algorithm == "sha256":
                 actual = cached[1].hexdigest()
@@ -267,18 +321,14 @@ class FilesystemStorage:
                     hasher.update(block)
                 actual = hasher.hexdigest()
             if actual != expected.encoded:
-                self.cancel_upload(name, upload_id)
                 raise DigestMismatch(
                     f"uploaded content has digest {expected.algorithm}:{actual}, not {expected}"
                 )
             os.fsync(f.fileno())
         target = self._blob_path(expected)
-        if target.exists():
-            data.unlink()
-        else:
+        if not target.exists():
             self._publish(data, target)
-        self._atomic_write(self._layer_link(name, expected), b"")
-        self.cancel_upload(name, upload_id)
+        self._link(self._layer_link(name, expected))
         return size
 
     # -- manifests -------------------------------------------------------------------------
@@ -317,7 +367,7 @@ class FilesystemStorage:
         target = self._blob_path(digest)
         if not target.exists():
             self._atomic_write(target, body)
-        self._atomic_write(self._layer_link(name, digest), b"")
+        self._link(self._layer_link(name, digest))
         self._atomic_write(self._revision_link(name, digest), manifest.media_type.encode())
         if manifest.subject is not None:
             entry = referrer_descriptor(manifest, digest, len(body))
