@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import bcrypt
 import httpx
 import jwt
 import pytest
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -17,6 +20,8 @@ from registry_trio.auth import AccessPolicy, Identity
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.config import ConfigError, check_files, parse_config
 from tests.conftest import make_config, start_registry
+from tests.oci_layout import write_layout
+from tests.test_real_clients import _host, skopeo
 
 PASSWORDS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw", "carol": "carol-secret-pw"}
 
@@ -283,3 +288,44 @@ def test_non_bcrypt_htpasswd_refused_at_start(tmp_path):
     config = parse_config({"http": {"auth": {"htpasswd": {"path": str(path)}}}})
     with pytest.raises(ConfigError, match=r"http\.auth\.htpasswd\.path.*bcrypt"):
         check_files(config)
+
+
+async def test_skopeo_push_with_and_without_credentials(nursery, tmp_path):
+    registry = await start_registry(nursery, make_config(tmp_path, **auth_overrides(tmp_path)))
+    # Fresh bytes: skopeo's blob-info cache outlives test runs.
+    source = write_layout(tmp_path / "src", [{"data.bin": os.urandom(2048)}], tag="v1")
+    remote = f"docker://{_host(registry.url)}/team/app:v1"
+
+    refused = await trio.run_process(
+        [
+            shutil.which("skopeo") or "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            f"oci:{source.path}:v1",
+            remote,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert refused.returncode != 0
+    message = refused.stderr.decode()
+    # skopeo passes on our reason: the person reading it learns that a login is needed.
+    assert "authentication required" in message, message
+
+    await skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"alice:{PASSWORDS['alice']}",
+        f"oci:{source.path}:v1",
+        remote,
+    )
+    async with httpx.AsyncClient(base_url=registry.url, auth=("alice", PASSWORDS["alice"])) as http:
+        manifest = await http.get(
+            "/v2/team/app/manifests/v1",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+    assert manifest.status_code == 200
+    assert manifest.headers["Docker-Content-Digest"] == source.manifest_digest
