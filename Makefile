@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/push.py
 	$(BIN)/python bench/bigblob.py
 	$(BIN)/python bench/nats.py
+	$(BIN)/python bench/events.py
+	$(BIN)/python bench/auth.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check registry_trio tests bench

@@ -29,11 +29,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+import trio
 from tqdm import tqdm
+
+from registry_trio.client import RegistryClient, make_image
 
 __all__ = [
     "MB",
@@ -49,6 +54,7 @@ __all__ = [
     "positive_int",
     "print_header",
     "progress",
+    "push_rate",
     "read_memory",
     "report_failure",
     "reset_peak",
@@ -306,6 +312,7 @@ class ServerProcess:
         data_dir: str | None = None,
         events: bool = False,
         sinks: Sequence[dict[str, Any]] = (),
+        http: dict[str, Any] | None = None,
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
@@ -313,6 +320,7 @@ class ServerProcess:
         self._data_dir = data_dir
         self._events = events or bool(sinks)
         self._sinks = list(sinks)
+        self._http = dict(http or {})
         self._log_file = log_file
         self._start_timeout = start_timeout
         self._python = python
@@ -332,7 +340,7 @@ class ServerProcess:
         assert self.root is not None
         doc: dict[str, Any] = {
             "storage": {"rootDirectory": str(self.root / "registry_data")},
-            "http": {"address": "127.0.0.1", "port": 0},
+            "http": {"address": "127.0.0.1", "port": 0, **self._http},
             "log": {"level": "info"},
         }
         if self._events:
@@ -453,3 +461,28 @@ def reset_peak(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+async def push_rate(
+    url: str,
+    count: int,
+    concurrency: int,
+    prefix: str,
+    auth: tuple[str, str] | None = None,
+) -> float:
+    """Small images (one 4 KiB layer) pushed per second at ``concurrency``."""
+    images = [make_image((4096,)) for _ in range(count)]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60, auth=auth) as http:
+        client = RegistryClient(url, client=http)
+        next_index = iter(range(count))
+
+        async def worker() -> None:
+            for i in next_index:
+                await client.push_image(f"{prefix}-{i % 8}", f"v{i}", images[i])
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        return count / (time.perf_counter() - started)

@@ -39,9 +39,9 @@ from common import (
     machine_info,
     print_header,
     progress,
+    push_rate,
 )
 
-from registry_trio.client import RegistryClient, make_image
 from registry_trio.config import parse_config
 from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
 from registry_trio.events.delivery import Delivery
@@ -241,24 +241,6 @@ async def drain(
 
 
 # -- 3. push cost ----------------------------------------------------------------------------------
-
-
-async def push_rate(url: str, count: int, concurrency: int, prefix: str) -> float:
-    images = [make_image((4096,)) for _ in range(count)]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
-        client = RegistryClient(url, client=http)
-        next_index = iter(range(count))
-
-        async def worker() -> None:
-            for i in next_index:
-                await client.push_image(f"{prefix}-{i % 8}", f"v{i}", images[i])
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker)
-        return count / (time.perf_counter() - started)
 
 
 def push_comparison(args: argparse.Namespace) -> dict[str, Any]:

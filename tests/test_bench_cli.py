@@ -185,3 +185,42 @@ def test_unreachable_registry_fails_cleanly() -> None:
     assert result.returncode == 1
     assert "FAILED" in result.stderr
     assert result.stdout == ""
+
+
+def test_events_tiny_run() -> None:
+    doc = run_json(
+        "events.py",
+        "--enqueue",
+        "300",
+        "--appenders",
+        "16",
+        "--baseline",
+        "50",
+        "--backlog",
+        "400",
+        "--unbatched-backlog",
+        "50",
+        "--slow-events",
+        "40",
+        "--push-count",
+        "4",
+        "--push-rounds",
+        "1",
+        "-c",
+        "2",
+    )
+    results = doc["results"]
+    assert results["enqueue"]["ours"]["events"] == 300
+    assert results["enqueue"]["persist_queue"]["events_per_s"] > 0
+    assert results["drain"]["batched"]["events"] == 400
+    # The receiver counted every drained event: the rate is of real deliveries.
+    assert results["drain"]["receiver_counted"] == 400 + 50
+    assert results["push"]["events_on_images_per_s"] > 0
+    assert results["slow"]["batched"]["events"] == 40
+
+
+def test_auth_tiny_run() -> None:
+    doc = run_json("auth.py", "-n", "4", "-c", "2", "--rounds", "1", "--bcrypt-rounds", "4")
+    results = doc["results"]
+    assert results["anonymous_images_per_s"] > 0 and results["authenticated_images_per_s"] > 0
+    assert results["first_login_ms"] > 0

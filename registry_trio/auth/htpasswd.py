@@ -61,6 +61,9 @@ class HtpasswdFile:
         self._checked_at = time.monotonic()
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}
+        # Checks under way, by fingerprint: concurrent requests with the same credentials
+        # (a client opening several connections at once) share one bcrypt run.
+        self._checking: dict[bytes, trio.Event] = {}
         # bcrypt is CPU-bound; more threads than cores would only queue inside the GIL-free C.
         self._limiter = trio.CapacityLimiter(os.cpu_count() or 2)
 
@@ -90,14 +93,22 @@ class HtpasswdFile:
         if hashed is None:
             return False
         fingerprint = self._fingerprint(user, password)
-        now = time.monotonic()
-        if self._verified.get(fingerprint, 0.0) > now:
+        while (checking := self._checking.get(fingerprint)) is not None:
+            await checking.wait()
+        if self._verified.get(fingerprint, 0.0) > time.monotonic():
             return True
-        ok = await trio.to_thread.run_sync(
-            bcrypt.checkpw, password.encode(), hashed, limiter=self._limiter
-        )
-        if ok and self._users.get(user) == hashed:
-            if len(self._verified) > 10_000:
-                self._verified = {k: t for k, t in self._verified.items() if t > now}
-            self._verified[fingerprint] = now + CACHE_TTL
-        return ok
+        self._checking[fingerprint] = done = trio.Event()
+        try:
+            ok = await trio.to_thread.run_sync(
+                bcrypt.checkpw, password.encode(), hashed, limiter=self._limiter
+            )
+            if ok and self._users.get(user) == hashed:
+                now = time.monotonic()
+                if len(self._verified) > 10_000:
+                    self._verified = {k: t for k, t in self._verified.items() if t > now}
+                self._verified[fingerprint] = now + CACHE_TTL
+            return ok
+        finally:
+            # Waiters re-check the cache: a failure is not cached, so each learns it alone.
+            del self._checking[fingerprint]
+            done.set()
