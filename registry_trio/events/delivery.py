@@ -140,11 +140,15 @@ class SinkWorker:
                 self.in_flight.update(o.seq for o in due)
                 return due
             if wait_for_more:
+                # Let the batch fill for the rest of its window without re-reading the queue
+                # at every commit (each read parses every pending row again). A stop ends
+                # the wait at once.
                 if filling_until is None:
                     filling_until = trio.current_time() + self.config.batch.max_wait
-                deadline = filling_until
-            else:
-                deadline = trio.current_time() + min(max(next_due - now, 0.0), IDLE_POLL)
+                with trio.move_on_at(filling_until):
+                    await self._stopping.wait()
+                continue
+            deadline = trio.current_time() + min(max(next_due - now, 0.0), IDLE_POLL)
             with trio.move_on_at(deadline):
                 await signal.wait()
         return []

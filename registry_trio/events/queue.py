@@ -27,10 +27,12 @@ returns only after that commit; the API awaits it before answering 2xx.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
+import queue
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -157,7 +159,10 @@ class Outbox:
         # Called after each transaction with (writes committed, seconds): metrics.
         self._on_commit = on_commit
         self.instance_id = ""
-        self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        # Writes go to the writer thread through a thread-safe queue; None tells it to stop.
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._closed = False
+        self._stop = trio.Event()
         self._signals: dict[str, trio.Event] = {}
         self._conn: sqlite3.Connection | None = None
 
@@ -181,35 +186,68 @@ class Outbox:
         self._conn = conn
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer loop: take every waiting write, commit them together, wake waiters."""
+        """Run the writer thread until :meth:`close`; it commits what is queued, then stops.
+
+        Why a thread of its own rather than a task that hops to a worker thread per commit:
+        the next commit starts the moment the previous one ends, however busy the event loop
+        is. With a hop per commit, every commit also waited for the loop to come back to the
+        writer task (measured: 7 ms per commit under push load, against 0.3 ms for the
+        commit itself).
+        """
         await trio.to_thread.run_sync(self._open)
+        token = trio.lowlevel.current_trio_token()
+        writer = threading.Thread(
+            target=self._writer, args=(token,), name="outbox-writer", daemon=True
+        )
+        writer.start()
         task_status.started()
         try:
-            async for first in self._receive:
-                group = [first]
+            await self._stop.wait()
+        finally:
+            self._closed = True
+            self._queue.put(None)
+            # Shielded: the writer finishes what is queued (each waiter must learn the
+            # outcome of its write) and closes the database before this task may end.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(writer.join)
+
+    def _writer(self, token: trio.lowlevel.TrioToken) -> None:
+        assert self._conn is not None
+        try:
+            while (first := self._queue.get()) is not None:
+                group, stopping = [first], False
                 while len(group) < MAX_GROUP:
                     try:
-                        group.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
+                        write = self._queue.get_nowait()
+                    except queue.Empty:
                         break
-                # Shielded: a write that reached the disk must report back, or its waiter
-                # would never learn the outcome; the thread cannot be interrupted anyway.
+                    if write is None:
+                        stopping = True
+                        break
+                    group.append(write)
                 started = time.perf_counter()
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._commit, group)
-                if self._on_commit is not None:
-                    self._on_commit(len(group), time.perf_counter() - started)
-                for write in group:
-                    write.done.set()
-                    for sink in write.wakes:
-                        self._signal(sink)
+                self._commit(group)
+                elapsed = time.perf_counter() - started
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(self._committed, group, elapsed)
+                if stopping:
+                    break
         finally:
-            if self._conn is not None:
-                self._conn.close()
+            self._conn.close()
+
+    def _committed(self, group: list[_Write], elapsed: float) -> None:
+        """Back on the event loop: wake each writer's waiter and the sinks with new work."""
+        if self._on_commit is not None:
+            self._on_commit(len(group), elapsed)
+        for write in group:
+            write.done.set()
+            for sink in write.wakes:
+                self._signal(sink)
 
     def close(self) -> None:
         """Stop accepting writes; :meth:`run` returns once the queued ones are committed."""
-        self._send.close()
+        self._closed = True
+        self._stop.set()
 
     def _commit(self, group: list[_Write]) -> None:
         conn = self._conn
@@ -240,11 +278,10 @@ class Outbox:
         wakes: Sequence[str] = (),
         rows: Sequence[_Row] = (),
     ) -> None:
+        if self._closed:
+            raise QueueError("the event queue is shut down")
         write = _Write(apply, rows, wakes)
-        try:
-            self._send.send_nowait(write)
-        except trio.ClosedResourceError:
-            raise QueueError("the event queue is shut down") from None
+        self._queue.put(write)
         await write.done.wait()
         if write.error is not None:
             raise QueueError(f"the event queue could not commit: {write.error}") from write.error
