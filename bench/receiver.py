@@ -27,9 +27,11 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -135,6 +137,8 @@ async def main(delay: float, record: bool = False) -> None:
         body = bytearray()
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the sender died mid-request: nothing was delivered
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
@@ -182,13 +186,15 @@ class Receiver:
         self.url = ""
         self.base = ""
         self.proc: subprocess.Popen[str] | None = None
+        # Its stderr (a traceback if it dies), kept out of the benchmark's own output.
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115
 
     def __enter__(self) -> Receiver:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), *self._args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._errors,
             text=True,
         )
         assert self.proc.stdout is not None
@@ -212,10 +218,31 @@ class Receiver:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
 
+    def status(self) -> str:
+        """Whether it still runs, and what it wrote on stderr: for failure reports."""
+        assert self.proc is not None
+        code = self.proc.poll()
+        self._errors.seek(0)
+        errors = self._errors.read().decode(errors="replace").strip()
+        state = "running" if code is None else f"exited with code {code}"
+        return f"receiver (pid {self.proc.pid}) {state}" + (
+            f"; stderr:\n{errors}" if errors else ""
+        )
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def count(self) -> dict[str, int]:
+        """``GET /count``: ``{"events": N, "requests": N}``."""
+        return httpx.get(self.base + "/count", timeout=30).json()
+
+    def ids(self) -> dict[str, Any]:
+        """``GET /ids`` (needs ``record=True``): every id, copies, the manifest pushes."""
+        response = httpx.get(self.base + "/ids", timeout=60)
+        response.raise_for_status()
+        return response.json()
 
 
 if __name__ == "__main__":
