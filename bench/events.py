@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument(
         "--unbatched-backlog", type=int, default=100_000, help="unbatched drain backlog"
     )
-    knobs.add_argument("--batch", type=int, default=500, help="events per batched request")
+    knobs.add_argument("--batch", type=int, default=1000, help="events per batched request")
     knobs.add_argument(
         "--slow-events", type=int, default=3_000, help="events for the 50 ms receiver, batched"
     )

@@ -99,19 +99,45 @@ class SinkWorker:
         await self._transport.aclose()
 
     async def _loop(self) -> None:
+        ahead: list[Owed] = []
         while not self._stopping.is_set():
-            batch = await self._take()
-            if batch:
+            batch = ahead or await self._take()
+            ahead = []
+            if not batch:
+                continue
+            if not self._ordered:
                 await self._deliver(batch)
+                continue
+            # Ordered: read the next batch while this one is on the wire, so a backlog
+            # drains without the read waiting on the send. If this batch fails, the one read
+            # ahead is released unsent: nothing may overtake an event waiting for its retry.
+            async with trio.open_nursery() as nursery:
+
+                async def read_ahead() -> None:
+                    nonlocal ahead
+                    ahead = await self._take(wait=False)
+
+                nursery.start_soon(read_ahead)
+                delivered = await self._deliver(batch)
+            if not delivered:
+                self.in_flight.difference_update(o.seq for o in ahead)
+                ahead = []
 
     async def _read(self) -> list[tuple[Owed, float]]:
         assert self._reader is not None
         async with self._read_lock:
-            limit = self._take_limit if self._ordered else READ_AHEAD
-            return await self._reader.pending(self.name, limit + len(self.in_flight))
+            if self._ordered:
+                # In order, what is in flight is a prefix of the queue: read past it rather
+                # than parse its rows again only to skip them.
+                after = max(self.in_flight, default=0)
+                return await self._reader.pending(self.name, self._take_limit, after)
+            return await self._reader.pending(self.name, READ_AHEAD + len(self.in_flight))
 
-    async def _take(self) -> list[Owed]:
-        """Wait for due deliveries; return up to one batch of them (empty when stopping)."""
+    async def _take(self, *, wait: bool = True) -> list[Owed]:
+        """Wait for due deliveries; return up to one batch of them (empty when stopping).
+
+        With ``wait=False``: one look at the queue, returning what is due now, if anything.
+        """
         filling_until: float | None = None
         while not self._stopping.is_set():
             # Taken before reading, so a commit that lands after the read still wakes us.
@@ -131,7 +157,8 @@ class SinkWorker:
                 if len(due) >= self._take_limit:
                     break
             wait_for_more = (
-                due
+                wait
+                and due
                 and len(due) < self._group
                 and self.config.batch.max_wait > 0
                 and (filling_until is None or trio.current_time() < filling_until)
@@ -139,6 +166,8 @@ class SinkWorker:
             if due and not wait_for_more:
                 self.in_flight.update(o.seq for o in due)
                 return due
+            if not wait:
+                return []
             if wait_for_more:
                 # Let the batch fill for the rest of its window without re-reading the queue
                 # at every commit (each read parses every pending row again). A stop ends
@@ -153,7 +182,8 @@ class SinkWorker:
                 await signal.wait()
         return []
 
-    async def _deliver(self, batch: Sequence[Owed]) -> None:
+    async def _deliver(self, batch: Sequence[Owed]) -> bool:
+        """Send ``batch``, then acknowledge, reschedule or bury; whether all was delivered."""
         groups = [batch[i : i + self._group] for i in range(0, len(batch), self._group)]
         messages = []
         for group in groups:
@@ -180,6 +210,7 @@ class SinkWorker:
                     self._on_delivered(self.name, latencies)
             if failed:
                 await self._fail(failed, outcome)
+            return len(delivered) == len(batch)
         finally:
             self.in_flight.difference_update(o.seq for o in batch)
 
