@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/nats.py
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/auth.py
+	$(BIN)/python bench/crash_soak.py
+	$(BIN)/python bench/compare.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check registry_trio tests bench

@@ -330,6 +330,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.root: Path | None = None
         self.url = ""
+        self.restarts = 0
 
     @property
     def pid(self) -> int:
@@ -358,47 +359,75 @@ class ServerProcess:
         config_path = self.root / "config.json"
         config_path.write_text(json.dumps(self.config(), indent=2))
         try:
-            self.proc = subprocess.Popen(
-                [self._python, "-m", "registry_trio", "serve", "-c", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-            )
-            self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
-            self._reader.start()
-            # The reader sets the event on the line, or when the output ends (a crash).
-            if not self._listening.wait(self._start_timeout) or not self.url:
-                raise RuntimeError(
-                    f"registry-trio did not log 'listening on' within {self._start_timeout}s"
-                    + (f" (exit code {self.proc.poll()})" if self.proc.poll() is not None else "")
-                    + ":\n"
-                    + self.log_tail()
-                )
+            self._spawn()
         except BaseException:
             self._stop()
             raise
         return self
 
+    def _spawn(self) -> None:
+        """Start a process on ``root``'s config and wait for its ``listening on`` line."""
+        assert self.root is not None
+        self.url = ""
+        self._listening = threading.Event()
+        self.proc = subprocess.Popen(
+            [self._python, "-m", "registry_trio", "serve", "-c", str(self.root / "config.json")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
+        self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
+        self._reader.start()
+        # The reader sets the event on the line, or when the output ends (a crash).
+        if not self._listening.wait(self._start_timeout) or not self.url:
+            raise RuntimeError(
+                f"registry-trio did not log 'listening on' within {self._start_timeout}s"
+                + (f" (exit code {self.proc.poll()})" if self.proc.poll() is not None else "")
+                + ":\n"
+                + self.log_tail()
+            )
+
+    def kill(self) -> None:
+        """``kill -9`` the server and wait until it is gone; its directories are kept."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._tail.append(f"--- killed (SIGKILL), pid {self.proc.pid} ---")
+
+    def restart(self) -> str:
+        """Start a new process on the same config and directories; its (new) URL."""
+        assert self.proc is not None and self.proc.poll() is not None, "kill() it first"
+        self.restarts += 1
+        self._spawn()
+        return self.url
+
     def __exit__(self, *exc: object) -> None:
         self._stop()
 
     def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        sink = open(self._log_file, "w") if self._log_file else None  # noqa: SIM115
+        proc, listening = self.proc, self._listening  # this process's, across restarts
+        assert proc is not None and proc.stdout is not None
+        # The first process truncates the log file; restarted ones append to it.
+        mode = "w" if self.restarts == 0 else "a"
+        sink = open(self._log_file, mode) if self._log_file else None  # noqa: SIM115
         try:
-            for raw in self.proc.stdout:
+            for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 self._tail.append(line)
                 if sink:
                     sink.write(line + "\n")
                 if not self.url and (match := re.search(r"listening on (\S+)", line)):
                     self.url = match[1]
-                    self._listening.set()
+                    listening.set()
         finally:
             if sink:
                 sink.close()
-            self._listening.set()
+            listening.set()
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(list(self._tail)[-lines:])

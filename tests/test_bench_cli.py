@@ -13,10 +13,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+
+from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
+from registry_trio.events.formats import encoder_for
+from registry_trio.oci import OCI_MANIFEST
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 RUN_TIMEOUT = 180
@@ -40,10 +44,10 @@ def run_json(name: str, *args: str) -> dict[str, Any]:
 
 @pytest.fixture
 def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleType]]:
-    """bench/common.py, push.py and bigblob.py imported as the scripts import each other."""
+    """bench/common.py and the scripts, imported as the scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     modules = {}
-    for name in ("push", "bigblob"):
+    for name in ("push", "bigblob", "crash_soak", "compare"):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -52,8 +56,10 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
         spec.loader.exec_module(module)
         modules[name] = module
     modules["common"] = sys.modules["common"]
+    modules["receiver"] = sys.modules["receiver"]
     yield modules
-    sys.modules.pop("common", None)
+    for imported in ("common", "push", "receiver"):
+        sys.modules.pop(imported, None)
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -64,6 +70,21 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
     [
         ("push.py", ["--url", "--count", "--concurrency", "--json", "--repos", "images/s"]),
         ("bigblob.py", ["--url", "--size", "--upload", "--goal", "--json", "VmHWM", "PASS"]),
+        (
+            "crash_soak.py",
+            ["--kills", "--concurrency", "--min-delay", "--max-delay", "--json", "lost", "kill -9"],
+        ),
+        (
+            "compare.py",
+            [
+                "--count",
+                "--concurrency",
+                "--distribution-binary",
+                "--json",
+                "images/s",
+                "apt-get install docker-registry",
+            ],
+        ),
     ],
 )
 def test_help_describes_the_script(script: str, expected: list[str]) -> None:
@@ -224,3 +245,199 @@ def test_auth_tiny_run() -> None:
     results = doc["results"]
     assert results["anonymous_images_per_s"] > 0 and results["authenticated_images_per_s"] > 0
     assert results["first_login_ms"] > 0
+
+
+# -- crash_soak.py and compare.py ------------------------------------------------------------
+
+
+def test_crash_soak_options(bench_modules: dict[str, ModuleType]) -> None:
+    parse = bench_modules["crash_soak"].parse_args
+    defaults = parse([])
+    assert (defaults.kills, defaults.concurrency, defaults.json) == (20, 8, False)
+    assert 0 <= defaults.min_delay <= defaults.max_delay
+    assert isinstance(defaults.seed, int)  # drawn, and reported, when not given
+    args = parse(["--kills", "3", "-c", "2", "--min-delay", "0", "--max-delay", "0.5", "--json"])
+    assert (args.kills, args.concurrency, args.min_delay, args.max_delay, args.json) == (
+        3,
+        2,
+        0.0,
+        0.5,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--kills", "0"],
+        ["--min-delay", "-1"],
+        ["--min-delay", "2", "--max-delay", "1"],
+        ["--url", "http://127.0.0.1:5000"],
+    ],
+)
+def test_crash_soak_rejects_bad_options(
+    bench_modules: dict[str, ModuleType], bad: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_modules["crash_soak"].parse_args(bad)
+    assert exc.value.code == 2
+
+
+def test_crash_soak_analysis_finds_loss_and_bad_duplicates(
+    bench_modules: dict[str, ModuleType],
+) -> None:
+    """The verdict's arithmetic on a hand-made receiver record: it can fail."""
+    crash_soak = bench_modules["crash_soak"]
+
+    def push(tag: str) -> dict[str, str]:
+        return {"repository": "soak/app-0", "reference": tag, "digest": f"sha256:{tag}"}
+
+    def event(event_id: str, request_id: str, tag: str) -> dict[str, str]:
+        return {"id": event_id, "request_id": request_id, **push(tag)}
+
+    soak = SimpleNamespace(acknowledged={"r1": push("a"), "r2": push("b"), "r3": push("c")})
+    received = {
+        "ids": {"e1": 2, "e2": 1, "e2bis": 1, "e4": 1, "blob": 3},
+        "conflicting_ids": ["blob"],
+        "manifests": [
+            event("e1", "r1", "a"),
+            event("e2", "r2", "b"),
+            event("e2bis", "r2", "b"),  # the same push under a second id
+            event("e4", "r4", "d"),  # committed, but the 2xx was lost to a kill
+        ],
+    }
+    result = crash_soak.analyse(soak, received)
+    assert result["acknowledged"] == 3
+    assert result["lost"] == 1 and result["lost_examples"][0]["request_id"] == "r3"
+    assert result["delivered_unique_ids"] == 5 and result["delivered_copies"] == 8
+    assert (result["duplicates"], result["duplicated_ids"]) == (3, 2)
+    assert (result["conflicting_duplicates"], result["split_ids"]) == (1, 1)
+    assert result["committed_unacknowledged"] == 1
+    reasons = crash_soak.failed(result)
+    assert len(reasons) == 3 and "1 acknowledged push(es) lost" in reasons
+
+    good = {"ids": {"e1": 2}, "conflicting_ids": [], "manifests": [event("e1", "r1", "a")]}
+    result = crash_soak.analyse(SimpleNamespace(acknowledged={"r1": push("a")}), good)
+    assert (result["lost"], result["duplicates"]) == (0, 1)
+    assert crash_soak.failed(result) == []
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents", "cloudevents-binary", "cloudevents-batch"])
+def test_receiver_records_ids_and_manifest_pushes(
+    bench_modules: dict[str, ModuleType], fmt: str
+) -> None:
+    receiver = bench_modules["receiver"]
+    events = [
+        Event(
+            Action.MANIFEST_PUSHED,
+            Target("soak/app", digest="sha256:" + "a" * 64, media_type=OCI_MANIFEST, tag="v1"),
+            Source("127.0.0.1:5000", "bench"),
+            Actor("alice", "basic"),
+            RequestInfo("req-1", "127.0.0.1:1", "127.0.0.1:5000", "PUT", "bench"),
+        ),
+        Event(
+            Action.BLOB_PUSHED,
+            Target("soak/app", digest="sha256:" + "b" * 64),
+            Source("127.0.0.1:5000", "bench"),
+        ),
+    ]
+    encode = encoder_for(fmt)
+    requests = [encode(events, "zotregistry")] if fmt == "cloudevents-batch" else []
+    requests += [encode([e], "zotregistry") for e in events if fmt != "cloudevents-batch"]
+    record = receiver.Record()
+    for headers, body in [*requests, requests[0]]:  # the first request arrives twice
+        record.add({k.lower(): v for k, v in headers.items()}, body)
+    doc = record.to_json()
+    assert set(doc["ids"]) == {events[0].id, events[1].id}
+    assert doc["ids"][events[0].id] == 2 and doc["conflicting_ids"] == []
+    assert doc["manifests"] == [
+        {
+            "id": events[0].id,
+            "repository": "soak/app",
+            "reference": "v1",
+            "digest": "sha256:" + "a" * 64,
+            "request_id": "req-1",
+        }
+    ]
+
+
+def test_compare_options(bench_modules: dict[str, ModuleType]) -> None:
+    parse = bench_modules["compare"].parse_args
+    defaults = parse([])
+    assert (defaults.count, defaults.concurrency, defaults.layer_size) == (300, 8, 4096)
+    assert defaults.distribution_binary == "/usr/bin/docker-registry"
+    assert defaults.upload == "post-put"
+    args = parse(["-n", "5", "-c", "2", "--distribution-binary", "/opt/registry", "--json"])
+    assert (args.count, args.concurrency, args.distribution_binary, args.json) == (
+        5,
+        2,
+        "/opt/registry",
+        True,
+    )
+    for bad in (["-n", "0"], ["--upload", "patch"], ["--url", "http://127.0.0.1:5000"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(bad)
+        assert exc.value.code == 2
+
+
+def test_crash_soak_tiny_run() -> None:
+    doc = run_json(
+        "crash_soak.py",
+        *("--kills", "2", "-c", "2", "--min-delay", "0.1", "--max-delay", "0.4"),
+        *("--layer-size", "256", "--deadline", "60"),
+    )
+    assert doc["benchmark"] == "crash_soak" and doc["passed"] is True
+    assert doc["kills"] == 2
+    assert doc["acknowledged"] > 0
+    assert doc["lost"] == 0
+    assert doc["conflicting_duplicates"] == 0 and doc["split_ids"] == 0
+    # Every acknowledged push's manifest event arrived, plus its blob events.
+    assert doc["delivered_manifest_events"] >= doc["acknowledged"]
+    assert doc["delivered_unique_ids"] > doc["delivered_manifest_events"]
+    assert doc["sink_status"]["pending"] == 0 and doc["sink_status"]["dead"] == 0
+
+
+def _check_trio_rows(doc: dict[str, Any], images: int) -> None:
+    targets = doc["targets"]
+    for name in ("registry-trio", "registry-trio+events"):
+        row = targets[name]
+        assert row["images"] == images and row["images_per_s"] > 0
+        assert 0 < row["manifest_put_p50_ms"] <= row["manifest_put_p99_ms"]
+        assert row["server_cpu_ms_per_image"] > 0
+    # Two blob pushes and a manifest push per image (warm-up included) reached the receiver.
+    assert targets["registry-trio+events"]["events_complete"] is True
+    assert targets["registry-trio+events"]["events_received"] >= 3 * images
+
+
+def test_compare_skips_a_missing_distribution() -> None:
+    doc = run_json("compare.py", "-n", "4", "-c", "2", "--distribution-binary", "/nonexistent")
+    assert doc["distribution"]["skipped"] is True
+    assert doc["distribution"]["install"] == "apt-get install docker-registry"
+    assert set(doc["targets"]) == {"registry-trio", "registry-trio+events"}
+    assert "ratios" not in doc
+    _check_trio_rows(doc, 4)
+    human = run_script("compare.py", "-n", "2", "-c", "2", "--distribution-binary", "/nonexistent")
+    assert human.returncode == 0, human.stderr
+    assert "SKIPPED" in human.stdout and "apt-get install docker-registry" in human.stdout
+    assert "registry-trio + events" in human.stdout
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/docker-registry").exists(), reason="docker-registry is not installed"
+)
+def test_compare_against_distribution() -> None:
+    doc = run_json("compare.py", "-n", "4", "-c", "2")
+    assert "2.8" in doc["distribution"]["version"]
+    assert set(doc["targets"]) == {
+        "distribution",
+        "distribution+notify",
+        "registry-trio",
+        "registry-trio+events",
+    }
+    _check_trio_rows(doc, 4)
+    for name in ("distribution", "distribution+notify"):
+        row = doc["targets"][name]
+        assert row["images_per_s"] > 0 and row["manifest_put_p99_ms"] > 0
+    assert doc["targets"]["distribution+notify"]["events_received"] >= 3 * 4
+    for mode in ("events_off", "events_on"):
+        assert doc["ratios"][mode]["images_per_s"] > 0
