@@ -1,8 +1,9 @@
 """A minimal async OCI Distribution client: push and pull images over plain HTTP.
 
 It exists for load generation (``bench/``) and tests, and works against any OCI registry
-(ours, distribution, zot). It is deliberately small: monolithic blob uploads, a HEAD check to
-skip blobs already present, and manifest put/get. Real clients (skopeo, oras) are tested
+(ours, distribution, zot). It is deliberately small: one-request blob uploads (falling back
+to POST + PUT where a registry opens a session instead), a HEAD check to skip blobs already
+present, and manifest put/get. Real clients (skopeo, oras) are tested
 separately.
 """
 
@@ -90,16 +91,31 @@ class RegistryClient:
         await self.http.aclose()
 
     async def push_blob(self, repository: str, blob: Blob) -> httpx.Response | None:
-        """Upload ``blob`` monolithically unless the repository already has it."""
+        """Upload ``blob`` unless the repository already has it.
+
+        Tries the one-request upload (``POST ?digest=`` with the body). A registry that does
+        not support it answers 202 with a session instead, as the spec allows (Docker
+        distribution 2.8 does), and the body then goes in a ``PUT`` to that session.
+        """
         head = await self.http.head(f"/v2/{repository}/blobs/{blob.digest}")
         if head.status_code == 200:
             return None
+        headers = {"Content-Type": "application/octet-stream"}
         response = await self.http.post(
             f"/v2/{repository}/blobs/uploads/",
             params={"digest": blob.digest},
             content=blob.data,
-            headers={"Content-Type": "application/octet-stream"},
+            headers=headers,
         )
+        if response.status_code == 202:
+            # The session URL may carry state of its own (distribution's `_state`): add the
+            # digest to its query rather than replace it.
+            session = httpx.URL(response.headers["Location"])
+            response = await self.http.put(
+                session.copy_merge_params({"digest": blob.digest}),
+                content=blob.data,
+                headers=headers,
+            )
         response.raise_for_status()
         return response
 
