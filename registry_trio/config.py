@@ -393,8 +393,6 @@ class EventsConfig:
     type_prefix: str = "zotregistry"
     # On SIGTERM, how long in-flight deliveries may take before they are left queued.
     shutdown_timeout: Duration = 5.0  # type: ignore[assignment]
-    # Pull events to record even with no sink listing them (for replay to sinks added later).
-    record_pulls: bool = False
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -507,9 +505,14 @@ def parse_config(data: Any) -> Config:
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Load the config file at ``path``, or the embedded defaults when ``path`` is None."""
+    """Load the config file at ``path``, or the embedded defaults when ``path`` is None.
+
+    The embedded default is the SPEC's: 127.0.0.1:5000, storage in ``registry_data/`` and the
+    event queue in ``queue_data/`` (events on, no sinks until a config adds some), no auth.
+    A config file states what it wants: without ``extensions.events`` events are off, as in zot.
+    """
     if path is None:
-        return Config()
+        return parse_config({"extensions": {"events": {"enable": True}}})
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
