@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 __all__ = ["Action", "Actor", "Event", "RequestInfo", "Source", "Target"]
 
 
@@ -81,6 +83,19 @@ class Event:
     request: RequestInfo | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def to_bytes(self) -> bytes:
+        """The JSON the queue stores: the same document as :meth:`to_json`, encoded.
+
+        orjson serialises the dataclasses, the enum and the aware datetime natively, in
+        about a fifth of the time of ``json.dumps(self.to_json())``; this is on the path
+        every acknowledged request waits on.
+        """
+        return orjson.dumps(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str) -> Event:
+        return cls.from_json(orjson.loads(data))
 
     def to_json(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict, which deep-copies every value and
