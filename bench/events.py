@@ -258,7 +258,7 @@ def push_comparison(args: argparse.Namespace) -> dict[str, Any]:
                     "type": "http",
                     "address": receiver.url,
                     "format": "cloudevents-batch",
-                    "batch": {"maxEvents": 500, "maxWait": "100ms"},
+                    "batch": {"maxEvents": 500, "maxWait": "1s"},
                 }
             ],
             "single": [{"type": "http", "address": receiver.url}],

@@ -105,7 +105,9 @@ class SinkWorker:
             ahead = []
             if not batch:
                 continue
-            if not self._ordered:
+            if not self._ordered or len(batch) < self._take_limit:
+                # Reading ahead pays only in a backlog (a full batch was just taken). When
+                # events trickle in it would send each few at once and defeat batch filling.
                 await self._deliver(batch)
                 continue
             # Ordered: read the next batch while this one is on the wire, so a backlog
