@@ -68,8 +68,6 @@ class PutManifestResult:
     digest: Digest
     # True when this manifest is the first one the repository ever received.
     created_repository: bool
-    # The digest the tag pointed at before, if this push moved an existing tag.
-    replaced: Digest | None
 
 
 class UploadWriter:
@@ -376,12 +374,9 @@ class FilesystemStorage:
                 / f"{digest.algorithm}-{digest.encoded}.json",
                 json.dumps(entry.to_json()).encode(),
             )
-        replaced = None
         if tag is not None:
-            with contextlib.suppress(ManifestUnknown):
-                replaced = self.resolve_tag(name, tag)
             self._atomic_write(self._tag_path(name, tag), str(digest).encode())
-        return PutManifestResult(digest, created, replaced if replaced != digest else None)
+        return PutManifestResult(digest, created)
 
     def resolve_tag(self, name: str, tag: str) -> Digest:
         try:
