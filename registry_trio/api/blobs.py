@@ -186,9 +186,13 @@ async def _finish(req: BlobRequest, upload_id: str, digest: oci.Digest) -> None:
 
 
 async def _pushed(req: BlobRequest, digest: oci.Digest, size: int) -> None:
-    """Record the blob push (durably) and only then answer 201."""
+    await _created(req, digest, Action.BLOB_PUSHED, _blob_target(req, digest, size))
+
+
+async def _created(req: BlobRequest, digest: oci.Digest, action: Action, target: Target) -> None:
+    """Record the event (durably) and only then answer 201 with the blob's location."""
     location = f"/v2/{req.name}/blobs/{digest}"
-    await req.registry.emit(req.scope, (Action.BLOB_PUSHED, _blob_target(req, digest, size)))
+    await req.registry.emit(req.scope, (action, target))
     await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
 
 
@@ -214,10 +218,8 @@ async def start_upload(req: BlobRequest) -> None:
         if may_mount:
             size = await registry.io(registry.storage.mount_blob, req.name, digest, source)
         if size is not None:
-            location = f"/v2/{req.name}/blobs/{digest}"
             target = _blob_target(req, digest, size, from_repository=source)
-            await registry.emit(req.scope, (Action.BLOB_MOUNTED, target))
-            await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
+            await _created(req, digest, Action.BLOB_MOUNTED, target)
             return
         # Nothing to mount: fall through to an ordinary session, as the spec asks.
 
