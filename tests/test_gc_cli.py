@@ -39,6 +39,12 @@ async def test_gc_command_removes_garbage_and_queues_events(nursery, tmp_path, s
         await client.push_image("gc/app", "dropped", dropped)
         assert (await http.delete("/v2/gc/app/manifests/dropped")).status_code == 202
     await sink.wait_for(lambda evs: len(evs) == 8)  # 2 x (2 blobs + manifest), created, tag
+    # Received is not yet acknowledged: stop only once the queue holds nothing pending.
+    reader = OutboxReader(tmp_path / "queue_data" / "events.db")
+    try:
+        await eventually(lambda: reader.counts("s"), lambda counts: counts.pending == 0)
+    finally:
+        reader.close()
     registry.shutdown.set()
 
     path = tmp_path / "config.json"

@@ -11,6 +11,7 @@ from registry_trio.client import RegistryClient, make_image
 from tests.conftest import events_config, start_registry
 from tests.procs import server_process, write_config
 from tests.test_auth import PASSWORDS, write_htpasswd
+from tests.waiting import eventually
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, tuple], float]:
@@ -40,6 +41,11 @@ async def test_metrics_move_with_pushes_and_deliveries(nursery, tmp_path, sink):
         for i, image in enumerate(images):
             await client.push_image("metrics/app", f"v{i}", image)
         await sink.wait_for(lambda evs: len(evs) == 10)  # 3 x (2 blobs + manifest) + created
+        # The sink has the events before the worker records its 2xx: wait for the ack too.
+        await eventually(
+            lambda: scrape(http),
+            lambda s: value(s, "registry_events_delivered_total", sink=sink.url) == 10,
+        )
 
         upload = await http.post("/v2/metrics/app/blobs/uploads/")
         during = await scrape(http)

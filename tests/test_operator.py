@@ -95,6 +95,11 @@ async def test_dead_letters_status_and_replay(nursery, tmp_path, sink):
     assert (await cli("replay", "-c", str(config_path)))["replayed"] == 3
     events = await sink.wait_for(lambda evs: len(evs) == 4)
     assert [e["id"] for e in events] == dead_ids  # order and ids preserved
+    # The sink has the events before the worker records its 2xx: wait for the acks too.
+    async with httpx.AsyncClient(base_url=url) as http:
+        sinks = await eventually(
+            lambda: admin_sinks(http), lambda sinks: sinks[0]["delivered"] == 4
+        )
     (after,) = await cli("status", "-c", str(config_path))
     assert after["dead"] == 0 and after["delivered"] == 4
 
