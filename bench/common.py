@@ -304,6 +304,8 @@ class ServerProcess:
     """registry-trio in a subprocess, on 127.0.0.1 with an ephemeral port and a temp dir.
 
     Use as a context manager. ``url`` is the base URL it logged; ``pid`` its process id.
+    ``queue_dir`` puts the event outbox in a directory of the caller's (which may already
+    hold events) instead of the temporary one; the caller removes it.
     """
 
     def __init__(
@@ -313,6 +315,7 @@ class ServerProcess:
         events: bool = False,
         sinks: Sequence[dict[str, Any]] = (),
         http: dict[str, Any] | None = None,
+        queue_dir: str | Path | None = None,
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
@@ -321,6 +324,8 @@ class ServerProcess:
         self._events = events or bool(sinks)
         self._sinks = list(sinks)
         self._http = dict(http or {})
+        # The caller's queue directory (e.g. one filled before the start); not removed at stop.
+        self._queue_dir = Path(queue_dir) if queue_dir is not None else None
         self._log_file = log_file
         self._start_timeout = start_timeout
         self._python = python
@@ -348,7 +353,7 @@ class ServerProcess:
             doc["extensions"] = {
                 "events": {
                     "enable": True,
-                    "queue": {"directory": str(self.root / "queue_data")},
+                    "queue": {"directory": str(self._queue_dir or self.root / "queue_data")},
                     "sinks": self._sinks,
                 }
             }
