@@ -6,7 +6,8 @@ runs, in alternating rounds on the same machine, one registry-trio with no authe
 and one with an htpasswd file (bcrypt cost ``--bcrypt-rounds``) and an authenticated client,
 and prints both rates and their ratio (goal: authenticated >= 90% of anonymous).
 
-Run: ``python bench/auth.py`` (``--json``, ``--help``).
+Run: ``python bench/auth.py`` (``--json``, ``--help``). It starts both servers itself, with
+an htpasswd file it writes; ``--url`` is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ USER, PASSWORD = "bench", "bench-password"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(
-        __doc__.split("\n\n", 1)[0], count=300, concurrency=8, count_help="images per run"
+        __doc__ or "",
+        count=300,
+        concurrency=8,
+        count_help="images per run",
+        no_url="it compares two servers it starts itself, one anonymous and one with an "
+        "htpasswd file it writes (with a known password)",
     )
     knobs = parser.add_argument_group("authentication")
     knobs.add_argument("--rounds", type=int, default=2, help="anonymous/authenticated rounds")

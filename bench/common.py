@@ -4,7 +4,8 @@ Not a benchmark itself. The scripts import it as ``common`` (they run as ``pytho
 which puts ``bench/`` first on ``sys.path``).
 
 * :func:`base_parser` gives every script ``--url``, ``--concurrency``, ``--count``, ``--json``
-  and the options of the server it may start.
+  and the options of the server it may start; scripts that measure only servers they start
+  themselves pass ``no_url`` (the reason) and ``--url`` is refused with it.
 * :func:`machine_info` / :func:`print_header` say what the figures were measured on.
 * :class:`ServerProcess` starts ``python -m registry_trio serve`` on ``127.0.0.1`` with a
   fresh temporary storage directory, waits (with a deadline) for its ``listening on`` log
@@ -114,6 +115,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _RefuseURL(argparse.Action):
+    """``--url`` on a script that can only measure the servers it starts: a usage error."""
+
+    def __init__(self, *args: Any, reason: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reason = reason
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(f"--url is not supported: {self.reason}")
+
+
 def base_parser(
     description: str,
     *,
@@ -121,22 +139,36 @@ def base_parser(
     concurrency: int | None = None,
     count_help: str = "how many operations to run",
     epilog: str | None = None,
+    no_url: str | None = None,
 ) -> argparse.ArgumentParser:
-    """The options every script shares; ``count``/``concurrency`` None leaves them out."""
+    """The options every script shares; ``count``/``concurrency`` None leaves them out.
+
+    ``no_url``: why this script cannot measure another registry; ``--url`` is then refused
+    with that reason (exit status 2), and its ``--help`` says so.
+    """
     parser = argparse.ArgumentParser(
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     target = parser.add_argument_group("target registry")
-    target.add_argument(
-        "--url",
-        metavar="URL",
-        help="benchmark an already-running registry at URL (e.g. http://127.0.0.1:5000); "
-        "by default the script starts registry-trio itself on 127.0.0.1 with a temporary "
-        "storage directory and stops it at the end (server-side figures such as CPU time "
-        "and memory are only available then)",
-    )
+    if no_url is None:
+        target.add_argument(
+            "--url",
+            metavar="URL",
+            help="benchmark an already-running registry at URL (e.g. http://127.0.0.1:5000); "
+            "by default the script starts registry-trio itself on 127.0.0.1 with a temporary "
+            "storage directory and stops it at the end (server-side figures such as CPU time "
+            "and memory are only available then)",
+        )
+    else:
+        target.add_argument(
+            "--url",
+            metavar="URL",
+            action=_RefuseURL,
+            reason=no_url,
+            help=f"not supported by this script, refused with an error: {no_url}",
+        )
     target.add_argument(
         "--data-dir",
         metavar="DIR",

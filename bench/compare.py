@@ -94,7 +94,11 @@ EVENTS_PER_IMAGE = 3  # two blob pushes and a manifest push, in both servers' ev
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(
-        __doc__ or "", count=300, concurrency=8, count_help="images to push per server and round"
+        __doc__ or "",
+        count=300,
+        concurrency=8,
+        count_help="images to push per server and round",
+        no_url="the comparison starts every server itself",
     )
     group = parser.add_argument_group("comparison")
     group.add_argument(
@@ -155,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.url:
-        parser.error("--url is not supported: the comparison starts every server itself")
     return args
 
 

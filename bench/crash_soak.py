@@ -86,7 +86,11 @@ def non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__ or "", concurrency=8)
+    parser = base_parser(
+        __doc__ or "",
+        concurrency=8,
+        no_url="the crash soak starts and kills its own server",
+    )
     soak = parser.add_argument_group("crash soak")
     soak.add_argument(
         "--kills",
@@ -150,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.url:
-        parser.error("--url is not supported: the crash soak starts and kills its own server")
     if args.max_delay < args.min_delay:
         parser.error("--max-delay must be at least --min-delay")
     if args.seed is None:

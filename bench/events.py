@@ -12,7 +12,9 @@ Measures, in one run:
 4. **Slow receiver**: delivery to a receiver that takes 50 ms per request, batched and not.
 
 Run: ``python bench/events.py`` (``--json`` for machine-readable output, ``--help`` for the
-knobs). It starts its own registry-trio and receivers on 127.0.0.1 and stops them.
+knobs). It starts its own registry-trio and receivers on 127.0.0.1 and stops them; ``--url``
+is refused, since every part measures registry-trio's own internals or servers configured
+by the script.
 """
 
 from __future__ import annotations
@@ -289,7 +291,13 @@ def push_comparison(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser(__doc__.split("\n\n", 1)[0], concurrency=8)
+    parser = base_parser(
+        __doc__ or "",
+        concurrency=8,
+        no_url="it measures registry-trio's own event pipeline (the outbox and the delivery "
+        "loop in this process) and push rates of servers it starts with events off and on, "
+        "which a registry running elsewhere cannot be switched between",
+    )
     knobs = parser.add_argument_group("event pipeline")
     knobs.add_argument("--enqueue", type=int, default=50_000, help="events to enqueue (ours)")
     knobs.add_argument(

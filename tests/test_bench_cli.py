@@ -47,7 +47,7 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
     """bench/common.py and the scripts, imported as the scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     modules = {}
-    for name in ("push", "bigblob", "crash_soak", "compare"):
+    for name in ("push", "bigblob", "crash_soak", "compare", "backlog"):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -58,7 +58,7 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
     modules["common"] = sys.modules["common"]
     modules["receiver"] = sys.modules["receiver"]
     yield modules
-    for imported in ("common", "push", "receiver"):
+    for imported in ("common", "push", "receiver", "events"):
         sys.modules.pop(imported, None)
 
 
@@ -85,6 +85,10 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
                 "apt-get install docker-registry",
             ],
         ),
+        (
+            "backlog.py",
+            ["--count", "1000000", "--batch", "cloudevents-batch", "--json", "VmHWM", "250 MB"],
+        ),
     ],
 )
 def test_help_describes_the_script(script: str, expected: list[str]) -> None:
@@ -94,6 +98,27 @@ def test_help_describes_the_script(script: str, expected: list[str]) -> None:
     assert "How to run" in result.stdout
     for word in expected:
         assert word in result.stdout, f"{word!r} missing from {script} --help"
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ("events.py", "event pipeline"),
+        ("auth.py", "htpasswd"),
+        ("backlog.py", "outbox"),
+        ("crash_soak.py", "kills its own server"),
+        ("compare.py", "starts every server itself"),
+    ],
+)
+def test_scripts_that_start_their_own_servers_refuse_url(script: str, reason: str) -> None:
+    """--url would be silently ignored there: it is a usage error, and --help says why."""
+    result = run_script(script, "--url", "http://127.0.0.1:5000", "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "--url is not supported" in result.stderr and reason in result.stderr
+    help_text = " ".join(run_script(script, "--help").stdout.split())
+    assert "--url URL not supported by this script" in help_text
+    assert reason in help_text
 
 
 def test_push_options(bench_modules: dict[str, ModuleType]) -> None:
@@ -159,6 +184,23 @@ def test_generated_blob_ranges_join_up(bench_modules: dict[str, ModuleType]) -> 
     cut = 1_500_000
     assert b"".join(chunks(cut, 7)) + b"".join(chunks(size, 7, start=cut)) == whole
     assert whole != b"".join(chunks(size, 8))
+
+
+def test_backlog_options(bench_modules: dict[str, ModuleType]) -> None:
+    parse = bench_modules["backlog"].parse_args
+    defaults = parse([])
+    assert (defaults.count, defaults.batch, defaults.goal, defaults.json) == (
+        1_000_000,
+        1000,
+        250,
+        False,
+    )
+    args = parse(["-n", "2000", "--batch", "100", "--fill-chunk", "500", "--json"])
+    assert (args.count, args.batch, args.fill_chunk, args.json) == (2000, 100, 500, True)
+    for bad in (["-n", "0"], ["--batch", "0"], ["--sample-interval", "0"], ["--count", "lots"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(bad)
+        assert exc.value.code == 2
 
 
 # -- tiny end-to-end runs --------------------------------------------------------------------
@@ -238,6 +280,23 @@ def test_events_tiny_run() -> None:
     assert results["drain"]["receiver_counted"] == 400 + 50
     assert results["push"]["events_on_images_per_s"] > 0
     assert results["slow"]["batched"]["events"] == 40
+
+
+def test_backlog_tiny_run() -> None:
+    doc = run_json("backlog.py", "-n", "2000", "--batch", "250", "--fill-chunk", "300")
+    assert doc["benchmark"] == "backlog"
+    assert doc["settings"]["count"] == 2000 and doc["settings"]["format"] == "cloudevents-batch"
+    assert doc["fill"]["events"] == 2000 and doc["fill"]["events_per_s"] > 0
+    drain = doc["drain"]
+    # The receiver (another process) counted every event, in batches, and the server then
+    # reported nothing still owed to the sink.
+    assert drain["receiver_counted"] == 2000
+    assert drain["receiver_requests"] >= 2000 // 250
+    assert drain["server_pending_after"] == 0
+    assert doc["all_drained"] is True
+    assert drain["peak_rss_bytes"] > 0 and drain["vmhwm_bytes"] > 0
+    assert drain["peak_rss_bytes"] >= drain["rss_at_end_bytes"]
+    assert doc["verdict"] == "PASS"
 
 
 def test_auth_tiny_run() -> None:
