@@ -379,9 +379,58 @@ class SinkConfig:
         return self.format in ("cloudevents-batch", "distribution")
 
 
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QueueConfig:
+    """Where events wait for delivery: the embedded SQLite outbox, or a JetStream stream."""
+
+    type: str = "sqlite"
+    # sqlite: the outbox file's directory. jetstream: where this instance keeps its id.
     directory: str = "queue_data"
+    # JetStream only: the server, the stream (created when missing) and how to reach it.
+    address: str | None = None
+    stream: str = "REGISTRY_EVENTS"
+    credentials: CredentialsConfig | None = None
+    tls: TLSConfig | None = None
+    timeout: Duration = 5.0  # type: ignore[assignment]
+    # Stream settings applied when the stream is created (see the README on durability).
+    replicas: int = 1
+    duplicate_window: Duration = 120.0  # type: ignore[assignment]
+    # How long a delivery may go unacknowledged before JetStream hands it to another
+    # instance: the time to notice an instance that died.
+    ack_wait: Duration = 30.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.type == "sqlite":
+            for key, value in (
+                ("address", self.address),
+                ("credentials", self.credentials),
+                ("tls", self.tls),
+            ):
+                if value is not None:
+                    raise ConfigError(key, "only a jetstream queue takes this key")
+            return
+        if self.type != "jetstream":
+            raise ConfigError(
+                "type", f"unknown queue type {self.type!r}; use 'sqlite' or 'jetstream'"
+            )
+        if not self.address or not self.address.startswith(("nats://", "tls://")):
+            raise ConfigError(
+                "address", f"a jetstream queue needs a nats:// or tls:// URL, not {self.address!r}"
+            )
+        if not _STREAM_NAME.fullmatch(self.stream):
+            raise ConfigError("stream", "use letters, digits, '-' and '_' (at most 64)")
+        if not 1 <= self.replicas <= 5:
+            raise ConfigError("replicas", "must be between 1 and 5")
+        for key, value in (
+            ("timeout", self.timeout),
+            ("duplicateWindow", self.duplicate_window),
+            ("ackWait", self.ack_wait),
+        ):
+            if value <= 0:
+                raise ConfigError(key, "must be greater than zero")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import trio
 
 from .config import Config
 from .events.filters import SinkFilter
 from .events.model import Action, Event, Source, Target
-from .events.queue import Outbox
+from .events.queue import running_queue
 from .events.recorder import EventRecorder, NullRecorder, QueueRecorder
 from .storage import FilesystemStorage
 from .storage.gc import GCReport, collect
@@ -124,8 +123,9 @@ async def gc_periodically(
 async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
     """``registry-trio gc``: one run on the config's storage, beside a server or not.
 
-    Its events go through an outbox of its own on the same queue file; SQLite serialises the
-    two writers, and the server's idle delivery workers pick the events up.
+    Its events go through a queue connection of its own: on the SQLite queue SQLite serialises
+    the two writers and the server's idle delivery workers pick the events up; on JetStream
+    they are one more publisher.
     """
     storage = await trio.to_thread.run_sync(
         functools.partial(FilesystemStorage, config.storage.root_directory, clean_tmp=False)
@@ -136,14 +136,9 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
         return await run_gc(
             storage, NullRecorder(), source, delay=config.storage.gc_delay, dry_run=dry_run
         )
-    outbox = Outbox(Path(events.queue.directory))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(outbox.run)
-        try:
-            recorder = QueueRecorder(outbox, [SinkFilter.for_sink(s) for s in events.sinks])
-            source = Source(source.addr, outbox.instance_id)
-            return await run_gc(
-                storage, recorder, source, delay=config.storage.gc_delay, dry_run=dry_run
-            )
-        finally:
-            outbox.close()
+    async with running_queue(events) as queue:
+        recorder = QueueRecorder(queue, [SinkFilter.for_sink(s) for s in events.sinks])
+        source = Source(source.addr, queue.instance_id)
+        return await run_gc(
+            storage, recorder, source, delay=config.storage.gc_delay, dry_run=dry_run
+        )

@@ -3,7 +3,7 @@
 Each server owns a :class:`Metrics` with its own ``CollectorRegistry`` (two servers in one
 process, as in the tests, never mix their numbers). Request and delivery figures are counted
 as they happen; the queue's figures (pending, delivered, dead, oldest pending age) are read
-from SQLite at scrape time, so they agree with ``registry-trio events status`` and survive
+from the queue at scrape time, so they agree with ``registry-trio events status`` and survive
 restarts. The whole scrape runs on a worker thread: it touches the disk.
 """
 
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .events.queue import OutboxReader
+from .events.queue import EventQueue
 from .events.status import redact_address
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -33,9 +33,10 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 class _ScrapeCollector(Collector):
     """Figures read at scrape time: the queue per sink, and open upload sessions."""
 
-    def __init__(self, uploads: Path, queue: Path | None, sinks: Sequence[str]) -> None:
+    def __init__(self, uploads: Path, sinks: Sequence[str]) -> None:
         self._uploads = uploads
-        self._queue = queue
+        # Set once the queue runs (see Metrics.watch_queue); None while events are off.
+        self.queue: EventQueue | None = None
         self._sinks = list(sinks)
 
     def collect(self) -> Iterator[Metric]:
@@ -46,7 +47,8 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "registry_upload_sessions_open", "Blob upload sessions in progress", value=uploads
         )
-        if self._queue is None or not self._queue.exists():
+        queue = self.queue
+        if queue is None:
             return
         families = {
             "pending": GaugeMetricFamily(
@@ -67,25 +69,22 @@ class _ScrapeCollector(Collector):
                 labels=["sink"],
             ),
         }
-        reader = OutboxReader(self._queue)
-        try:
-            now = time.time()
-            for sink in self._sinks:
-                counts = reader.read_counts(sink)
-                label = [redact_address(sink)]
-                families["pending"].add_metric(label, counts.pending)
-                families["dead"].add_metric(label, counts.dead)
-                families["delivered"].add_metric(label, counts.delivered)
-                families["failed"].add_metric(label, counts.failed_attempts)
-                oldest = 0.0 if counts.oldest_pending is None else now - counts.oldest_pending
-                families["oldest"].add_metric(label, oldest)
-        finally:
-            reader.close()
+        now = time.time()
+        for sink in self._sinks:
+            # The scrape runs on a Trio worker thread (see Metrics.render): back to the loop.
+            counts = trio.from_thread.run(queue.counts, sink)
+            label = [redact_address(sink)]
+            families["pending"].add_metric(label, counts.pending)
+            families["dead"].add_metric(label, counts.dead)
+            families["delivered"].add_metric(label, counts.delivered)
+            families["failed"].add_metric(label, counts.failed_attempts)
+            oldest = 0.0 if counts.oldest_pending is None else now - counts.oldest_pending
+            families["oldest"].add_metric(label, oldest)
         yield from families.values()
 
 
 class Metrics:
-    def __init__(self, uploads: Path, queue: Path | None = None, sinks: Sequence[str] = ()) -> None:
+    def __init__(self, uploads: Path, sinks: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -119,7 +118,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_ScrapeCollector(uploads, queue, sinks))
+        self._scraped = _ScrapeCollector(uploads, sinks)
+        r.register(self._scraped)
+
+    def watch_queue(self, queue: EventQueue) -> None:
+        """Report the sinks' figures from ``queue`` from now on."""
+        self._scraped.queue = queue
 
     def observe_request(
         self, route: str, method: str, status: int, received: int, sent: int, seconds: float

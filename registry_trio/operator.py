@@ -2,12 +2,14 @@
 
 Each asks the running server's admin API first (only it knows what is in flight right now)
 and, when no server answers on the configured address, works on the queue directory
-directly: SQLite serialises writers, so this is safe even if a server starts meanwhile.
+directly (the SQLite file, or the JetStream stream): SQLite serialises writers and JetStream is
+shared by design, so this is safe even if a server starts meanwhile.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import httpx
 import trio
 
 from .config import Config, SinkConfig
-from .events.queue import Outbox, OutboxReader
+from .events.queue import EventQueue, running_queue
 from .events.status import dead_letter_json, sink_status
 
 __all__ = ["OperatorError", "dead_letters", "replay", "status"]
@@ -61,11 +63,13 @@ def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, A
     return response.json()
 
 
-def _queue(config: Config) -> Path:
-    path = Path(config.extensions.events.queue.directory) / "events.db"
-    if not path.exists():
-        raise OperatorError(f"no event queue at {path} (is extensions.events.queue right?)")
-    return path
+def _offline_queue(config: Config) -> AbstractAsyncContextManager[EventQueue]:
+    events = config.extensions.events
+    if events.queue.type == "sqlite":
+        path = Path(events.queue.directory) / "events.db"
+        if not path.exists():
+            raise OperatorError(f"no event queue at {path} (is extensions.events.queue right?)")
+    return running_queue(events)
 
 
 def _sink(config: Config, name: str | None) -> SinkConfig:
@@ -83,14 +87,11 @@ def status(config: Config) -> list[dict[str, Any]]:
     answer = _admin(config, "GET", "/_registry/events/sinks")
     if answer is not None:
         return answer["sinks"]
-    path = _queue(config)
+    running = _offline_queue(config)
 
     async def offline() -> list[dict[str, Any]]:
-        reader = OutboxReader(path)
-        try:
-            return [await sink_status(reader, s, 0) for s in config.extensions.events.sinks]
-        finally:
-            reader.close()
+        async with running as queue:
+            return [await sink_status(queue, s, 0) for s in config.extensions.events.sinks]
 
     return trio.run(offline)
 
@@ -102,14 +103,11 @@ def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> di
     answer = _admin(config, "GET", "/_registry/events/dead", params=params)
     if answer is not None:
         return answer
-    path, chosen = _queue(config), _sink(config, sink)
+    running, chosen = _offline_queue(config), _sink(config, sink)
 
     async def offline() -> dict[str, Any]:
-        reader = OutboxReader(path)
-        try:
-            letters = await reader.dead(str(chosen.name), limit, after)
-        finally:
-            reader.close()
+        async with running as queue:
+            letters = await queue.dead(str(chosen.name), limit, after)
         return {
             "sink": chosen.name,
             "deadLetters": [dead_letter_json(d) for d in letters],
@@ -126,16 +124,11 @@ def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str,
     answer = _admin(config, "POST", "/_registry/events/dead/replay", json=body)
     if answer is not None:
         return answer
-    path, chosen = _queue(config), _sink(config, sink)
+    running, chosen = _offline_queue(config), _sink(config, sink)
 
     async def offline() -> dict[str, Any]:
-        outbox = Outbox(path.parent)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(outbox.run)
-            try:
-                replayed = await outbox.replay(str(chosen.name), ids)
-            finally:
-                outbox.close()
+        async with running as queue:
+            replayed = await queue.replay(str(chosen.name), ids)
         return {"sink": chosen.name, "replayed": replayed}
 
     return trio.run(offline)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,7 +30,7 @@ from .config import Config
 from .events import NullRecorder, Source
 from .events.delivery import Delivery
 from .events.filters import SinkFilter
-from .events.queue import Outbox
+from .events.queue import EventQueue, open_queue
 from .events.recorder import QueueRecorder
 from .maintenance import gc_periodically
 from .metrics import Metrics
@@ -70,21 +69,17 @@ async def serve(
     events = config.extensions.events
     storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
 
-    queue_dir = Path(events.queue.directory)
-    metrics = Metrics(
-        storage.root / "uploads",
-        queue_dir / "events.db" if events.enable else None,
-        [str(s.name) for s in events.sinks],
-    )
+    metrics = Metrics(storage.root / "uploads", [str(s.name) for s in events.sinks])
     async with trio.open_nursery() as nursery:
-        outbox = delivery = None
+        queue = delivery = None
         if events.enable:
-            outbox = Outbox(queue_dir, on_commit=metrics.observe_commit)
-            await nursery.start(outbox.run)
-            delivery = Delivery(events, outbox, on_delivered=metrics.observe_delivered)
+            queue = open_queue(events, on_commit=metrics.observe_commit)
+            await nursery.start(queue.run)
+            metrics.watch_queue(queue)
+            delivery = Delivery(events, queue, on_delivered=metrics.observe_delivered)
             await nursery.start(delivery.run)
-            recorder = QueueRecorder(outbox, [SinkFilter.for_sink(s) for s in events.sinks])
-            instance_id = outbox.instance_id
+            recorder = QueueRecorder(queue, [SinkFilter.for_sink(s) for s in events.sinks])
+            instance_id = queue.instance_id
         else:
             recorder, instance_id = NullRecorder(), uuid.uuid4().hex
 
@@ -94,7 +89,7 @@ async def serve(
             events=recorder,
             auth=Authenticator(config.http),
             metrics=metrics,
-            outbox=outbox,
+            queue=queue,
             delivery=delivery,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
             io_limiter=trio.CapacityLimiter(32),
@@ -133,12 +128,12 @@ async def serve(
         task_status.started(url)
         await shutdown.wait()
         gc_scope.cancel()
-        if outbox is not None:
-            # The writer closes only after delivery has finished acknowledging.
-            nursery.start_soon(_close_after, delivery, outbox)
+        if queue is not None:
+            # The queue closes only after delivery has finished acknowledging.
+            nursery.start_soon(_close_after, delivery, queue)
 
 
-async def _close_after(delivery: Delivery | None, outbox: Outbox) -> None:
+async def _close_after(delivery: Delivery | None, queue: EventQueue) -> None:
     if delivery is not None:
         await delivery.stopped.wait()
-    outbox.close()
+    queue.close()

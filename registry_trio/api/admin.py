@@ -6,11 +6,11 @@ configured, otherwise only clients on the loopback interface.
 
 from __future__ import annotations
 
-from typing import Any
-
 from quart import Blueprint, Response, jsonify, request
 
 from ..config import SinkConfig
+from ..events.delivery import Delivery
+from ..events.queue import EventQueue
 from ..events.status import dead_letter_json, sink_status
 from .context import Registry
 from .errors import RegistryError
@@ -21,10 +21,10 @@ __all__ = ["blueprint"]
 blueprint = Blueprint("admin", __name__)
 
 
-def _events(registry: Registry) -> tuple[Any, Any]:
-    if registry.outbox is None or registry.delivery is None:
+def _events(registry: Registry) -> tuple[EventQueue, Delivery]:
+    if registry.queue is None or registry.delivery is None:
         raise RegistryError("UNSUPPORTED", 404, "the events extension is not enabled")
-    return registry.outbox, registry.delivery
+    return registry.queue, registry.delivery
 
 
 def _sink(registry: Registry, name: str | None) -> SinkConfig:
@@ -41,15 +41,10 @@ def _sink(registry: Registry, name: str | None) -> SinkConfig:
 @blueprint.route("/_registry/events/sinks", methods=["GET"])
 async def sinks() -> Response:
     registry = current_registry()
-    outbox, delivery = _events(registry)
-    reader = outbox.reader()
-    try:
-        statuses = [
-            await sink_status(reader, worker.config, len(worker.in_flight))
-            for worker in delivery.workers
-        ]
-    finally:
-        reader.close()
+    queue, delivery = _events(registry)
+    statuses = [
+        await sink_status(queue, worker.config, worker.in_flight) for worker in delivery.workers
+    ]
     return jsonify({"sinks": statuses})
 
 
@@ -65,14 +60,10 @@ def _int_arg(name: str, default: int) -> int:
 @blueprint.route("/_registry/events/dead", methods=["GET"])
 async def dead() -> Response:
     registry = current_registry()
-    outbox, _ = _events(registry)
+    queue, _ = _events(registry)
     sink = _sink(registry, request.args.get("sink"))
     limit = min(_int_arg("limit", 100), 1000)
-    reader = outbox.reader()
-    try:
-        letters = await reader.dead(str(sink.name), limit, _int_arg("after", 0))
-    finally:
-        reader.close()
+    letters = await queue.dead(str(sink.name), limit, _int_arg("after", 0))
     return jsonify(
         {
             "sink": sink.name,
@@ -86,7 +77,7 @@ async def dead() -> Response:
 @blueprint.route("/_registry/events/dead/replay", methods=["POST"])
 async def replay() -> Response:
     registry = current_registry()
-    outbox, _ = _events(registry)
+    queue, _ = _events(registry)
     body = await request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise RegistryError(
@@ -96,5 +87,5 @@ async def replay() -> Response:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RegistryError("UNSUPPORTED", 400, "ids must be a list of event ids")
-    replayed = await outbox.replay(str(sink.name), ids)
+    replayed = await queue.replay(str(sink.name), ids)
     return jsonify({"sink": sink.name, "replayed": replayed})

@@ -13,7 +13,7 @@ from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import Delivery
-from ..events.queue import Outbox
+from ..events.queue import EventQueue
 from ..metrics import Metrics
 from ..storage import FilesystemStorage
 
@@ -70,7 +70,7 @@ class Registry:
     io_limiter: trio.CapacityLimiter
     metrics: Metrics
     # The event pipeline, when the events extension is on (the admin API reads them).
-    outbox: Outbox | None = None
+    queue: EventQueue | None = None
     delivery: Delivery | None = None
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)

@@ -1,6 +1,7 @@
 """Delivery: one supervised task per sink, the only place that knows about retries.
 
-Per sink, a :class:`SinkWorker` loops: take due deliveries from the outbox (in enqueue order),
+Per sink, a :class:`SinkWorker` loops: take due deliveries from its
+:class:`~registry_trio.events.queue.SinkQueue` (in enqueue order),
 encode them, send them through the sink's transport, then acknowledge, reschedule with
 backoff, or bury in the dead-letter store. :class:`Delivery` runs one worker per sink under a
 supervisor that logs a crash and restarts the worker with backoff, so a broken sink never
@@ -11,14 +12,13 @@ waiting for its retry, so a sink sees events in enqueue order. ``concurrency: N`
 loops over one sink and gives up ordering for throughput.
 
 Shutdown (:meth:`Delivery.stop`): workers stop taking new work, sends already under way get
-until the deadline to finish and be acknowledged; anything else stays pending in the outbox
+until the deadline to finish and be acknowledged; anything else stays pending in the queue
 and the next start resumes exactly there.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +28,7 @@ import trio
 from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
 from .queue import Delivery as Owed
-from .queue import Outbox, OutboxReader
+from .queue import EventQueue, SinkQueue
 from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
 
@@ -36,12 +36,6 @@ __all__ = ["Delivery", "SinkWorker"]
 
 log = logging.getLogger("registry_trio.events.delivery")
 
-# Rows read per query when overtaking is allowed (concurrent mode skips rows not yet due).
-READ_AHEAD = 256
-# An idle worker looks at the queue at least this often even without a signal, so work
-# committed by another process (`registry-trio events replay` or `gc` on a live queue) is
-# picked up without a push to wake it.
-IDLE_POLL = 2.0
 # In ordered mode a single-event format sends this many events one after another before
 # acknowledging them in one commit; a crash in between redelivers at most this many.
 ORDERED_RUN = 64
@@ -60,7 +54,7 @@ class SinkWorker:
     def __init__(
         self,
         config: SinkConfig,
-        outbox: Outbox,
+        queue: EventQueue,
         transport: Transport,
         type_prefix: str,
         stopping: trio.Event,
@@ -70,7 +64,7 @@ class SinkWorker:
         # Called with (sink, seconds from each event's time to its acknowledgement): metrics.
         self._on_delivered = on_delivered
         self.name = str(config.name)
-        self._outbox = outbox
+        self._queue = queue
         self._transport = transport
         self._prefix = type_prefix
         self._stopping = stopping
@@ -80,35 +74,40 @@ class SinkWorker:
         # How many deliveries one take may hold: a batch, or an ordered run of single sends.
         # Concurrent loops take one request's worth each, so they really run in parallel.
         self._take_limit = ORDERED_RUN if self._ordered and not config.batches else self._group
-        self._reader: OutboxReader | None = None
-        self._read_lock = trio.Lock()
-        # Deliveries being sent right now; kept in memory only (a crash makes them pending).
-        self.in_flight: set[int] = set()
+        self._sink_queue: SinkQueue | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being sent right now (kept in memory only: a crash makes them pending)."""
+        return 0 if self._sink_queue is None else self._sink_queue.in_flight
 
     async def run(self) -> None:
-        self.in_flight.clear()
-        self._reader = self._outbox.reader()
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.config.concurrency):
-                    nursery.start_soon(self._loop)
-        finally:
-            self._reader.close()
+        consumer = self._queue.consumer(
+            self.config, take_limit=self._take_limit, stopping=self._stopping
+        )
+        async with consumer as sink_queue:
+            self._sink_queue = sink_queue
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.config.concurrency):
+                        nursery.start_soon(self._loop, sink_queue)
+            finally:
+                self._sink_queue = None
 
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def _loop(self) -> None:
+    async def _loop(self, sink_queue: SinkQueue) -> None:
         ahead: list[Owed] = []
         while not self._stopping.is_set():
-            batch = ahead or await self._take()
+            batch = ahead or await sink_queue.take()
             ahead = []
             if not batch:
                 continue
             if not self._ordered or len(batch) < self._take_limit:
                 # Reading ahead pays only in a backlog (a full batch was just taken). When
                 # events trickle in it would send each few at once and defeat batch filling.
-                await self._deliver(batch)
+                await self._deliver(sink_queue, batch)
                 continue
             # Ordered: read the next batch while this one is on the wire, so a backlog
             # drains without the read waiting on the send. If this batch fails, the one read
@@ -117,74 +116,16 @@ class SinkWorker:
 
                 async def read_ahead() -> None:
                     nonlocal ahead
-                    ahead = await self._take(wait=False)
+                    ahead = await sink_queue.take(wait=False)
 
                 nursery.start_soon(read_ahead)
-                delivered = await self._deliver(batch)
+                delivered = await self._deliver(sink_queue, batch)
             if not delivered:
-                self.in_flight.difference_update(o.seq for o in ahead)
+                sink_queue.release(ahead)
                 ahead = []
+        sink_queue.release(ahead)
 
-    async def _read(self) -> list[tuple[Owed, float]]:
-        assert self._reader is not None
-        async with self._read_lock:
-            if self._ordered:
-                # In order, what is in flight is a prefix of the queue: read past it rather
-                # than parse its rows again only to skip them.
-                after = max(self.in_flight, default=0)
-                return await self._reader.pending(self.name, self._take_limit, after)
-            return await self._reader.pending(self.name, READ_AHEAD + len(self.in_flight))
-
-    async def _take(self, *, wait: bool = True) -> list[Owed]:
-        """Wait for due deliveries; return up to one batch of them (empty when stopping).
-
-        With ``wait=False``: one look at the queue, returning what is due now, if anything.
-        """
-        filling_until: float | None = None
-        while not self._stopping.is_set():
-            # Taken before reading, so a commit that lands after the read still wakes us.
-            signal = self._outbox.signal(self.name)
-            now = time.time()
-            due: list[Owed] = []
-            next_due = math.inf
-            for owed, due_at in await self._read():
-                if owed.seq in self.in_flight:
-                    continue
-                if due_at > now:
-                    next_due = min(next_due, due_at)
-                    if self._ordered:
-                        break  # never overtake an event that waits for its retry
-                    continue
-                due.append(owed)
-                if len(due) >= self._take_limit:
-                    break
-            wait_for_more = (
-                wait
-                and due
-                and len(due) < self._group
-                and self.config.batch.max_wait > 0
-                and (filling_until is None or trio.current_time() < filling_until)
-            )
-            if due and not wait_for_more:
-                self.in_flight.update(o.seq for o in due)
-                return due
-            if not wait:
-                return []
-            if wait_for_more:
-                # Let the batch fill for the rest of its window without re-reading the queue
-                # at every commit (each read parses every pending row again). A stop ends
-                # the wait at once.
-                if filling_until is None:
-                    filling_until = trio.current_time() + self.config.batch.max_wait
-                with trio.move_on_at(filling_until):
-                    await self._stopping.wait()
-                continue
-            deadline = trio.current_time() + min(max(next_due - now, 0.0), IDLE_POLL)
-            with trio.move_on_at(deadline):
-                await signal.wait()
-        return []
-
-    async def _deliver(self, batch: Sequence[Owed]) -> bool:
+    async def _deliver(self, sink_queue: SinkQueue, batch: Sequence[Owed]) -> bool:
         """Send ``batch``, then acknowledge, reschedule or bury; whether all was delivered."""
         groups = [batch[i : i + self._group] for i in range(0, len(batch), self._group)]
         messages = []
@@ -199,24 +140,30 @@ class SinkWorker:
                 sent += done
                 if outcome.result is not Result.DELIVERED or self._stopping.is_set():
                     break  # on stop: finish the hop in flight, leave the rest queued
-            delivered = [o for group in groups[:sent] for o in group]
-            # Only the group that was tried and refused failed; groups after it (or left
-            # unsent by a stop) were never attempted and simply stay pending.
-            attempted = outcome.result is not Result.DELIVERED and sent < len(groups)
-            failed = list(groups[sent]) if attempted else []
-            if delivered:
-                await self._outbox.ack(self.name, [o.seq for o in delivered])
-                if self._on_delivered is not None:
-                    now = time.time()
-                    latencies = [now - o.event.time.timestamp() for o in delivered]
-                    self._on_delivered(self.name, latencies)
-            if failed:
-                await self._fail(failed, outcome)
-            return len(delivered) == len(batch)
-        finally:
-            self.in_flight.difference_update(o.seq for o in batch)
+        except BaseException:
+            # Cancelled mid-send (a stop past its deadline) or a crash: whether the sink got
+            # them is unknown, so they stay owed and are sent again.
+            sink_queue.release(batch)
+            raise
+        delivered = [o for group in groups[:sent] for o in group]
+        # Only the group that was tried and refused failed; groups after it (or left unsent
+        # by a stop) were never attempted and simply stay pending.
+        attempted = outcome.result is not Result.DELIVERED and sent < len(groups)
+        failed = list(groups[sent]) if attempted else []
+        untried_from = sent + 1 if failed else sent
+        untried = [o for group in groups[untried_from:] for o in group]
+        sink_queue.release(untried)
+        if delivered:
+            await sink_queue.ack(delivered)
+            if self._on_delivered is not None:
+                now = time.time()
+                latencies = [now - o.event.time.timestamp() for o in delivered]
+                self._on_delivered(self.name, latencies)
+        if failed:
+            await self._fail(sink_queue, failed, outcome)
+        return len(delivered) == len(batch)
 
-    async def _fail(self, group: Sequence[Owed], outcome: Outcome) -> None:
+    async def _fail(self, sink_queue: SinkQueue, group: Sequence[Owed], outcome: Outcome) -> None:
         retry = self.config.retry
         now = time.time()
         if outcome.result is Result.REJECTED:
@@ -244,9 +191,7 @@ class SinkWorker:
                 attempt,
                 delay,
             )
-            await self._outbox.retry_later(
-                self.name, [o.seq for o in later], now + delay, outcome.error
-            )
+            await sink_queue.retry_later(later, now + delay, outcome.error)
         if dead:
             for owed in dead:
                 log.warning(
@@ -256,7 +201,7 @@ class SinkWorker:
                     owed.event.action,
                     reason,
                 )
-            await self._outbox.bury(self.name, [o.seq for o in dead], reason)
+            await sink_queue.bury(dead, reason)
 
 
 def _transport_for(config: SinkConfig) -> Transport:
@@ -273,19 +218,19 @@ class Delivery:
     def __init__(
         self,
         config: EventsConfig,
-        outbox: Outbox,
+        queue: EventQueue,
         transport_for: Callable[[SinkConfig], Transport] = _transport_for,
         on_delivered: Callable[[str, Sequence[float]], None] | None = None,
     ) -> None:
         self._config = config
-        self._outbox = outbox
+        self._queue = queue
         self._stopping = trio.Event()
         # Set once every worker has returned and every transport is closed.
         self.stopped = trio.Event()
         self._scope: trio.CancelScope | None = None
         self.workers = [
             SinkWorker(
-                sink, outbox, transport_for(sink), config.type_prefix, self._stopping, on_delivered
+                sink, queue, transport_for(sink), config.type_prefix, self._stopping, on_delivered
             )
             for sink in config.sinks
         ]
@@ -307,7 +252,7 @@ class Delivery:
         """Stop taking new work; sends under way get ``shutdownTimeout`` to finish."""
         self._stopping.set()
         for worker in self.workers:
-            self._outbox.wake(worker.name)
+            self._queue.wake(worker.name)
         if self._scope is not None:
             self._scope.deadline = trio.current_time() + self._config.shutdown_timeout
 

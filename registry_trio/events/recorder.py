@@ -9,7 +9,7 @@ from .model import Action, Event
 
 if TYPE_CHECKING:
     from .filters import SinkFilter
-    from .queue import Outbox
+    from .queue import EventQueue
 
 
 class EventRecorder(Protocol):
@@ -37,16 +37,16 @@ class NullRecorder:
 
 
 class QueueRecorder:
-    """Routes each event to the sinks whose filter matches, through the durable outbox."""
+    """Routes each event to the sinks whose filter matches, through the durable queue."""
 
-    def __init__(self, outbox: Outbox, filters: Sequence[SinkFilter]) -> None:
-        self._outbox = outbox
+    def __init__(self, queue: EventQueue, filters: Sequence[SinkFilter]) -> None:
+        self._queue = queue
         self._filters = tuple(filters)
 
     def wants(self, action: Action) -> bool:
         return any(f.wants(action) for f in self._filters)
 
     async def record(self, events: Sequence[Event]) -> None:
-        await self._outbox.append(
+        await self._queue.append(
             [(e, [f.sink for f in self._filters if f.matches(e)]) for e in events]
         )

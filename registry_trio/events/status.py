@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..config import SinkConfig
-from .queue import DeadLetter, OutboxReader
+from .queue import DeadLetter, EventQueue
 
 __all__ = ["dead_letter_json", "redact_address", "sink_status"]
 
@@ -23,8 +23,8 @@ def redact_address(address: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-async def sink_status(reader: OutboxReader, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
-    counts = await reader.counts(str(sink.name))
+async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
+    counts = await queue.counts(str(sink.name))
     now = time.time()
     return {
         "name": sink.name,

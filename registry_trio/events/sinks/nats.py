@@ -31,10 +31,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -42,6 +40,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from ...config import SinkConfig
+from ..natsconn import connect_options, secrets
 from . import DELIVERED, Message, Outcome, Result
 from ._asyncio_bridge import AsyncioThread
 
@@ -56,31 +55,6 @@ RECONNECT_WAIT = 0.5
 PER_HOP = 256
 
 
-def _tls_context(config: SinkConfig) -> ssl.SSLContext | None:
-    tls = config.tls
-    if tls is None:
-        if config.address.startswith("tls://"):
-            return ssl.create_default_context()
-        return None
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
-def _secrets(config: SinkConfig) -> list[str]:
-    """Everything that must never appear in an error text or a log line."""
-    out = []
-    if config.credentials is not None:
-        out += [config.credentials.password or "", config.credentials.token or ""]
-    parts = urlsplit(config.address)
-    out += [parts.password or "", parts.username or ""]
-    return [s for s in out if s]
-
-
 class _Publisher:
     """The NATS side of one sink. Every method runs on the sink's asyncio thread."""
 
@@ -90,7 +64,8 @@ class _Publisher:
         self._jetstream = config.mode == "jetstream"
         self._timeout = float(config.timeout)
         self._secrets = secrets
-        self._options = self._connect_options(config)
+        self._options = connect_options(config, f"registry-trio sink {config.name}")
+        self._options["reconnect_time_wait"] = RECONNECT_WAIT
         self._nc: Client | None = None
         # JetStream acks come back on one wildcard inbox per connection, matched by token.
         self._ack_prefix = ""
@@ -103,32 +78,6 @@ class _Publisher:
         # (an authorization violation says more than the connection reset that follows it).
         self._last_error = ""
         self._server_error = ""
-
-    @staticmethod
-    def _connect_options(config: SinkConfig) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "servers": [config.address],
-            "name": f"registry-trio sink {config.name}",
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,  # forever: the sink outlives any outage
-            "reconnect_time_wait": RECONNECT_WAIT,
-            "connect_timeout": float(config.timeout),
-        }
-        tls = _tls_context(config)
-        if tls is not None:
-            options["tls"] = tls
-        creds = config.credentials
-        if creds is not None:
-            if creds.username is not None:
-                options["user"] = creds.username
-                options["password"] = creds.password or ""
-            if creds.token:
-                options["token"] = creds.token
-            if creds.creds_file:
-                options["user_credentials"] = creds.creds_file
-            if creds.nkey_file:
-                options["nkeys_seed"] = creds.nkey_file
-        return options
 
     def _describe(self, exc: BaseException) -> str:
         """The failure in words, with any secret blanked out."""
@@ -346,7 +295,7 @@ class NATSSink:
     per_hop = PER_HOP
 
     def __init__(self, config: SinkConfig) -> None:
-        self._publisher = _Publisher(config, _secrets(config))
+        self._publisher = _Publisher(config, secrets(config))
         self._thread = AsyncioThread(name=f"nats-sink {config.name}")
 
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:

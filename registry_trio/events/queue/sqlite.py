@@ -29,23 +29,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .model import Event
+from ...config import SinkConfig
+from ..model import Event
+from .base import DeadLetter, Delivery, QueueError, SinkCounts
 
-__all__ = ["DeadLetter", "Delivery", "Outbox", "OutboxReader", "QueueError", "SinkCounts"]
+__all__ = ["Outbox", "OutboxReader"]
 
 log = logging.getLogger("registry_trio.events.queue")
+
+# Rows read per query when overtaking is allowed (concurrent mode skips rows not yet due).
+READ_AHEAD = 256
+# An idle consumer looks at the queue at least this often even without a signal, so work
+# committed by another process (`registry-trio events replay` or `gc` on a live queue) is
+# picked up without a push to wake it.
+IDLE_POLL = 2.0
 
 PENDING = 0
 DEAD = 2
@@ -85,40 +95,6 @@ CREATE TABLE IF NOT EXISTS sink_counters (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-class QueueError(Exception):
-    """The queue could not commit; nothing that depended on it may be acknowledged."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One event owed to one sink."""
-
-    seq: int
-    event: Event
-    attempts: int
-    created: float
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    seq: int
-    sink: str
-    event: Event
-    attempts: int
-    last_error: str
-
-
-@dataclass(frozen=True)
-class SinkCounts:
-    pending: int
-    dead: int
-    delivered: int
-    failed_attempts: int
-    oldest_pending: float | None
-    last_error: str | None
-    last_error_at: float | None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -392,8 +368,151 @@ class Outbox:
         await self._write(apply, [sink])
         return replayed
 
+    # -- reads (the EventQueue contract) ------------------------------------------------
+
     def reader(self) -> OutboxReader:
         return OutboxReader(self.path)
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[OutboxReader]:
+        # A connection per operator read: they are rare, and none then outlives the queue.
+        reader = self.reader()
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    async def counts(self, sink: str) -> SinkCounts:
+        async with self._reading() as reader:
+            return await reader.counts(sink)
+
+    async def dead(self, sink: str, limit: int = 100, after: int = 0) -> list[DeadLetter]:
+        async with self._reading() as reader:
+            return await reader.dead(sink, limit, after)
+
+    @contextlib.asynccontextmanager
+    async def consumer(
+        self, sink: SinkConfig, *, take_limit: int, stopping: trio.Event
+    ) -> AsyncIterator[SqliteSinkQueue]:
+        reader = self.reader()
+        try:
+            yield SqliteSinkQueue(self, reader, sink, take_limit, stopping)
+        finally:
+            reader.close()
+
+
+class SqliteSinkQueue:
+    """One sink's deliveries in the outbox: reads due rows, writes outcomes through the writer.
+
+    In-flight deliveries are kept in memory only: after a crash they are simply pending.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        reader: OutboxReader,
+        sink: SinkConfig,
+        take_limit: int,
+        stopping: trio.Event,
+    ) -> None:
+        self._outbox = outbox
+        self._reader = reader
+        self._name = str(sink.name)
+        self._ordered = sink.concurrency == 1
+        self._group = sink.batch.max_events if sink.batches else 1
+        self._max_wait = float(sink.batch.max_wait)
+        self._take_limit = take_limit
+        self._stopping = stopping
+        self._read_lock = trio.Lock()
+        self._in_flight: set[int] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _read(self) -> list[tuple[Delivery, float]]:
+        async with self._read_lock:
+            if self._ordered:
+                # In order, what is in flight is a prefix of the queue: read past it rather
+                # than parse its rows again only to skip them.
+                after = max(self._in_flight, default=0)
+                return await self._reader.pending(self._name, self._take_limit, after)
+            return await self._reader.pending(self._name, READ_AHEAD + len(self._in_flight))
+
+    async def take(self, *, wait: bool = True) -> list[Delivery]:
+        filling_until: float | None = None
+        while not self._stopping.is_set():
+            # Taken before reading, so a commit that lands after the read still wakes us.
+            signal = self._outbox.signal(self._name)
+            now = time.time()
+            due: list[Delivery] = []
+            next_due = math.inf
+            for owed, due_at in await self._read():
+                if owed.seq in self._in_flight:
+                    continue
+                if due_at > now:
+                    next_due = min(next_due, due_at)
+                    if self._ordered:
+                        break  # never overtake an event that waits for its retry
+                    continue
+                due.append(owed)
+                if len(due) >= self._take_limit:
+                    break
+            wait_for_more = (
+                wait
+                and due
+                and len(due) < self._group
+                and self._max_wait > 0
+                and (filling_until is None or trio.current_time() < filling_until)
+            )
+            if due and not wait_for_more:
+                self._in_flight.update(o.seq for o in due)
+                return due
+            if not wait:
+                return []
+            if wait_for_more:
+                # Let the batch fill for the rest of its window without re-reading the queue
+                # at every commit (each read parses every pending row again). A stop ends
+                # the wait at once.
+                if filling_until is None:
+                    filling_until = trio.current_time() + self._max_wait
+                with trio.move_on_at(filling_until):
+                    await self._stopping.wait()
+                continue
+            deadline = trio.current_time() + min(max(next_due - now, 0.0), IDLE_POLL)
+            with trio.move_on_at(deadline):
+                await signal.wait()
+        return []
+
+    def _done(self, deliveries: Sequence[Delivery]) -> list[int]:
+        seqs = [d.seq for d in deliveries]
+        self._in_flight.difference_update(seqs)
+        return seqs
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        self._done(deliveries)
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        try:
+            await self._outbox.ack(self._name, [d.seq for d in deliveries])
+        finally:
+            self._done(deliveries)
+
+    async def retry_later(
+        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+    ) -> None:
+        try:
+            await self._outbox.retry_later(
+                self._name, [d.seq for d in deliveries], next_attempt, error
+            )
+        finally:
+            self._done(deliveries)
+
+    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+        try:
+            await self._outbox.bury(self._name, [d.seq for d in deliveries], error)
+        finally:
+            self._done(deliveries)
 
 
 # Rows per multi-row statement. executemany steps SQLite once per row, and the sqlite3 module

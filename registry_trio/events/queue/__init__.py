@@ -1,0 +1,56 @@
+"""The durable event queue: one contract (:mod:`.base`), two stores.
+
+- ``type: sqlite`` (the default): :class:`Outbox`, an SQLite file under
+  ``queue.directory``. Right for one registry instance: it commits locally, with nothing
+  else to run.
+- ``type: jetstream``: :class:`~registry_trio.events.queue.jetstream.JetStreamQueue`, a NATS
+  JetStream stream shared by several instances serving one storage; any live instance
+  delivers what another one accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from ...config import EventsConfig
+from .base import DeadLetter, Delivery, EventQueue, QueueError, SinkCounts, SinkQueue
+from .sqlite import Outbox, OutboxReader
+
+__all__ = [
+    "DeadLetter",
+    "Delivery",
+    "EventQueue",
+    "Outbox",
+    "OutboxReader",
+    "QueueError",
+    "SinkCounts",
+    "SinkQueue",
+    "open_queue",
+    "running_queue",
+]
+
+
+def open_queue(
+    events: EventsConfig, on_commit: Callable[[int, float], None] | None = None
+) -> EventQueue:
+    """The queue ``events.queue`` configures (not yet running: start its ``run``)."""
+    if events.queue.type == "jetstream":
+        from .jetstream import JetStreamQueue
+
+        return JetStreamQueue(events.queue, [str(s.name) for s in events.sinks], on_commit)
+    return Outbox(events.queue.directory, on_commit=on_commit)
+
+
+@contextlib.asynccontextmanager
+async def running_queue(events: EventsConfig) -> AsyncIterator[EventQueue]:
+    """The configured queue, running for the length of the block (commands beside a server)."""
+    queue = open_queue(events)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.run)
+        try:
+            yield queue
+        finally:
+            queue.close()

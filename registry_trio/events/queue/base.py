@@ -1,0 +1,139 @@
+"""What every event queue offers, whatever stores it.
+
+Two implementations share this contract: the embedded SQLite outbox
+(:mod:`~registry_trio.events.queue.sqlite`, one instance) and a JetStream stream
+(:mod:`~registry_trio.events.queue.jetstream`, several instances on one storage). The API
+layer only appends; delivery only takes, acknowledges, reschedules and buries, through one
+:class:`SinkQueue` per sink; operators read counts and dead letters and replay them. The
+guarantees live behind these calls, so the same tests hold both implementations to them:
+
+- :meth:`EventQueue.append` returns only once the events are durable; a failure raises
+  :class:`QueueError` and nothing may be acknowledged to the client.
+- :meth:`SinkQueue.take` hands out each owed event until it is acknowledged or buried; an
+  event taken and never acknowledged (a crash, a stop) is handed out again: at least once.
+- In order (``concurrency: 1``), nothing is handed out past an event that waits for a retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ...config import SinkConfig
+from ..model import Event
+
+__all__ = ["DeadLetter", "Delivery", "EventQueue", "QueueError", "SinkCounts", "SinkQueue"]
+
+
+class QueueError(Exception):
+    """The queue could not commit; nothing that depended on it may be acknowledged."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event owed to one sink; ``seq`` is its position in the queue (enqueue order)."""
+
+    seq: int
+    event: Event
+    attempts: int
+    created: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    # A cursor for paging through dead letters (?after=), in the order they were buried.
+    seq: int
+    sink: str
+    event: Event
+    attempts: int
+    last_error: str
+
+
+@dataclass(frozen=True)
+class SinkCounts:
+    pending: int
+    dead: int
+    delivered: int
+    failed_attempts: int
+    oldest_pending: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+class SinkQueue(Protocol):
+    """One sink's view of the queue, owned by that sink's delivery worker."""
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries taken and not yet acknowledged, rescheduled, buried or released."""
+        ...
+
+    async def take(self, *, wait: bool = True) -> list[Delivery]:
+        """Due deliveries in enqueue order, up to one take's worth; waits for some to be due.
+
+        ``wait=False`` looks once. Returns an empty list when the worker is stopping.
+        A batch sink's take waits up to the sink's ``batch.maxWait`` for the batch to fill.
+        """
+        ...
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back deliveries that were taken but never attempted (read ahead, a stop)."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """They reached the sink: never hand them out again."""
+        ...
+
+    async def retry_later(
+        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+    ) -> None:
+        """A failed attempt: due again at ``next_attempt`` (a Unix time)."""
+        ...
+
+    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+        """Move them to the dead-letter store, where they wait for a replay."""
+        ...
+
+
+class EventQueue(Protocol):
+    # This registry instance's id, persisted across restarts (events' source.instanceID).
+    instance_id: str
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the queue and serve it until :meth:`close`; started once it accepts appends."""
+        ...
+
+    def close(self) -> None:
+        """Stop accepting appends; :meth:`run` returns once what was accepted is stored."""
+        ...
+
+    async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
+        """Store events, each owed to the named sinks; return once durable."""
+        ...
+
+    def consumer(
+        self, sink: SinkConfig, *, take_limit: int, stopping: trio.Event
+    ) -> AbstractAsyncContextManager[SinkQueue]:
+        """The sink's queue for one run of its delivery worker (``async with``)."""
+        ...
+
+    def wake(self, sink: str) -> None:
+        """Make a waiting :meth:`SinkQueue.take` of ``sink`` look again (used on stop)."""
+        ...
+
+    async def counts(self, sink: str) -> SinkCounts: ...
+
+    async def dead(self, sink: str, limit: int = 100, after: int = 0) -> list[DeadLetter]:
+        """Dead letters of ``sink`` in the order buried, after the cursor ``after``."""
+        ...
+
+    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
+        """Move dead letters (all, or those events) back to pending; how many moved.
+
+        They keep their event id; their attempt count starts over.
+        """
+        ...
