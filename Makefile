@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bigblob.py
 	$(BIN)/python bench/nats.py
 	$(BIN)/python bench/events.py
+	$(BIN)/python bench/backlog.py
 	$(BIN)/python bench/auth.py
 	$(BIN)/python bench/crash_soak.py
 	$(BIN)/python bench/compare.py
