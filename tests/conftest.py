@@ -82,3 +82,32 @@ async def sink(nursery: trio.Nursery) -> AsyncIterator[object]:
     server = HTTPSinkServer()
     await server.start(nursery)
     yield server
+
+
+QUEUE_TYPES = ("sqlite", "jetstream")
+
+
+@pytest.fixture(params=QUEUE_TYPES)
+async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+    """``extensions.events.queue`` for each implementation: the guarantees hold for both.
+
+    JetStream runs on a real nats-server (file storage, fsync always); ``ackWait`` is short
+    so that a killed instance's run is handed out within the test's deadlines.
+    """
+    directory = str(tmp_path / "queue_data")
+    if request.param == "sqlite":
+        yield {"directory": directory}
+        return
+    from tests.nats_server import nats_server
+
+    async with nats_server(tmp_path / "nats") as server:
+        yield {"type": "jetstream", "address": server.url, "directory": directory, "ackWait": "2s"}
+
+
+async def counts_until(config: Config, sink_name: str, predicate, within: float = 20):
+    """The sink's counts, read through the configured queue, once ``predicate`` holds."""
+    from registry_trio.events.queue import running_queue
+    from tests.waiting import eventually
+
+    async with running_queue(config.extensions.events) as queue:
+        return await eventually(lambda: queue.counts(sink_name), predicate, within)

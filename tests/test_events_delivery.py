@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,10 +13,9 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 
 from registry_trio.client import RegistryClient, make_image
-from registry_trio.events.queue import OutboxReader, QueueError
-from tests.conftest import events_config, start_registry
+from registry_trio.events.queue import QueueError
+from tests.conftest import counts_until, events_config, start_registry
 from tests.sink import HTTPSinkServer
-from tests.waiting import eventually
 
 
 def http_sink(sink, **extra):
@@ -30,8 +28,8 @@ def http_sink(sink, **extra):
     }
 
 
-async def test_push_produces_enriched_cloudevents(nursery, tmp_path, sink):
-    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+async def test_push_produces_enriched_cloudevents(nursery, tmp_path, sink, queue):
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink), queue=queue))
     image = make_image((4096,))
     async with httpx.AsyncClient(
         base_url=registry.url, headers={"User-Agent": "tester/1.0"}
@@ -95,14 +93,6 @@ def manifest_pushes(events):
     return [e for e in events if e.get("type", e.get("action")) in ("zotregistry.image.updated",)]
 
 
-async def counts_until(queue_dir: Path, sink_name: str, predicate):
-    reader = OutboxReader(queue_dir / "events.db")
-    try:
-        return await eventually(lambda: reader.counts(sink_name), predicate)
-    finally:
-        reader.close()
-
-
 async def test_binary_format_parses_back(nursery, tmp_path, sink):
     registry = await start_registry(
         nursery, events_config(tmp_path, http_sink(sink, format="cloudevents-binary"))
@@ -118,7 +108,7 @@ async def test_binary_format_parses_back(nursery, tmp_path, sink):
     assert parsed.get_subject() == "fmt/binary:v1"
 
 
-async def test_batch_format_carries_several_events(nursery, tmp_path, sink):
+async def test_batch_format_carries_several_events(nursery, tmp_path, sink, queue):
     registry = await start_registry(
         nursery,
         events_config(
@@ -126,6 +116,7 @@ async def test_batch_format_carries_several_events(nursery, tmp_path, sink):
             http_sink(
                 sink, format="cloudevents-batch", batch={"maxEvents": 50, "maxWait": "200ms"}
             ),
+            queue=queue,
         ),
     )
     await push(registry, "fmt/batch", "v1")
@@ -166,54 +157,57 @@ async def test_distribution_envelope_uses_event_go_names(nursery, tmp_path, sink
     assert set(manifest["source"]) == {"addr", "instanceID"}
 
 
-async def test_sink_outage_then_recovery_delivers_everything_in_order(nursery, tmp_path, sink):
-    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+async def test_sink_outage_then_recovery_delivers_everything_in_order(
+    nursery, tmp_path, sink, queue
+):
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink), queue=queue))
     await sink.stop()
     tags = [f"v{i}" for i in range(8)]
     for tag in tags:
         await push(registry, "outage/app", tag)
-    await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.failed_attempts >= 2)
+    await counts_until(registry.config, sink.url, lambda c: c.failed_attempts >= 2)
     await sink.start(nursery)  # same port: the sink is back
     events = await sink.wait_for(lambda evs: len(manifest_pushes(evs)) == len(tags))
     assert [e["data"]["reference"] for e in manifest_pushes(events)] == tags
     assert len(events) == len(tags) * 3 + 1  # 2 blobs + manifest each, 1 repository.created
     ids = [e["id"] for e in events]
     assert len(set(ids)) == len(ids)
-    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.pending == 0)
+    counts = await counts_until(registry.config, sink.url, lambda c: c.pending == 0)
     assert counts.delivered == len(events) and counts.dead == 0
 
 
-async def test_permanent_rejection_goes_to_dead_letters(nursery, tmp_path, sink, caplog):
+async def test_permanent_rejection_goes_to_dead_letters(nursery, tmp_path, sink, caplog, queue):
     sink.status = 400
-    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink), queue=queue))
     await push(registry, "dead/app", "v1")
-    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.dead == 4)
+    counts = await counts_until(registry.config, sink.url, lambda c: c.dead == 4)
     assert counts.pending == 0 and counts.delivered == 0
     assert counts.last_error == "rejected: HTTP 400 from the sink"
     assert sum("moved to dead letters" in r.getMessage() for r in caplog.records) == 4
 
 
-async def test_exhausted_retry_budget_goes_to_dead_letters(nursery, tmp_path, sink):
+async def test_exhausted_retry_budget_goes_to_dead_letters(nursery, tmp_path, sink, queue):
     sink.status = 503
     registry = await start_registry(
         nursery,
         events_config(
             tmp_path,
             http_sink(sink, retry={"initialBackoff": "1ms", "maxBackoff": "5ms", "maxAttempts": 3}),
+            queue=queue,
         ),
     )
     await push(registry, "budget/app", "v1")
-    counts = await counts_until(tmp_path / "queue_data", sink.url, lambda c: c.dead == 4)
+    counts = await counts_until(registry.config, sink.url, lambda c: c.dead == 4)
     assert counts.failed_attempts == 12  # 3 attempts for each of 4 events
     assert counts.last_error.startswith("retry budget exhausted: HTTP 503")
 
 
-async def test_hanging_sink_blocks_neither_pushes_nor_other_sinks(nursery, tmp_path, sink):
+async def test_hanging_sink_blocks_neither_pushes_nor_other_sinks(nursery, tmp_path, sink, queue):
     hanging = HTTPSinkServer(delay=60)
     await hanging.start(nursery)
     registry = await start_registry(
         nursery,
-        events_config(tmp_path, http_sink(hanging, timeout="30s"), http_sink(sink)),
+        events_config(tmp_path, http_sink(hanging, timeout="30s"), http_sink(sink), queue=queue),
     )
     with trio.fail_after(10):  # each push is milliseconds; a blocked one would hit this
         for i in range(5):
@@ -223,7 +217,7 @@ async def test_hanging_sink_blocks_neither_pushes_nor_other_sinks(nursery, tmp_p
     assert hanging.received == []
 
 
-async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypatch, caplog):
+async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypatch, caplog, queue):
     from registry_trio.events.sinks.http import HTTPSink
 
     real_send = HTTPSink.send
@@ -236,7 +230,7 @@ async def test_crashed_sink_task_is_restarted(nursery, tmp_path, sink, monkeypat
         return await real_send(self, messages)
 
     monkeypatch.setattr(HTTPSink, "send", crash_once)
-    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink), queue=queue))
     await push(registry, "crash/app", "v1")
     events = await sink.wait_for(lambda evs: len(evs) == 4)
     assert [e["type"] for e in events][-1] == "zotregistry.image.updated"

@@ -29,16 +29,13 @@ from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
 from .queue import Delivery as Owed
 from .queue import EventQueue, SinkQueue
+from .queue.base import take_limit
 from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
 
 __all__ = ["Delivery", "SinkWorker"]
 
 log = logging.getLogger("registry_trio.events.delivery")
-
-# In ordered mode a single-event format sends this many events one after another before
-# acknowledging them in one commit; a crash in between redelivers at most this many.
-ORDERED_RUN = 64
 
 
 def full_jitter(attempt: int, initial: float, cap: float) -> float:
@@ -71,9 +68,7 @@ class SinkWorker:
         self._encode = encoder_for(config.format)
         self._group = config.batch.max_events if config.batches else 1
         self._ordered = config.concurrency == 1
-        # How many deliveries one take may hold: a batch, or an ordered run of single sends.
-        # Concurrent loops take one request's worth each, so they really run in parallel.
-        self._take_limit = ORDERED_RUN if self._ordered and not config.batches else self._group
+        self._take_limit = take_limit(config)
         self._sink_queue: SinkQueue | None = None
 
     @property
@@ -82,10 +77,7 @@ class SinkWorker:
         return 0 if self._sink_queue is None else self._sink_queue.in_flight
 
     async def run(self) -> None:
-        consumer = self._queue.consumer(
-            self.config, take_limit=self._take_limit, stopping=self._stopping
-        )
-        async with consumer as sink_queue:
+        async with self._queue.consumer(self.config, stopping=self._stopping) as sink_queue:
             self._sink_queue = sink_queue
             try:
                 async with trio.open_nursery() as nursery:

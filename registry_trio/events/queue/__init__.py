@@ -40,7 +40,7 @@ def open_queue(
     if events.queue.type == "jetstream":
         from .jetstream import JetStreamQueue
 
-        return JetStreamQueue(events.queue, [str(s.name) for s in events.sinks], on_commit)
+        return JetStreamQueue(events.queue, events.sinks, on_commit)
     return Outbox(events.queue.directory, on_commit=on_commit)
 
 

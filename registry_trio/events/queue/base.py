@@ -26,7 +26,30 @@ import trio
 from ...config import SinkConfig
 from ..model import Event
 
-__all__ = ["DeadLetter", "Delivery", "EventQueue", "QueueError", "SinkCounts", "SinkQueue"]
+__all__ = [
+    "ORDERED_RUN",
+    "DeadLetter",
+    "Delivery",
+    "EventQueue",
+    "QueueError",
+    "SinkCounts",
+    "SinkQueue",
+    "take_limit",
+]
+
+# In ordered mode a single-event format sends this many events one after another before
+# acknowledging them together; a crash in between redelivers at most this many.
+ORDERED_RUN = 64
+
+
+def take_limit(sink: SinkConfig) -> int:
+    """How many deliveries one take may hold: one batch, or one ordered run of single sends.
+
+    Concurrent loops take one request's worth each, so they really run in parallel.
+    """
+    if sink.batches:
+        return sink.batch.max_events
+    return ORDERED_RUN if sink.concurrency == 1 else 1
 
 
 class QueueError(Exception):
@@ -116,7 +139,7 @@ class EventQueue(Protocol):
         ...
 
     def consumer(
-        self, sink: SinkConfig, *, take_limit: int, stopping: trio.Event
+        self, sink: SinkConfig, *, stopping: trio.Event
     ) -> AbstractAsyncContextManager[SinkQueue]:
         """The sink's queue for one run of its delivery worker (``async with``)."""
         ...

@@ -44,7 +44,7 @@ import trio
 
 from ...config import SinkConfig
 from ..model import Event
-from .base import DeadLetter, Delivery, QueueError, SinkCounts
+from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
 
 __all__ = ["Outbox", "OutboxReader"]
 
@@ -392,11 +392,11 @@ class Outbox:
 
     @contextlib.asynccontextmanager
     async def consumer(
-        self, sink: SinkConfig, *, take_limit: int, stopping: trio.Event
+        self, sink: SinkConfig, *, stopping: trio.Event
     ) -> AsyncIterator[SqliteSinkQueue]:
         reader = self.reader()
         try:
-            yield SqliteSinkQueue(self, reader, sink, take_limit, stopping)
+            yield SqliteSinkQueue(self, reader, sink, stopping)
         finally:
             reader.close()
 
@@ -412,7 +412,6 @@ class SqliteSinkQueue:
         outbox: Outbox,
         reader: OutboxReader,
         sink: SinkConfig,
-        take_limit: int,
         stopping: trio.Event,
     ) -> None:
         self._outbox = outbox
@@ -421,7 +420,7 @@ class SqliteSinkQueue:
         self._ordered = sink.concurrency == 1
         self._group = sink.batch.max_events if sink.batches else 1
         self._max_wait = float(sink.batch.max_wait)
-        self._take_limit = take_limit
+        self._take_limit = take_limit(sink)
         self._stopping = stopping
         self._read_lock = trio.Lock()
         self._in_flight: set[int] = set()

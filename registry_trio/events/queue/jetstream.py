@@ -1,0 +1,677 @@
+"""The event queue on NATS JetStream, shared by every registry instance serving one storage.
+
+Layout, for ``queue.stream: S`` (created when missing; names from a hash of each sink name)::
+
+    stream S          subjects S.sink.<sink>   file storage, interest retention: a message
+                                               stays until its sink's consumer acknowledged it
+    consumer sink_<sink>                       durable, explicit acks, shared by all instances
+    stream S_DEAD     subjects S.dead.<sink>   dead letters, kept until replayed
+    KV bucket S_COUNTERS  <sink>.<instance>    delivered / failed attempts / last error, one
+                                               key per instance (no two writers per key)
+
+**Append**: one message per (event, sink that wants it), published with ``Nats-Msg-Id`` =
+``<event id>.<sink>`` and the stream's acknowledgement awaited before the request gets its
+2xx. A publish retried after a lost ack is dropped by the stream's duplicate window.
+
+**Delivery**: each sink's worker, on every instance, pulls from the sink's durable consumer.
+``max_ack_pending`` is one take's worth (times the sink's concurrency), so while one instance
+holds an ordered sink's run, no instance is handed anything after it: order across instances
+comes from the server. A failed run is *held* by its instance and retried there with backoff
+(``in_progress`` keeps JetStream from handing it out meanwhile); in order, the
+acknowledgements of a run are withheld until the whole run is delivered, so the slots it
+frees can never let a later event overtake. An instance that dies stops sending
+``in_progress``; after ``queue.ackWait`` JetStream hands its run to a live instance (which
+may send again what the dead one had delivered: same ids, at least once).
+
+Everything NATS happens on one asyncio thread (:class:`AsyncioThread`); the Trio side holds
+nats-py messages only as opaque handles it passes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from ...config import QueueConfig, SinkConfig
+from ..model import Event
+from ..natsconn import connect_options, secrets
+from ..sinks._asyncio_bridge import AsyncioThread
+from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
+
+__all__ = ["JetStreamQueue"]
+
+log = logging.getLogger("registry_trio.events.queue.jetstream")
+
+# One pull request waits this long for messages before the worker looks at its state again.
+FETCH_POLL = 1.0
+# After a NATS error while taking, wait this long before trying again.
+ERROR_PAUSE = 0.5
+
+
+def sink_token(sink: str) -> str:
+    """A subject and consumer-name token for a sink name (names may be any URL)."""
+    return hashlib.sha256(sink.encode()).hexdigest()[:16]
+
+
+def _header_text(text: str) -> str:
+    # A NATS header value is one line.
+    return " ".join(text.split())[:1000]
+
+
+@dataclass
+class _Counters:
+    delivered: int = 0
+    failed_attempts: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class _JetStream:
+    """The NATS side of the queue. Every method runs on the queue's asyncio thread."""
+
+    def __init__(self, config: QueueConfig, sinks: Sequence[SinkConfig], instance_id: str) -> None:
+        self._config = config
+        self._stream = config.stream
+        self._dead_stream = f"{config.stream}_DEAD"
+        self._bucket = f"{config.stream}_COUNTERS"
+        self._sinks = list(sinks)
+        self._instance = instance_id
+        self._timeout = float(config.timeout)
+        self._secrets = secrets(config)
+        self._nc: Client | None = None
+        self._js: Any = None
+        self._kv: Any = None
+        self._counters: dict[str, _Counters] = {}
+
+    def describe(self, exc: BaseException) -> str:
+        if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+            text = f"timed out ({type(exc).__name__})"
+        else:
+            detail = str(exc).strip()
+            text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        nc = Client()
+        await nc.connect(**connect_options(self._config, "registry-trio event queue"))
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._timeout)
+        storage = api.StorageType.FILE
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self._stream,
+                subjects=[f"{self._stream}.sink.*"],
+                retention=api.RetentionPolicy.INTEREST,
+                storage=storage,
+                num_replicas=self._config.replicas,
+                duplicate_window=float(self._config.duplicate_window),
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self._dead_stream,
+                subjects=[f"{self._stream}.dead.*"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=storage,
+                num_replicas=self._config.replicas,
+            )
+        )
+        try:
+            self._kv = await self._js.key_value(self._bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=self._bucket, storage=storage, replicas=self._config.replicas
+            )
+        # Consumers exist before the first append: with interest retention, a message no
+        # consumer is interested in would not be kept.
+        for sink in self._sinks:
+            await self._ensure_consumer(sink)
+            self._counters[str(sink.name)] = await self._load_counters(str(sink.name))
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self._js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(config)
+
+    async def _ensure_consumer(self, sink: SinkConfig) -> None:
+        token = sink_token(str(sink.name))
+        config = api.ConsumerConfig(
+            durable_name=f"sink_{token}",
+            description=f"registry-trio sink {sink.name}",
+            filter_subject=f"{self._stream}.sink.{token}",
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=float(self._config.ack_wait),
+            max_deliver=-1,
+            max_ack_pending=take_limit(sink) * sink.concurrency,
+        )
+        # Creating an existing durable consumer with the same (or an editable) config is a
+        # no-op or an update; every instance does it at start.
+        await self._js.add_consumer(self._stream, config)
+
+    async def _load_counters(self, sink: str) -> _Counters:
+        try:
+            entry = await self._kv.get(f"{sink_token(sink)}.{self._instance}")
+        except nats.js.errors.KeyNotFoundError:
+            return _Counters()
+        return _Counters(**json.loads(entry.value))
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.close(), self._timeout)
+            except Exception:  # already broken; nothing else to release
+                log.debug("closing the queue's NATS connection failed", exc_info=True)
+
+    # -- appending ---------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish every message and wait for all acks; raise the first failure."""
+        results = await asyncio.gather(
+            *(
+                self._js.publish(subject, body, headers=headers)
+                for subject, body, headers in messages
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # -- a sink's consumer -------------------------------------------------------------------
+
+    async def subscribe(self, sink: str) -> Any:
+        token = sink_token(sink)
+        return await self._js.pull_subscribe_bind(f"sink_{token}", self._stream)
+
+    async def unsubscribe(self, subscription: Any) -> None:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+
+    async def fetch(self, subscription: Any, batch: int, expires: float) -> list[Msg]:
+        try:
+            return await subscription.fetch(batch, timeout=expires)
+        except nats.errors.TimeoutError:
+            return []
+
+    async def settle(
+        self, *, ack: Sequence[Msg] = (), nak: Sequence[Msg] = (), progress: Sequence[Msg] = ()
+    ) -> None:
+        """Hand back, keep (``in_progress``) or acknowledge messages, in that order; pipelined.
+
+        Hand-backs go first so that slots freed by the acks cannot be filled past them.
+        """
+        for msg in nak:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.nak()
+        for msg in progress:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.in_progress()
+        for msg in ack:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.ack()
+        if self._nc is not None:
+            await self._nc.flush(timeout=self._timeout)  # type: ignore[arg-type]
+
+    async def count(
+        self, sink: str, *, delivered: int = 0, failed: int = 0, error: str | None = None
+    ) -> None:
+        counters = self._counters.setdefault(sink, _Counters())
+        counters.delivered += delivered
+        counters.failed_attempts += failed
+        if error is not None:
+            counters.last_error, counters.last_error_at = error, time.time()
+        value = json.dumps(counters.__dict__).encode()
+        await self._kv.put(f"{sink_token(sink)}.{self._instance}", value)
+
+    async def bury(self, sink: str, letters: Sequence[tuple[Msg, Delivery]], error: str) -> None:
+        token = sink_token(sink)
+        for msg, owed in letters:
+            headers = {
+                "Nats-Msg-Id": f"{owed.event.id}.{token}.dead.{owed.seq}",
+                "Registry-Sink": _header_text(sink),
+                "Registry-Attempts": str(owed.attempts + 1),
+                "Registry-Error": _header_text(error),
+            }
+            await self._js.publish(f"{self._stream}.dead.{token}", msg.data, headers=headers)
+        await self.settle(ack=[msg for msg, _ in letters])
+
+    # -- operators ---------------------------------------------------------------------------
+
+    async def counts(self, sink: str) -> SinkCounts:
+        token = sink_token(sink)
+        info = await self._js.consumer_info(self._stream, f"sink_{token}")
+        pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        oldest = None
+        if pending:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                raw = await self._js.get_msg(
+                    self._stream, seq=floor + 1, subject=f"{self._stream}.sink.{token}", next=True
+                )
+                oldest = Event.from_bytes(raw.data).time.timestamp()
+        dead_subject = f"{self._stream}.dead.{token}"
+        dead_info = await self._js.stream_info(self._dead_stream, subjects_filter=dead_subject)
+        dead = (dead_info.state.subjects or {}).get(dead_subject, 0)
+        total = _Counters()
+        try:
+            # Unfiltered (nats-py warns about filters on older servers): one key per
+            # instance and sink is few.
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in (k for k in keys if k.startswith(f"{token}.")):
+            entry = await self._kv.get(key)
+            part = _Counters(**json.loads(entry.value))
+            total.delivered += part.delivered
+            total.failed_attempts += part.failed_attempts
+            if part.last_error_at is not None and (
+                total.last_error_at is None or part.last_error_at > total.last_error_at
+            ):
+                total.last_error, total.last_error_at = part.last_error, part.last_error_at
+        return SinkCounts(
+            pending=pending,
+            dead=dead,
+            delivered=total.delivered,
+            failed_attempts=total.failed_attempts,
+            oldest_pending=oldest,
+            last_error=total.last_error,
+            last_error_at=total.last_error_at,
+        )
+
+    async def _dead_messages(self, sink: str, after: int) -> AsyncIterator[api.RawStreamMsg]:
+        subject = f"{self._stream}.dead.{sink_token(sink)}"
+        seq = after + 1
+        while True:
+            try:
+                raw = await self._js.get_msg(self._dead_stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return
+            yield raw
+            seq = raw.seq + 1
+
+    async def dead(self, sink: str, limit: int, after: int) -> list[DeadLetter]:
+        letters = []
+        async for raw in self._dead_messages(sink, after):
+            headers = raw.headers or {}
+            letters.append(
+                DeadLetter(
+                    seq=raw.seq,
+                    sink=sink,
+                    event=Event.from_bytes(raw.data),
+                    attempts=int(headers.get("Registry-Attempts", "0")),
+                    last_error=headers.get("Registry-Error", ""),
+                )
+            )
+            if len(letters) >= limit:
+                break
+        return letters
+
+    async def replay(self, sink: str, event_ids: Sequence[str] | None) -> int:
+        token = sink_token(sink)
+        wanted = None if event_ids is None else set(event_ids)
+        replayed = 0
+        async for raw in self._dead_messages(sink, 0):
+            event = Event.from_bytes(raw.data)
+            if wanted is not None and event.id not in wanted:
+                continue
+            # A new message id: the original is likely still inside the duplicate window.
+            headers = {"Nats-Msg-Id": f"{event.id}.{token}.replay.{raw.seq}"}
+            await self._js.publish(f"{self._stream}.sink.{token}", raw.data, headers=headers)
+            await self._js.delete_msg(self._dead_stream, raw.seq)
+            replayed += 1
+        return replayed
+
+
+class JetStreamQueue:
+    """:class:`~registry_trio.events.queue.base.EventQueue` on JetStream; see the module doc."""
+
+    def __init__(
+        self,
+        config: QueueConfig,
+        sinks: Sequence[SinkConfig],
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._sinks = list(sinks)
+        self._on_commit = on_commit
+        self.instance_id = ""
+        self._thread = AsyncioThread(name="jetstream-queue")
+        self._nats: _JetStream | None = None
+        self._closed = False
+        self._stop = trio.Event()
+        self._signals: dict[str, trio.Event] = {}
+
+    def _load_instance_id(self) -> str:
+        """This instance's id, kept in ``queue.directory`` (local to the instance)."""
+        directory = Path(self._config.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "instance_id"
+        with contextlib.suppress(FileNotFoundError):
+            if text := path.read_text().strip():
+                return text
+        instance_id = uuid.uuid4().hex
+        temp = path.with_suffix(".tmp")
+        temp.write_text(instance_id)
+        temp.replace(path)
+        return instance_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.instance_id = await trio.to_thread.run_sync(self._load_instance_id)
+        jetstream = _JetStream(self._config, self._sinks, self.instance_id)
+        try:
+            try:
+                with trio.fail_after(float(self._config.timeout) * 4):
+                    await self._thread.run(jetstream.open)
+            except (Exception, trio.TooSlowError) as exc:
+                raise QueueError(
+                    f"cannot open the JetStream queue {self._config.stream!r}: "
+                    f"{jetstream.describe(exc)}"
+                ) from exc
+            self._nats = jetstream
+            task_status.started()
+            await self._stop.wait()
+        finally:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                if self._thread.started:
+                    with contextlib.suppress(RuntimeError):
+                        await self._thread.run(jetstream.close)
+                await self._thread.aclose()
+
+    def close(self) -> None:
+        self._closed = True
+        self._stop.set()
+
+    def _jetstream(self) -> _JetStream:
+        if self._closed or self._nats is None:
+            raise QueueError("the event queue is shut down")
+        return self._nats
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one NATS operation on the queue's thread; NATS failures become QueueError."""
+        jetstream = self._jetstream()
+        try:
+            return await self._thread.run(fn, *args, **kwargs)
+        except QueueError:
+            raise
+        except Exception as exc:
+            raise QueueError(f"the JetStream queue failed: {jetstream.describe(exc)}") from exc
+
+    # -- EventQueue ----------------------------------------------------------------------------
+
+    async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
+        jetstream = self._jetstream()
+        messages = []
+        for event, sinks in items:
+            body = event.to_bytes()
+            for sink in sinks:
+                token = sink_token(sink)
+                headers = {"Nats-Msg-Id": f"{event.id}.{token}"}
+                messages.append((f"{self._config.stream}.sink.{token}", body, headers))
+        if not messages:
+            return
+        started = time.perf_counter()
+        await self.call(jetstream.publish, messages)
+        if self._on_commit is not None:
+            self._on_commit(len(messages), time.perf_counter() - started)
+
+    def wake(self, sink: str) -> None:
+        if (signal := self._signals.get(sink)) is not None:
+            signal.set()
+
+    def signal(self, sink: str) -> trio.Event:
+        signal = self._signals.get(sink)
+        if signal is None or signal.is_set():
+            signal = self._signals[sink] = trio.Event()
+        return signal
+
+    @contextlib.asynccontextmanager
+    async def consumer(
+        self, sink: SinkConfig, *, stopping: trio.Event
+    ) -> AsyncIterator[JetStreamSinkQueue]:
+        jetstream = self._jetstream()
+        subscription = await self.call(jetstream.subscribe, str(sink.name))
+        sink_queue = JetStreamSinkQueue(self, jetstream, subscription, sink, stopping)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sink_queue.keep_alive)
+                try:
+                    yield sink_queue
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Whatever this worker still holds goes back at once, not after ackWait.
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(float(self._config.timeout)),
+                contextlib.suppress(QueueError),
+            ):
+                await sink_queue.hand_back()
+                await self.call(jetstream.unsubscribe, subscription)
+
+    async def counts(self, sink: str) -> SinkCounts:
+        return await self.call(self._jetstream().counts, sink)
+
+    async def dead(self, sink: str, limit: int = 100, after: int = 0) -> list[DeadLetter]:
+        return await self.call(self._jetstream().dead, sink, limit, after)
+
+    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
+        return await self.call(self._jetstream().replay, sink, event_ids)
+
+
+@dataclass
+class _Taken:
+    """A message this instance holds: in flight, or waiting here for its retry."""
+
+    msg: Msg
+    owed: Delivery
+    due: float = 0.0  # when held: the Unix time it may be sent again
+    attempts: int = field(default=0)
+
+
+class JetStreamSinkQueue:
+    """One sink's deliveries on this instance (see the module doc for who holds what)."""
+
+    def __init__(
+        self,
+        queue: JetStreamQueue,
+        jetstream: _JetStream,
+        subscription: Any,
+        sink: SinkConfig,
+        stopping: trio.Event,
+    ) -> None:
+        self._queue = queue
+        self._nats = jetstream
+        self._subscription = subscription
+        self._name = str(sink.name)
+        self._ordered = sink.concurrency == 1
+        self._group = sink.batch.max_events if sink.batches else 1
+        self._max_wait = float(sink.batch.max_wait)
+        self._take_limit = take_limit(sink)
+        self._ack_wait = float(queue._config.ack_wait)
+        self._stopping = stopping
+        self._taken: dict[int, _Taken] = {}  # every message held, in flight or not
+        self._in_flight: set[int] = set()
+        self._withheld: list[Msg] = []  # delivered; acked once nothing before them is held
+        self._fetch_lock = trio.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _held(self) -> list[_Taken]:
+        return sorted(
+            (t for seq, t in self._taken.items() if seq not in self._in_flight),
+            key=lambda t: t.owed.seq,
+        )
+
+    def _owed(self, msg: Msg) -> Delivery:
+        event = Event.from_bytes(msg.data)
+        return Delivery(
+            seq=msg.metadata.sequence.stream,
+            event=event,
+            # Deliveries before this one were attempts that did not end in an ack.
+            attempts=max((msg.metadata.num_delivered or 1) - 1, 0),
+            created=event.time.timestamp(),
+        )
+
+    async def _fetch(self, limit: int, expires: float) -> list[Delivery]:
+        async with self._fetch_lock:
+            msgs = await self._queue.call(self._nats.fetch, self._subscription, limit, expires)
+        fresh = []
+        for msg in msgs:
+            owed = self._owed(msg)
+            if owed.seq in self._taken:
+                continue  # redelivered while we hold it (ackWait passed): ours already
+            self._taken[owed.seq] = _Taken(msg, owed, attempts=owed.attempts)
+            fresh.append(owed)
+        return fresh
+
+    async def take(self, *, wait: bool = True) -> list[Delivery]:
+        while not self._stopping.is_set():
+            signal = self._queue.signal(self._name)
+            now = time.time()
+            held = self._held()
+            due = []
+            next_due = None
+            for taken in held:
+                if taken.due > now:
+                    next_due = taken.due if next_due is None else min(next_due, taken.due)
+                    if self._ordered:
+                        break  # never overtake an event that waits for its retry
+                    continue
+                due.append(taken.owed)
+                if len(due) >= self._take_limit:
+                    break
+            if due:
+                return self._hand_out(due)
+            if held and self._ordered:
+                # Nothing may be fetched past what waits here for its retry.
+                if not wait:
+                    return []
+                assert next_due is not None
+                with trio.move_on_after(max(next_due - now, 0.0)):
+                    await signal.wait()
+                continue
+            try:
+                fresh = await self._fetch(self._take_limit, FETCH_POLL if wait else 0.05)
+                if fresh and wait and len(fresh) < self._group and self._max_wait > 0:
+                    fresh += await self._fill(len(fresh))
+            except QueueError as exc:
+                log.warning("sink %s: taking from the queue failed: %s", self._name, exc)
+                if not wait:
+                    return []
+                with trio.move_on_after(ERROR_PAUSE):
+                    await signal.wait()
+                continue
+            if fresh:
+                return self._hand_out(fresh)
+            if not wait:
+                return []
+        return []
+
+    async def _fill(self, have: int) -> list[Delivery]:
+        """Let a batch fill for the sink's ``batch.maxWait``."""
+        more: list[Delivery] = []
+        until = trio.current_time() + self._max_wait
+        while have + len(more) < self._group and not self._stopping.is_set():
+            left = until - trio.current_time()
+            if left <= 0.01:
+                break
+            more += await self._fetch(self._group - have - len(more), left)
+        return more
+
+    def _hand_out(self, deliveries: list[Delivery]) -> list[Delivery]:
+        self._in_flight.update(d.seq for d in deliveries)
+        return deliveries
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        for owed in deliveries:
+            self._in_flight.discard(owed.seq)
+            if (taken := self._taken.get(owed.seq)) is not None:
+                taken.due = 0.0
+
+    def _forget(self, deliveries: Sequence[Delivery]) -> list[Msg]:
+        msgs = []
+        for owed in deliveries:
+            self._in_flight.discard(owed.seq)
+            if (taken := self._taken.pop(owed.seq, None)) is not None:
+                msgs.append(taken.msg)
+        return msgs
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        self._withheld += self._forget(deliveries)
+        if self._ordered and self._taken:
+            # An earlier or later part of the run is still held here: acknowledging this
+            # part would free slots another instance could fill past the held events.
+            acks = []
+        else:
+            acks, self._withheld = self._withheld, []
+        if acks:
+            await self._queue.call(self._nats.settle, ack=acks)
+        await self._queue.call(self._nats.count, self._name, delivered=len(deliveries))
+
+    async def retry_later(
+        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+    ) -> None:
+        for owed in deliveries:
+            self._in_flight.discard(owed.seq)
+            if (taken := self._taken.get(owed.seq)) is not None:
+                taken.due = next_attempt
+                taken.attempts += 1
+                # The next take hands these out again with their attempt count.
+                taken.owed = Delivery(owed.seq, owed.event, taken.attempts, owed.created)
+        await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
+
+    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+        letters = [(self._taken[d.seq].msg, d) for d in deliveries if d.seq in self._taken]
+        self._forget(deliveries)
+        await self._queue.call(self._nats.bury, self._name, letters, error)
+        await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
+        if self._ordered and not self._taken and self._withheld:
+            acks, self._withheld = self._withheld, []
+            await self._queue.call(self._nats.settle, ack=acks)
+
+    async def keep_alive(self) -> None:
+        """Tell JetStream, well within ``ackWait``, that what this instance holds is still
+        being worked on; an instance that dies stops saying it, and its run is handed out."""
+        while True:
+            await trio.sleep(self._ack_wait / 3)
+            msgs = [t.msg for t in self._taken.values()] + self._withheld
+            if msgs:
+                with contextlib.suppress(QueueError):
+                    await self._queue.call(self._nats.settle, progress=msgs)
+
+    async def hand_back(self) -> None:
+        """On stop: give back what is held (at once, for another instance), then ack what was
+        delivered, in that order so nothing later is handed out before the held events."""
+        held = [t.msg for t in sorted(self._taken.values(), key=lambda t: t.owed.seq)]
+        self._taken.clear()
+        self._in_flight.clear()
+        withheld, self._withheld = self._withheld, []
+        if held or withheld:
+            await self._queue.call(self._nats.settle, nak=held, ack=withheld)
