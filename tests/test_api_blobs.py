@@ -184,7 +184,8 @@ async def test_post_opens_an_upload_session(http, registry):
     assert location == f"/v2/library/app/blobs/uploads/{upload_id}"
     assert response.headers["Range"] == "0-0"
     assert response.headers["Content-Length"] == "0"
-    assert (registry.root / "uploads" / upload_id).is_dir()
+    # One file per session, empty until the first chunk.
+    assert (registry.root / "uploads" / upload_id).read_bytes() == b""
 
     status = await http.get(location)
     assert status.status_code == 204
@@ -331,7 +332,7 @@ async def test_out_of_order_or_overlapping_chunk_is_416(http, registry, content_
     assert (
         await http.patch(location, content=data[:100], headers={"Content-Range": "0-99"})
     ).status_code == 202
-    before = (registry.root / "uploads" / upload_id / "data").read_bytes()
+    before = (registry.root / "uploads" / upload_id).read_bytes()
 
     response = await http.patch(
         location, content=data[:100], headers={"Content-Range": content_range}
@@ -339,7 +340,7 @@ async def test_out_of_order_or_overlapping_chunk_is_416(http, registry, content_
     assert_oci_error(response, 416, "BLOB_UPLOAD_INVALID")
     assert response.headers["Range"] == "0-99"
     assert response.headers["Location"] == location
-    assert (registry.root / "uploads" / upload_id / "data").read_bytes() == before
+    assert (registry.root / "uploads" / upload_id).read_bytes() == before
 
     # The session is intact: the right next chunk is accepted.
     ok = await http.patch(location, content=data[100:], headers={"Content-Range": "100-299"})
@@ -415,6 +416,25 @@ async def test_session_belongs_to_its_repository(http):
     assert_oci_error(await http.patch(foreign, content=b"x"), 404, "BLOB_UPLOAD_UNKNOWN")
     assert_oci_error(await http.delete(foreign), 404, "BLOB_UPLOAD_UNKNOWN")
     assert (await http.get(location)).headers["Range"] == "0-0"
+
+
+async def test_session_in_the_earlier_directory_layout_is_honoured(http, registry):
+    # Sessions written by earlier versions: uploads/<32 hex>/{data,repository}.
+    data = random_blob(700)
+    upload_id = "0123456789abcdef0123456789abcdef"
+    directory = registry.root / "uploads" / upload_id
+    directory.mkdir()
+    (directory / "data").write_bytes(data[:300])
+    (directory / "repository").write_text("legacy/app", encoding="utf-8")
+    location = f"/v2/legacy/app/blobs/uploads/{upload_id}"
+
+    assert (await http.get(location)).headers["Range"] == "0-299"
+    foreign = f"/v2/intruder/blobs/uploads/{upload_id}"
+    assert_oci_error(await http.get(foreign), 404, "BLOB_UPLOAD_UNKNOWN")
+    response = await http.put(location, params={"digest": digest_of(data)}, content=data[300:])
+    assert response.status_code == 201, response.text
+    assert (await http.get(f"/v2/legacy/app/blobs/{digest_of(data)}")).content == data
+    assert not directory.exists()
 
 
 async def test_digest_mismatch_on_put_stores_nothing(http, registry):

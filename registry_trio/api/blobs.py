@@ -13,8 +13,8 @@ touching storage, and renders every failure through :mod:`registry_trio.api.erro
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,7 +22,7 @@ import trio
 
 from .. import oci
 from ..events import Action, Target
-from ..storage import UploadWriter
+from ..storage import FilesystemStorage, UploadWriter
 from .context import Registry, identity
 from .errors import RegistryError
 
@@ -48,6 +48,8 @@ class BlobRequest:
     send: Callable[[dict[str, Any]], Awaitable[None]]
     name: str
     params: dict[str, str]
+    # Set once the last message of the request body has been received.
+    ended: bool = field(default=False, init=False)
 
     @property
     def method(self) -> str:
@@ -64,15 +66,23 @@ class BlobRequest:
         values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
         return values[0] if values else None
 
-    async def body(self) -> AsyncIterator[bytes]:
-        while True:
+    async def read_some(self, limit: int) -> tuple[bytes, bool]:
+        """Body bytes until ``limit`` are buffered or the body ends: ``(data, ended)``.
+
+        A body that fits (every small blob) is thus held whole before any disk work, and the
+        handler can do that work in one trip to a worker thread.
+        """
+        chunks: list[bytes] = []
+        size = 0
+        while not self.ended and size < limit:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             if chunk := message.get("body", b""):
-                yield chunk
-            if not message.get("more_body", False):
-                return
+                chunks.append(chunk)
+                size += len(chunk)
+            self.ended = not message.get("more_body", False)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), self.ended
 
     async def respond(
         self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b""
@@ -105,30 +115,89 @@ def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, s
     ]
 
 
-async def _write_body(req: BlobRequest, writer: UploadWriter) -> None:
-    """Stream the request body into ``writer``; on any failure undo this request's bytes.
+async def _write_body(req: BlobRequest, writer: UploadWriter, first: bytes) -> None:
+    """Write ``first`` and the rest of the body to ``writer``; on failure undo this request's bytes.
 
     The rollback runs shielded: a cancelled or disconnected request must still leave the
     session exactly as it was before this request, or the next chunk's offset would lie.
     """
     registry = req.registry
-    buffer = bytearray()
     try:
-        async for chunk in req.body():
-            buffer += chunk
-            if len(buffer) >= IO_CHUNK:
-                await registry.io(writer.write, bytes(buffer))
-                buffer.clear()
-        if buffer:
-            await registry.io(writer.write, bytes(buffer))
+        block = first
+        while True:
+            if block:
+                await registry.io(writer.write, block)
+            if req.ended:
+                return
+            block, _ = await req.read_some(IO_CHUNK)
     except BaseException:
         with trio.CancelScope(shield=True):
             await registry.io(writer.rollback)
         raise
 
 
-async def _append(req: BlobRequest, upload_id: str, content_range: str | None) -> int:
-    """Append the body to an upload, honouring ``Content-Range``; returns the new offset."""
+def _expected_length(
+    content_range: str | None, start: int, name: str, upload_id: str
+) -> int | None:
+    """The body length ``Content-Range`` announces, checked to continue the session at ``start``."""
+    if not content_range:
+        return None
+    match = _CONTENT_RANGE.match(content_range.strip())
+    first, last = (int(match[1]), int(match[2])) if match else (-1, -1)
+    if not match or first != start or last < first:
+        raise RegistryError(
+            "BLOB_UPLOAD_INVALID",
+            416,
+            f"Content-Range {content_range!r} does not continue the upload, "
+            f"which holds {start} bytes",
+            headers=tuple(_upload_headers(name, upload_id, start)),
+        )
+    return last - first + 1
+
+
+def _size_invalid(expected: int, received: int) -> RegistryError:
+    return RegistryError(
+        "SIZE_INVALID", 400, f"Content-Range announced {expected} bytes but the body had {received}"
+    )
+
+
+def _append_whole(
+    storage: FilesystemStorage,
+    name: str,
+    upload_id: str,
+    content_range: str | None,
+    data: bytes,
+    digest: oci.Digest | None,
+) -> int:
+    """Append a body held in memory to a session (and with ``digest``, finish it): one call.
+
+    Runs on a worker thread. Returns the new offset, or the blob's size when finishing.
+    Nothing is written when ``Content-Range`` does not match the body.
+    """
+    writer = storage.open_upload(name, upload_id)
+    try:
+        expected = _expected_length(content_range, writer.start, name, upload_id)
+        if expected is not None and len(data) != expected:
+            raise _size_invalid(expected, len(data))
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.rollback()
+            raise
+    finally:
+        writer.close()
+    if digest is None:
+        return writer.offset
+    return storage.finish_upload(name, upload_id, digest)
+
+
+async def _append(
+    req: BlobRequest, upload_id: str, content_range: str | None, digest: oci.Digest | None = None
+) -> int:
+    """Append the body to an upload, honouring ``Content-Range``; returns the new offset.
+
+    With ``digest`` the upload is then verified and published as a blob: returns its size.
+    """
     registry = req.registry
     if upload_id in registry.busy_uploads:
         raise RegistryError(
@@ -136,35 +205,27 @@ async def _append(req: BlobRequest, upload_id: str, content_range: str | None) -
         )
     registry.busy_uploads.add(upload_id)
     try:
+        first, whole = await req.read_some(IO_CHUNK)
+        if whole:
+            return await registry.io(
+                _append_whole, registry.storage, req.name, upload_id, content_range, first, digest
+            )
         writer = await registry.io(registry.storage.open_upload, req.name, upload_id)
         try:
-            expected = None
-            if content_range:
-                match = _CONTENT_RANGE.match(content_range.strip())
-                start, end = (int(match[1]), int(match[2])) if match else (-1, -1)
-                if not match or start != writer.start or end < start:
-                    raise RegistryError(
-                        "BLOB_UPLOAD_INVALID",
-                        416,
-                        f"Content-Range {content_range!r} does not continue the upload, "
-                        f"which holds {writer.start} bytes",
-                        headers=tuple(_upload_headers(req.name, upload_id, writer.start)),
-                    )
-                expected = end - start + 1
-            await _write_body(req, writer)
+            expected = _expected_length(content_range, writer.start, req.name, upload_id)
+            await _write_body(req, writer, first)
             received = writer.offset - writer.start
             if expected is not None and received != expected:
                 with trio.CancelScope(shield=True):
                     await registry.io(writer.rollback)
-                raise RegistryError(
-                    "SIZE_INVALID",
-                    400,
-                    f"Content-Range announced {expected} bytes but the body had {received}",
-                )
-            return writer.offset
+                raise _size_invalid(expected, received)
+            offset = writer.offset
         finally:
             with trio.CancelScope(shield=True):
                 await registry.io(writer.close)
+        if digest is None:
+            return offset
+        return await registry.io(registry.storage.finish_upload, req.name, upload_id, digest)
     finally:
         registry.busy_uploads.discard(upload_id)
 
@@ -178,11 +239,6 @@ def _blob_target(req: BlobRequest, digest: oci.Digest, size: int, **extra: Any) 
         url=req.registry.url(req.scope, f"/v2/{req.name}/blobs/{digest}"),
         **extra,
     )
-
-
-async def _finish(req: BlobRequest, upload_id: str, digest: oci.Digest) -> None:
-    size = await req.registry.io(req.registry.storage.finish_upload, req.name, upload_id, digest)
-    await _pushed(req, digest, size)
 
 
 async def _pushed(req: BlobRequest, digest: oci.Digest, size: int) -> None:
@@ -228,12 +284,18 @@ async def start_upload(req: BlobRequest) -> None:
         upload_id = await registry.io(registry.storage.create_upload, req.name)
         await req.respond(202, _upload_headers(req.name, upload_id, 0))
         return
-    # Monolithic: the whole blob in this request, staged in one file rather than a session.
+    # Monolithic: the whole blob in this request, staged in one file rather than a session;
+    # a blob small enough to buffer is verified and stored in one call.
     digest = _digest_param(monolithic)
+    first, whole = await req.read_some(IO_CHUNK)
+    if whole:
+        size = await registry.io(registry.storage.put_blob, req.name, first, digest)
+        await _pushed(req, digest, size)
+        return
     writer = await registry.io(registry.storage.open_staged_upload)
     try:
         try:
-            await _write_body(req, writer)
+            await _write_body(req, writer, first)
         finally:
             with trio.CancelScope(shield=True):
                 await registry.io(writer.close)
@@ -254,8 +316,8 @@ async def patch_upload(req: BlobRequest) -> None:
 async def put_upload(req: BlobRequest) -> None:
     upload_id = req.params["upload_id"]
     digest = _digest_param(req.query("digest"))
-    await _append(req, upload_id, req.header("content-range"))
-    await _finish(req, upload_id, digest)
+    size = await _append(req, upload_id, req.header("content-range"), digest)
+    await _pushed(req, digest, size)
 
 
 async def upload_status(req: BlobRequest) -> None:
@@ -296,7 +358,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
 async def get_blob(req: BlobRequest) -> None:
     registry = req.registry
     digest = oci.parse_digest(req.params["digest"])
-    f, size = await registry.io(registry.storage.open_blob, req.name, digest)
+    if req.method == "HEAD":
+        f, size = None, await registry.io(registry.storage.blob_size, req.name, digest)
+    else:
+        f, size = await registry.io(registry.storage.open_blob, req.name, digest)
     try:
         headers = [
             ("Content-Type", "application/octet-stream"),
@@ -313,7 +378,7 @@ async def get_blob(req: BlobRequest) -> None:
             headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
         length = end - start + 1 if size else 0
         headers.append(("Content-Length", str(length)))
-        if req.method == "HEAD":
+        if f is None:  # HEAD
             await req.respond(status, headers)
             return
         await registry.emit(req.scope, (Action.BLOB_PULLED, _blob_target(req, digest, size)))
@@ -337,7 +402,8 @@ async def get_blob(req: BlobRequest) -> None:
         if remaining > 0 or length == 0:
             await req.send({"type": "http.response.body", "body": b""})
     finally:
-        f.close()
+        if f is not None:
+            f.close()
 
 
 async def delete_blob(req: BlobRequest) -> None:

@@ -7,7 +7,7 @@ Layout under the root directory (close to distribution's, so operators recognise
     repositories/<name>/_manifests/revisions/<alg>/<hex> holds this manifest (file: media type)
     repositories/<name>/_manifests/tags/<tag>            tag -> digest (file: the digest)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>.json   referrer descriptor
-    uploads/<id>/{data,repository}                       upload sessions (survive restarts)
+    uploads/<id>                                         upload session data (survives restarts)
     tmp/                                                 staging for atomic writes
 
 Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was
@@ -45,7 +45,17 @@ from .errors import (
 
 __all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWriter"]
 
-_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+# An upload id is 32 random hex digits followed by 16 naming the repository (a hash of its
+# name), so the session is one file, ``uploads/<id>``, whose id alone says which repository it
+# belongs to: opening a session reads no bookkeeping file, creating one creates one file.
+_UPLOAD_ID = re.compile(r"[0-9a-f]{48}")
+# Sessions written before that were directories ``uploads/<id>/{data,repository}``; they are
+# still honoured, so an upgrade does not lose uploads in progress.
+_LEGACY_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _repository_tag(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,7 +92,14 @@ class UploadWriter:
         # None for a monolithic upload staged in tmp/: no session, the hash stays here.
         self._upload_id = upload_id
         self.path = data_path
-        self._file: BinaryIO = open(data_path, "ab")  # noqa: SIM115 - closed in close()
+        # A staged file is created here; a session's file must already exist (no O_CREAT: a
+        # session finished or cancelled meanwhile is unknown, not silently recreated).
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if upload_id is None else 0)
+        try:
+            fd = os.open(data_path, flags, 0o644)
+        except FileNotFoundError:
+            raise BlobUploadUnknown(upload_id or str(data_path)) from None
+        self._file: BinaryIO = open(fd, "ab")  # noqa: SIM115 - closed in close()
         self.start = self._file.tell()
         self.offset = self.start
         cached = storage._hashers.pop(upload_id, None) if upload_id else None
@@ -155,9 +172,6 @@ class FilesystemStorage:
 
     def _referrers_dir(self, name: str, subject: Digest) -> Path:
         return self._repo(name) / "_referrers" / subject.algorithm / subject.encoded
-
-    def _upload_dir(self, upload_id: str) -> Path:
-        return self._uploads / upload_id
 
     # -- atomic writes ---------------------------------------------------------------------
 
@@ -236,52 +250,75 @@ class FilesystemStorage:
     # -- uploads ---------------------------------------------------------------------------
 
     def create_upload(self, name: str) -> str:
-        upload_id = uuid.uuid4().hex
-        directory = self._upload_dir(upload_id)
-        directory.mkdir()
-        (directory / "data").touch()
-        (directory / "repository").write_text(name, encoding="utf-8")
+        upload_id = uuid.uuid4().hex + _repository_tag(name)
+        os.close(os.open(self._uploads / upload_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         return upload_id
 
-    def _checked_upload(self, name: str, upload_id: str) -> Path:
-        if not _UPLOAD_ID.fullmatch(upload_id):
+    def _session(self, name: str, upload_id: str) -> tuple[Path, Path | None]:
+        """(data file, legacy session directory or None) of ``name``'s session ``upload_id``.
+
+        A session of another repository is unknown here. Existence is checked by the caller's
+        open or stat of the data file.
+        """
+        if _UPLOAD_ID.fullmatch(upload_id):
+            if upload_id[32:] != _repository_tag(name):
+                raise BlobUploadUnknown(upload_id)
+            return self._uploads / upload_id, None
+        if not _LEGACY_UPLOAD_ID.fullmatch(upload_id):
             raise BlobUploadUnknown(upload_id)
-        directory = self._upload_dir(upload_id)
+        directory = self._uploads / upload_id
         try:
             owner = (directory / "repository").read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BlobUploadUnknown(upload_id) from None
         if owner != name:
             raise BlobUploadUnknown(upload_id)
-        return directory
+        return directory / "data", directory
+
+    def _remove_session(self, data: Path, legacy: Path | None) -> None:
+        if legacy is None:
+            data.unlink(missing_ok=True)
+            return
+        for child in legacy.iterdir():
+            child.unlink()
+        legacy.rmdir()
 
     def upload_offset(self, name: str, upload_id: str) -> int:
-        return (self._checked_upload(name, upload_id) / "data").stat().st_size
+        data, _ = self._session(name, upload_id)
+        try:
+            return data.stat().st_size
+        except FileNotFoundError:
+            raise BlobUploadUnknown(upload_id) from None
 
     def open_upload(self, name: str, upload_id: str) -> UploadWriter:
-        directory = self._checked_upload(name, upload_id)
-        return UploadWriter(self, upload_id, directory / "data")
+        data, _ = self._session(name, upload_id)
+        return UploadWriter(self, upload_id, data)
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
-        directory = self._checked_upload(name, upload_id)
+        data, legacy = self._session(name, upload_id)
         self._hashers.pop(upload_id, None)
-        for child in directory.iterdir():
-            child.unlink()
-        directory.rmdir()
+        if legacy is not None:
+            self._remove_session(data, legacy)
+            return
+        try:
+            data.unlink()
+        except FileNotFoundError:
+            raise BlobUploadUnknown(upload_id) from None
 
     def finish_upload(self, name: str, upload_id: str, expected: Digest) -> int:
         """Verify the upload against ``expected`` and publish it as a blob of ``name``.
 
         On a digest mismatch the session is discarded: its bytes can never become that
-        blob, and keeping them would only leak disk.
+        blob, and keeping them would only leak disk. On success the session's file itself
+        becomes the blob (renamed into place), so nothing is copied.
         """
-        directory = self._checked_upload(name, upload_id)
+        data, legacy = self._session(name, upload_id)
         try:
-            return self._publish_blob(
-                name, directory / "data", expected, self._hashers.pop(upload_id, None)
-            )
+            return self._publish_blob(name, data, expected, self._hashers.pop(upload_id, None))
+        except FileNotFoundError:
+            raise BlobUploadUnknown(upload_id) from None
         finally:
-            self.cancel_upload(name, upload_id)
+            self._remove_session(data, legacy)
 
     def open_staged_upload(self) -> UploadWriter:
         """A writer for a monolithic upload (``POST ?digest=``): one file in ``tmp/``.
@@ -300,6 +337,25 @@ class FilesystemStorage:
 
     def discard_staged_upload(self, writer: UploadWriter) -> None:
         writer.path.unlink(missing_ok=True)
+
+    def put_blob(self, name: str, data: bytes, expected: Digest) -> int:
+        """Verify a whole blob held in memory and publish it as a blob of ``name``; its size.
+
+        The one-call form of a monolithic upload small enough to buffer: nothing touches the
+        disk unless the digest matches, and then it is one staged, fsync'd, renamed file.
+        """
+        hasher = expected.hasher()
+        hasher.update(data)
+        actual = hasher.hexdigest()
+        if actual != expected.encoded:
+            raise DigestMismatch(
+                f"uploaded content has digest {expected.algorithm}:{actual}, not {expected}"
+            )
+        target = self._blob_path(expected)
+        if not target.exists():
+            self._atomic_write(target, data)
+        self._link(self._layer_link(name, expected))
+        return len(data)
 
     def _publish_blob(
         self,
