@@ -14,12 +14,14 @@ from tests.procs import server_process, write_config
 from tests.sink import HTTPSinkServer
 
 
-def events_overrides(tmp_path: Path, sink: HTTPSinkServer, **sink_extra: object) -> dict:
+def events_overrides(
+    tmp_path: Path, sink: HTTPSinkServer, queue: dict | None = None, **sink_extra: object
+) -> dict:
     return {
         "extensions": {
             "events": {
                 "enable": True,
-                "queue": {"directory": str(tmp_path / "queue_data")},
+                "queue": queue or {"directory": str(tmp_path / "queue_data")},
                 "shutdownTimeout": "5s",
                 "sinks": [
                     {
@@ -39,11 +41,11 @@ def manifest_events(sink: HTTPSinkServer) -> list[dict]:
     return [e for e in sink.events() if e["type"] == "zotregistry.image.updated"]
 
 
-async def test_event_is_durable_before_the_2xx(nursery, tmp_path):
+async def test_event_is_durable_before_the_2xx(nursery, tmp_path, queue):
     sink = HTTPSinkServer()
     await sink.start(nursery)
     await sink.stop()  # the receiver is down: the event cannot leave before the kill
-    config = write_config(tmp_path, **events_overrides(tmp_path, sink))
+    config = write_config(tmp_path, **events_overrides(tmp_path, sink, queue))
     async with server_process(config) as server:
         async with httpx.AsyncClient(base_url=server.url) as http:
             response = await RegistryClient(server.url, client=http).push_image(
@@ -60,11 +62,11 @@ async def test_event_is_durable_before_the_2xx(nursery, tmp_path):
     assert len(events) == 4
 
 
-async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path):
+async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path, queue):
     """Pushes run while the server is SIGKILLed at random moments, then restarted."""
     sink = HTTPSinkServer()
     await sink.start(nursery)
-    config = write_config(tmp_path, **events_overrides(tmp_path, sink))
+    config = write_config(tmp_path, **events_overrides(tmp_path, sink, queue))
     acknowledged: dict[str, str] = {}  # tag -> X-Request-Id of the 2xx
     kills = 6
     async with server_process(config) as server:
@@ -113,10 +115,10 @@ async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path):
         assert all(d == duplicates[0] for d in duplicates)
 
 
-async def test_sigterm_finishes_in_flight_and_resumes_exactly_there(nursery, tmp_path):
+async def test_sigterm_finishes_in_flight_and_resumes_exactly_there(nursery, tmp_path, queue):
     sink = HTTPSinkServer(delay=0.2)  # slow: a backlog builds up
     await sink.start(nursery)
-    config = write_config(tmp_path, **events_overrides(tmp_path, sink))
+    config = write_config(tmp_path, **events_overrides(tmp_path, sink, queue))
     async with server_process(config) as server:
         async with httpx.AsyncClient(base_url=server.url) as http:
             client = RegistryClient(server.url, client=http)

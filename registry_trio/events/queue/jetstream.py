@@ -13,15 +13,15 @@ Layout, for ``queue.stream: S`` (created when missing; names from a hash of each
 ``<event id>.<sink>`` and the stream's acknowledgement awaited before the request gets its
 2xx. A publish retried after a lost ack is dropped by the stream's duplicate window.
 
-**Delivery**: each sink's worker, on every instance, pulls from the sink's durable consumer.
-``max_ack_pending`` is one take's worth (times the sink's concurrency), so while one instance
-holds an ordered sink's run, no instance is handed anything after it: order across instances
-comes from the server. A failed run is *held* by its instance and retried there with backoff
-(``in_progress`` keeps JetStream from handing it out meanwhile); in order, the
-acknowledgements of a run are withheld until the whole run is delivered, so the slots it
-frees can never let a later event overtake. An instance that dies stops sending
-``in_progress``; after ``queue.ackWait`` JetStream hands its run to a live instance (which
-may send again what the dead one had delivered: same ids, at least once).
+**Delivery**, in order (``concurrency: 1``): one instance at a time delivers a sink, the one
+holding the sink's *lease* (a KV entry changed only by compare-and-set, renewed every
+``ackWait``/3). It pulls from the sink's durable consumer; a failed run is *held* by it and
+retried with backoff (``in_progress`` keeps JetStream from handing it out meanwhile), and
+nothing is pulled past a held event. An instance that dies stops renewing; within
+``queue.ackWait`` another takes the lease, and first sends the *orphans* — what the dead one
+was handed and never acknowledged, read from the stream in order — so fresh events cannot
+overtake them (the dead one may have delivered some already: same ids, at least once).
+With ``concurrency`` above 1 every instance pulls, and order is not promised.
 
 Everything NATS happens on one asyncio thread (:class:`AsyncioThread`); the Trio side holds
 nats-py messages only as opaque handles it passes back.
@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,17 +247,65 @@ class _JetStream:
         value = json.dumps(counters.__dict__).encode()
         await self._kv.put(f"{sink_token(sink)}.{self._instance}", value)
 
-    async def bury(self, sink: str, letters: Sequence[tuple[Msg, Delivery]], error: str) -> None:
+    async def bury(
+        self, sink: str, letters: Sequence[tuple[Msg | None, bytes, Delivery]], error: str
+    ) -> None:
         token = sink_token(sink)
-        for msg, owed in letters:
+        for _, body, owed in letters:
             headers = {
                 "Nats-Msg-Id": f"{owed.event.id}.{token}.dead.{owed.seq}",
                 "Registry-Sink": _header_text(sink),
                 "Registry-Attempts": str(owed.attempts + 1),
                 "Registry-Error": _header_text(error),
             }
-            await self._js.publish(f"{self._stream}.dead.{token}", msg.data, headers=headers)
-        await self.settle(ack=[msg for msg, _ in letters])
+            await self._js.publish(f"{self._stream}.dead.{token}", body, headers=headers)
+        await self.settle(ack=[msg for msg, _, _ in letters if msg is not None])
+
+    async def lead(self, sink: str, ttl: float) -> bool:
+        """Take or renew the sink's delivery lease; whether this instance now holds it.
+
+        The lease is a KV entry {instance, until}, changed only by compare-and-set on its
+        revision, so two instances can never both win it.
+        """
+        key = f"lease.{sink_token(sink)}"
+        now = time.time()
+        value = json.dumps({"instance": self._instance, "until": now + ttl}).encode()
+        try:
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                await self._kv.create(key, value)
+                return True
+            lease = json.loads(entry.value)
+            if lease["instance"] != self._instance and lease["until"] > now:
+                return False
+            await self._kv.update(key, value, last=entry.revision)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # another instance changed it first
+
+    async def orphans(self, sink: str) -> list[tuple[int, bytes]]:
+        """Messages handed out to the sink's consumer and never acknowledged (by a previous
+        lease holder, now gone), in order: the new holder sends them before anything else."""
+        token = sink_token(sink)
+        info = await self._js.consumer_info(self._stream, f"sink_{token}")
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        last = info.delivered.stream_seq if info.delivered else 0
+        subject = f"{self._stream}.sink.{token}"
+        found = []
+        seq = floor + 1
+        while seq <= last:
+            try:
+                raw = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            if raw.seq > last:
+                break
+            # Interest retention deletes a message once its sink acknowledged it: whatever
+            # is still here was not.
+            found.append((raw.seq, raw.data))
+            seq = raw.seq + 1
+        return found
 
     # -- operators ---------------------------------------------------------------------------
 
@@ -358,6 +406,7 @@ class JetStreamQueue:
         self._config = config
         self._sinks = list(sinks)
         self._on_commit = on_commit
+        self.ack_wait = float(config.ack_wait)
         self.instance_id = ""
         self._thread = AsyncioThread(name="jetstream-queue")
         self._nats: _JetStream | None = None
@@ -487,14 +536,24 @@ class JetStreamQueue:
 class _Taken:
     """A message this instance holds: in flight, or waiting here for its retry."""
 
-    msg: Msg
     owed: Delivery
+    data: bytes
+    # The handle to acknowledge it with; None for an orphan read from the stream (see
+    # JetStreamSinkQueue), until JetStream hands it to us again.
+    msg: Msg | None
     due: float = 0.0  # when held: the Unix time it may be sent again
-    attempts: int = field(default=0)
 
 
 class JetStreamSinkQueue:
-    """One sink's deliveries on this instance (see the module doc for who holds what)."""
+    """One sink's deliveries on this instance.
+
+    In order (``concurrency: 1``) only the holder of the sink's lease takes anything, so one
+    instance at a time delivers the sink. A new holder first sends the *orphans*: messages
+    the previous holder was handed and never acknowledged, read straight from the stream in
+    order; when JetStream later hands them out again, it acknowledges them without sending.
+    Without that, fresh events would overtake them while JetStream waits out their ackWait.
+    In concurrent mode every instance takes, and order is not promised.
+    """
 
     def __init__(
         self,
@@ -512,11 +571,14 @@ class JetStreamSinkQueue:
         self._group = sink.batch.max_events if sink.batches else 1
         self._max_wait = float(sink.batch.max_wait)
         self._take_limit = take_limit(sink)
-        self._ack_wait = float(queue._config.ack_wait)
+        self._ack_wait = float(queue.ack_wait)
         self._stopping = stopping
+        self._leading = not self._ordered
         self._taken: dict[int, _Taken] = {}  # every message held, in flight or not
         self._in_flight: set[int] = set()
         self._withheld: list[Msg] = []  # delivered; acked once nothing before them is held
+        # Orphans already sent (or buried): acknowledged unsent when JetStream redelivers them.
+        self._settled_orphans: set[int] = set()
         self._fetch_lock = trio.Lock()
 
     @property
@@ -529,31 +591,47 @@ class JetStreamSinkQueue:
             key=lambda t: t.owed.seq,
         )
 
-    def _owed(self, msg: Msg) -> Delivery:
-        event = Event.from_bytes(msg.data)
-        return Delivery(
-            seq=msg.metadata.sequence.stream,
-            event=event,
-            # Deliveries before this one were attempts that did not end in an ack.
-            attempts=max((msg.metadata.num_delivered or 1) - 1, 0),
-            created=event.time.timestamp(),
-        )
-
     async def _fetch(self, limit: int, expires: float) -> list[Delivery]:
         async with self._fetch_lock:
             msgs = await self._queue.call(self._nats.fetch, self._subscription, limit, expires)
-        fresh = []
+        fresh, settled = [], []
         for msg in msgs:
-            owed = self._owed(msg)
-            if owed.seq in self._taken:
-                continue  # redelivered while we hold it (ackWait passed): ours already
-            self._taken[owed.seq] = _Taken(msg, owed, attempts=owed.attempts)
-            fresh.append(owed)
+            seq = msg.metadata.sequence.stream
+            if seq in self._settled_orphans:
+                self._settled_orphans.discard(seq)
+                settled.append(msg)
+            elif (taken := self._taken.get(seq)) is not None:
+                taken.msg = taken.msg or msg  # an orphan (or one past ackWait): ours already
+            else:
+                event = Event.from_bytes(msg.data)
+                # Deliveries before this one were attempts that did not end in an ack.
+                attempts = max((msg.metadata.num_delivered or 1) - 1, 0)
+                owed = Delivery(seq, event, attempts, event.time.timestamp())
+                self._taken[seq] = _Taken(owed, msg.data, msg)
+                fresh.append(owed)
+        if settled:
+            await self._queue.call(self._nats.settle, ack=settled)
         return fresh
+
+    async def _adopt_orphans(self) -> None:
+        for seq, data in await self._queue.call(self._nats.orphans, self._name):
+            if seq in self._taken:
+                continue
+            event = Event.from_bytes(data)
+            owed = Delivery(seq, event, 0, event.time.timestamp())
+            self._taken[seq] = _Taken(owed, data, None)
+        self._queue.wake(self._name)
 
     async def take(self, *, wait: bool = True) -> list[Delivery]:
         while not self._stopping.is_set():
             signal = self._queue.signal(self._name)
+            if not self._leading:
+                # Another instance delivers this sink; keep_alive takes over when it is gone.
+                if not wait:
+                    return []
+                with trio.move_on_after(self._ack_wait / 3):
+                    await signal.wait()
+                continue
             now = time.time()
             held = self._held()
             due = []
@@ -615,24 +693,26 @@ class JetStreamSinkQueue:
             if (taken := self._taken.get(owed.seq)) is not None:
                 taken.due = 0.0
 
-    def _forget(self, deliveries: Sequence[Delivery]) -> list[Msg]:
-        msgs = []
+    def _finish(self, deliveries: Sequence[Delivery]) -> list[_Taken]:
+        done = []
         for owed in deliveries:
             self._in_flight.discard(owed.seq)
             if (taken := self._taken.pop(owed.seq, None)) is not None:
-                msgs.append(taken.msg)
-        return msgs
+                done.append(taken)
+                if taken.msg is None:
+                    self._settled_orphans.add(owed.seq)
+        return done
+
+    async def _flush_withheld(self) -> None:
+        if self._withheld and not (self._ordered and self._taken):
+            acks, self._withheld = self._withheld, []
+            await self._queue.call(self._nats.settle, ack=acks)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        self._withheld += self._forget(deliveries)
-        if self._ordered and self._taken:
-            # An earlier or later part of the run is still held here: acknowledging this
-            # part would free slots another instance could fill past the held events.
-            acks = []
-        else:
-            acks, self._withheld = self._withheld, []
-        if acks:
-            await self._queue.call(self._nats.settle, ack=acks)
+        # In order, while part of the run is still held here, acknowledging the rest would
+        # free slots that fresh events could fill past the held ones: withhold until then.
+        self._withheld += [t.msg for t in self._finish(deliveries) if t.msg is not None]
+        await self._flush_withheld()
         await self._queue.call(self._nats.count, self._name, delivered=len(deliveries))
 
     async def retry_later(
@@ -642,34 +722,45 @@ class JetStreamSinkQueue:
             self._in_flight.discard(owed.seq)
             if (taken := self._taken.get(owed.seq)) is not None:
                 taken.due = next_attempt
-                taken.attempts += 1
-                # The next take hands these out again with their attempt count.
-                taken.owed = Delivery(owed.seq, owed.event, taken.attempts, owed.created)
+                # The next take hands it out again with its attempt count.
+                taken.owed = Delivery(owed.seq, owed.event, owed.attempts + 1, owed.created)
         await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
 
     async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
-        letters = [(self._taken[d.seq].msg, d) for d in deliveries if d.seq in self._taken]
-        self._forget(deliveries)
+        letters = [(t.msg, t.data, t.owed) for t in self._finish(deliveries)]
         await self._queue.call(self._nats.bury, self._name, letters, error)
         await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
-        if self._ordered and not self._taken and self._withheld:
-            acks, self._withheld = self._withheld, []
-            await self._queue.call(self._nats.settle, ack=acks)
+        await self._flush_withheld()
 
     async def keep_alive(self) -> None:
-        """Tell JetStream, well within ``ackWait``, that what this instance holds is still
-        being worked on; an instance that dies stops saying it, and its run is handed out."""
+        """Every ackWait/3: hold on to the lease (or take it over once it lapsed), and tell
+        JetStream that what this instance holds is still being worked on. An instance that
+        dies stops both, and within ackWait another one takes over."""
         while True:
-            await trio.sleep(self._ack_wait / 3)
-            msgs = [t.msg for t in self._taken.values()] + self._withheld
+            if self._ordered:
+                try:
+                    leading = await self._queue.call(self._nats.lead, self._name, self._ack_wait)
+                except QueueError as exc:
+                    log.warning("sink %s: the delivery lease failed: %s", self._name, exc)
+                    leading = self._leading
+                if leading and not self._leading:
+                    log.info("sink %s: this instance delivers it now", self._name)
+                    await self._adopt_orphans()
+                elif self._leading and not leading:
+                    log.warning("sink %s: lost the delivery lease", self._name)
+                    await self.hand_back()
+                self._leading = leading
+                self._queue.wake(self._name)
+            msgs = [t.msg for t in self._taken.values() if t.msg is not None] + self._withheld
             if msgs:
                 with contextlib.suppress(QueueError):
                     await self._queue.call(self._nats.settle, progress=msgs)
+            await trio.sleep(self._ack_wait / 3)
 
     async def hand_back(self) -> None:
-        """On stop: give back what is held (at once, for another instance), then ack what was
+        """Give back what is held (at once, for another instance), then ack what was
         delivered, in that order so nothing later is handed out before the held events."""
-        held = [t.msg for t in sorted(self._taken.values(), key=lambda t: t.owed.seq)]
+        held = [t.msg for t in sorted(self._taken.values(), key=lambda t: t.owed.seq) if t.msg]
         self._taken.clear()
         self._in_flight.clear()
         withheld, self._withheld = self._withheld, []
