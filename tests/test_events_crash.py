@@ -71,6 +71,11 @@ async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path, queue):
     kills = 6
     async with server_process(config) as server:
         stop_pushing = trio.Event()
+        acked_more = trio.Event()  # set (and replaced) at every acknowledged push
+
+        async def acknowledged_at_least(n: int) -> None:
+            while len(acknowledged) < n:
+                await acked_more.wait()
 
         async def pusher(worker: int) -> None:
             n = 0
@@ -83,6 +88,9 @@ async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path, queue):
                         )
                     acknowledged[tag] = response.headers["X-Request-Id"]
                     n += 1
+                    nonlocal acked_more
+                    acked_more.set()
+                    acked_more = trio.Event()
                 except (httpx.HTTPError, OSError):
                     await trio.sleep(0.01)  # ok-sleep: the server is down; try again
 
@@ -90,8 +98,11 @@ async def test_crash_soak_loses_no_acknowledged_event(nursery, tmp_path, queue):
             for worker in range(4):
                 pushers.start_soon(pusher, worker)
             for _ in range(kills):
-                # A random moment under load: the load pattern, not synchronisation.
-                await trio.sleep(random.uniform(0.2, 0.8))  # ok-sleep
+                # Each incarnation acknowledges some pushes (however slow the machine is)...
+                with trio.fail_after(30):
+                    await acknowledged_at_least(len(acknowledged) + 2)
+                # ...and dies at a random moment under load: the load pattern, not a sync.
+                await trio.sleep(random.uniform(0.0, 0.5))  # ok-sleep
                 await server.kill()
                 await server.start()
             stop_pushing.set()

@@ -23,14 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, sink_url: str, port: int) -> tuple[Path, dict]:
+def write_config(
+    tmp_path: Path, sink_url: str, port: int, queue: dict | None = None
+) -> tuple[Path, dict]:
     doc = {
         "storage": {"rootDirectory": str(tmp_path / "registry_data")},
         "http": {"address": "127.0.0.1", "port": port},
         "extensions": {
             "events": {
                 "enable": True,
-                "queue": {"directory": str(tmp_path / "queue_data")},
+                "queue": queue or {"directory": str(tmp_path / "queue_data")},
                 "sinks": [
                     {
                         "type": "http",
@@ -62,10 +64,10 @@ async def cli(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-async def test_dead_letters_status_and_replay(nursery, tmp_path, sink):
+async def test_dead_letters_status_and_replay(nursery, tmp_path, sink, queue):
     sink.status = 400
     port = free_port()
-    config_path, doc = write_config(tmp_path, sink.url, port)
+    config_path, doc = write_config(tmp_path, sink.url, port, queue)
     shutdown = trio.Event()
     url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=shutdown))
 
@@ -104,9 +106,9 @@ async def test_dead_letters_status_and_replay(nursery, tmp_path, sink):
     assert after["dead"] == 0 and after["delivered"] == 4
 
 
-async def test_cli_works_with_the_server_stopped(nursery, tmp_path, sink):
+async def test_cli_works_with_the_server_stopped(nursery, tmp_path, sink, queue):
     sink.status = 400
-    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    config_path, doc = write_config(tmp_path, sink.url, free_port(), queue)
     shutdown = trio.Event()
     done = trio.Event()
 

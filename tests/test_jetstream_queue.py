@@ -1,0 +1,154 @@
+"""JetStream as the queue: what only a shared queue must show (the guarantees common to both
+queues run against it in test_events_delivery, test_events_crash and test_operator).
+
+- An unreachable JetStream refuses the push (503) rather than acknowledging an event it did
+  not store, and the server keeps serving.
+- Scale-out: two registry processes on one storage directory and one stream, pushes spread
+  across both, one killed for good mid-load: the survivor delivers every acknowledged push's
+  event. Zero lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import trio
+
+from registry_trio.client import RegistryClient, make_image
+from tests.conftest import counts_until, events_config, start_registry
+from tests.nats_server import nats_server
+from tests.procs import server_process
+from tests.sink import HTTPSinkServer
+
+
+def jetstream_queue(url: str, directory: Path) -> dict:
+    return {"type": "jetstream", "address": url, "directory": str(directory), "ackWait": "2s"}
+
+
+def http_sink(sink: HTTPSinkServer) -> dict:
+    return {
+        "type": "http",
+        "address": sink.url,
+        "timeout": "2s",
+        "retry": {"initialBackoff": "10ms", "maxBackoff": "100ms"},
+    }
+
+
+def manifest_tags(events: list[dict]) -> list[str]:
+    return [e["data"]["reference"] for e in events if e["type"] == "zotregistry.image.updated"]
+
+
+async def push(url: str, tag: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        return await RegistryClient(url, client=http).push_image("js/app", tag, make_image((300,)))
+
+
+async def test_unreachable_jetstream_refuses_the_push_and_loses_nothing(nursery, tmp_path, sink):
+    async with nats_server(tmp_path / "nats") as nats:
+        queue = {**jetstream_queue(nats.url, tmp_path / "queue_data"), "timeout": "1s"}
+        config = events_config(tmp_path, http_sink(sink), queue=queue)
+        registry = await start_registry(nursery, config)
+        assert (await push(registry.url, "before")).status_code == 201
+
+        await nats.kill()
+        image = make_image((300,))
+        async with httpx.AsyncClient(base_url=registry.url, timeout=10) as http:
+            layer = image.layers[0]
+            response = await http.post(
+                "/v2/js/app/blobs/uploads/", params={"digest": layer.digest}, content=layer.data
+            )
+            # Not a 201 for an event that is stored nowhere: the client will retry.
+            assert response.status_code == 503
+            error = response.json()["errors"][0]
+            assert error["code"] == "UNAVAILABLE" and "JetStream" in error["message"]
+            # The server keeps serving what needs no event.
+            assert (await http.get("/v2/")).status_code == 200
+
+        await nats.start()  # same port, same store
+        async with httpx.AsyncClient(base_url=registry.url, timeout=10) as http:
+            retried = await RegistryClient(registry.url, client=http).push_image(
+                "js/app", "during", image
+            )
+        assert retried.status_code == 201
+        events = await sink.wait_for(lambda evs: "during" in manifest_tags(evs))
+        # An acknowledgement lost in the outage may send "before" again: the same event.
+        unique = list({e["id"]: e for e in events}.values())
+        assert manifest_tags(unique) == ["before", "during"]
+        counts = await counts_until(config, sink.url, lambda c: c.pending == 0)
+        assert counts.dead == 0
+
+
+def write_instance_config(tmp_path: Path, name: str, nats_url: str, sink: HTTPSinkServer) -> Path:
+    """One instance's config: shared storage and stream, its own directory for its id."""
+    directory = tmp_path / name
+    directory.mkdir()
+    doc = {
+        "storage": {"rootDirectory": str(tmp_path / "registry_data")},
+        "http": {"address": "127.0.0.1", "port": 0},
+        "log": {"level": "info"},
+        "extensions": {
+            "events": {
+                "enable": True,
+                "queue": jetstream_queue(nats_url, directory / "queue_data"),
+                "sinks": [http_sink(sink)],
+            }
+        },
+    }
+    path = directory / "config.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery, tmp_path):
+    sink = HTTPSinkServer(delay=0.02)  # slow enough that a backlog is in flight at the kill
+    await sink.start(nursery)
+    acknowledged: dict[str, str] = {}  # tag -> the instance that acknowledged it
+    async with (
+        nats_server(tmp_path / "nats") as nats,
+        server_process(write_instance_config(tmp_path, "a", nats.url, sink)) as a,
+        server_process(write_instance_config(tmp_path, "b", nats.url, sink)) as b,
+    ):
+        instances = {"a": a, "b": b}
+        a_dead = trio.Event()
+        a_has_enough = trio.Event()  # a acknowledged a share of the load: time to kill it
+
+        async def pusher(worker: int) -> None:
+            # Round robin across both instances, as a load balancer would.
+            for n in range(12):
+                name = "ab"[(worker + n) % 2]
+                if name == "a" and a_dead.is_set():
+                    name = "b"  # the balancer's health check took a out
+                tag = f"w{worker}-{n}"
+                try:
+                    response = await push(instances[name].url, tag)
+                except (httpx.HTTPError, OSError):
+                    continue  # a died under this push: not acknowledged
+                if response.status_code == 201:
+                    acknowledged[tag] = name
+                    if sum(1 for who in acknowledged.values() if who == "a") >= 6:
+                        a_has_enough.set()
+
+        async with trio.open_nursery() as pushers:
+            for worker in range(4):
+                pushers.start_soon(pusher, worker)
+            with trio.fail_after(60):
+                await a_has_enough.wait()
+            await a.kill()  # for good: it is never restarted
+            a_dead.set()
+
+        by_a = {tag for tag, who in acknowledged.items() if who == "a"}
+        assert len(by_a) >= 6 and len(acknowledged) > len(by_a)
+        events = await sink.wait_for(
+            lambda evs: set(manifest_tags(evs)) >= set(acknowledged), within=60
+        )
+    # Zero lost: every acknowledged push's event arrived, whichever instance accepted it.
+    assert set(manifest_tags(events)) >= set(acknowledged)
+    sources = {e["data"]["reference"]: e["source"] for e in events if "reference" in e["data"]}
+    # Both instances accepted pushes (their events name different sources).
+    assert len({sources[tag] for tag in acknowledged}) == 2
+    # Duplicates (around the kill) are the same event: same id, same content.
+    by_id: dict[str, dict] = {}
+    for event in events:
+        assert by_id.setdefault(event["id"], event) == event
