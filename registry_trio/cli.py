@@ -198,4 +198,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         _gc_command(config, args)
         return
     setup_logging(config.log)
-    trio.run(_serve_until_signalled, config)
+    from .events.queue import QueueError
+
+    try:
+        trio.run(_serve_until_signalled, config)
+    except* QueueError as group:
+        # The queue cannot open (unreachable JetStream, unreadable SQLite file): no point
+        # serving pushes that could not be acknowledged.
+        for exc in _leaves(group):
+            print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions in a (nested) group: one per nursery level wraps them."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found

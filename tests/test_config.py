@@ -75,6 +75,43 @@ def test_go_durations(text, seconds):
             {"http": {"accessControl": {"repositories": {"**": {"defaultPolicy": ["fly"]}}}}},
             "http.accessControl.repositories.**.defaultPolicy[0]",
         ),
+        ({"extensions": {"events": {"queue": {"type": "kafka"}}}}, "extensions.events.queue.type"),
+        (
+            {"extensions": {"events": {"queue": {"type": "jetstream"}}}},
+            "extensions.events.queue.address",
+        ),
+        (
+            {"extensions": {"events": {"queue": {"address": "nats://127.0.0.1:4222"}}}},
+            "extensions.events.queue.address",  # sqlite (the default) takes no address
+        ),
+        (
+            {
+                "extensions": {
+                    "events": {
+                        "queue": {
+                            "type": "jetstream",
+                            "address": "nats://127.0.0.1:4222",
+                            "stream": "events.all",
+                        }
+                    }
+                }
+            },
+            "extensions.events.queue.stream",
+        ),
+        (
+            {
+                "extensions": {
+                    "events": {
+                        "queue": {
+                            "type": "jetstream",
+                            "address": "nats://127.0.0.1:4222",
+                            "ackWait": "0s",
+                        }
+                    }
+                }
+            },
+            "extensions.events.queue.ackWait",
+        ),
     ],
 )
 def test_errors_name_the_key(doc, key):

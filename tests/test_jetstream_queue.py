@@ -11,6 +11,9 @@ queues run against it in test_events_delivery, test_events_crash and test_operat
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -152,3 +155,37 @@ async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery
     by_id: dict[str, dict] = {}
     for event in events:
         assert by_id.setdefault(event["id"], event) == event
+
+
+def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens here once the socket is closed
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(
+            {
+                "storage": {"rootDirectory": str(tmp_path / "data")},
+                "http": {"address": "127.0.0.1", "port": 0},
+                "extensions": {
+                    "events": {
+                        "enable": True,
+                        "queue": {
+                            **jetstream_queue(f"nats://127.0.0.1:{port}", tmp_path / "q"),
+                            "timeout": "250ms",
+                        },
+                    }
+                },
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_trio", "serve", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot start: cannot open the JetStream queue 'REGISTRY_EVENTS'" in result.stderr
+    assert "ConnectionRefusedError" in result.stderr
+    assert "Traceback" not in result.stderr

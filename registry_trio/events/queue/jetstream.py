@@ -53,6 +53,7 @@ from ...config import QueueConfig, SinkConfig
 from ..model import Event
 from ..natsconn import connect_options, secrets
 from ..sinks._asyncio_bridge import AsyncioThread
+from ..status import redact_address
 from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
 
 __all__ = ["JetStreamQueue"]
@@ -63,6 +64,9 @@ log = logging.getLogger("registry_trio.events.queue.jetstream")
 FETCH_POLL = 1.0
 # After a NATS error while taking, wait this long before trying again.
 ERROR_PAUSE = 0.5
+# Opening (connect, then create or check the streams, bucket and consumers) may take this
+# many times ``queue.timeout`` before start-up gives up.
+OPEN_TIMEOUTS = 4
 
 
 def sink_token(sink: str) -> str:
@@ -99,6 +103,7 @@ class _JetStream:
         self._js: Any = None
         self._kv: Any = None
         self._counters: dict[str, _Counters] = {}
+        self.last_error = ""  # the last connection error, for a start-up that gives up
 
     def describe(self, exc: BaseException) -> str:
         if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
@@ -112,9 +117,26 @@ class _JetStream:
 
     # -- set-up ------------------------------------------------------------------------------
 
+    async def _on_error(self, exc: Exception) -> None:
+        # nats-py would log a traceback per failed (re)connection; keep the reason instead.
+        self.last_error = self.describe(exc)
+        log.debug("jetstream queue: %s", self.last_error)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None:
+            log.warning("jetstream queue: disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("jetstream queue: reconnected")
+
     async def open(self) -> None:
         nc = Client()
-        await nc.connect(**connect_options(self._config, "registry-trio event queue"))
+        await nc.connect(
+            **connect_options(self._config, "registry-trio event queue"),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
         self._nc = nc
         self._js = nc.jetstream(timeout=self._timeout)
         storage = api.StorageType.FILE
@@ -431,15 +453,19 @@ class JetStreamQueue:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.instance_id = await trio.to_thread.run_sync(self._load_instance_id)
         jetstream = _JetStream(self._config, self._sinks, self.instance_id)
+        address = self._config.address or ""
         try:
+            where = f"the JetStream queue {self._config.stream!r} at {redact_address(address)}"
             try:
-                with trio.fail_after(float(self._config.timeout) * 4):
+                with trio.fail_after(OPEN_TIMEOUTS * float(self._config.timeout)):
                     await self._thread.run(jetstream.open)
-            except (Exception, trio.TooSlowError) as exc:
-                raise QueueError(
-                    f"cannot open the JetStream queue {self._config.stream!r}: "
-                    f"{jetstream.describe(exc)}"
-                ) from exc
+            except trio.TooSlowError as exc:
+                seconds = OPEN_TIMEOUTS * float(self._config.timeout)
+                why = f" ({jetstream.last_error})" if jetstream.last_error else ""
+                message = f"cannot open {where}: no answer within {seconds:g}s{why}"
+                raise QueueError(message) from exc
+            except Exception as exc:
+                raise QueueError(f"cannot open {where}: {jetstream.describe(exc)}") from exc
             self._nats = jetstream
             task_status.started()
             await self._stop.wait()
