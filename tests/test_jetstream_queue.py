@@ -17,13 +17,16 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from registry_trio.client import RegistryClient, make_image
+from registry_trio.events.queue import QueueError, running_queue
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
 from tests.procs import server_process
 from tests.sink import HTTPSinkServer
+from tests.tls_certs import make_tls_files
 
 
 def jetstream_queue(url: str, directory: Path) -> dict:
@@ -189,3 +192,33 @@ def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
     assert "cannot start: cannot open the JetStream queue 'REGISTRY_EVENTS'" in result.stderr
     assert "ConnectionRefusedError" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_queue_over_tls_with_credentials(nursery, tmp_path, sink):
+    tls = make_tls_files(tmp_path / "tls")
+    server_config = (
+        f"tls {{ cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))} }}\n"
+        'authorization { user: "registry", password: "queue-pw-31" }\n'
+    )
+    async with nats_server(tmp_path / "nats", server_config) as nats:
+        address = f"tls://127.0.0.1:{nats.port}"
+        queue = {
+            **jetstream_queue(address, tmp_path / "queue_data"),
+            "tls": {"caFile": str(tls.ca)},
+            "credentials": {"username": "registry", "password": "queue-pw-31"},
+        }
+        config = events_config(tmp_path, http_sink(sink), queue=queue)
+        registry = await start_registry(nursery, config)
+        assert (await push(registry.url, "secure")).status_code == 201
+        events = await sink.wait_for(lambda evs: "secure" in manifest_tags(evs))
+        assert len(events) == 4
+
+        # A wrong password is refused with the server's reason, and never shown.
+        wrong = {**queue, "credentials": {"username": "registry", "password": "wrong-pw-77"}}
+        bad = events_config(tmp_path, http_sink(sink), queue={**wrong, "timeout": "500ms"})
+        with pytest.RaisesGroup(QueueError, allow_unwrapped=True, flatten_subgroups=True) as err:
+            async with running_queue(bad.extensions.events):
+                pass
+        (refused,) = err.value.exceptions if hasattr(err.value, "exceptions") else (err.value,)
+        assert "Authorization Violation" in str(refused)
+        assert "wrong-pw-77" not in str(refused)
