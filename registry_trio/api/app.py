@@ -2,7 +2,7 @@
 
 Every request gets an ``X-Request-Id`` (the id events carry as ``request.id``) and the
 ``Docker-Distribution-API-Version`` header here, once, whichever half then serves it: the
-raw blob routes (:mod:`.blobs`) or Quart (everything else).
+raw routes (:mod:`.blobs`, :mod:`.manifests`) or Quart (everything else).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import trio
 
 from .. import oci
 from ..auth import Identity, Unauthorized
+from . import blobs, manifests
 from .access import required_access, route_name
-from .blobs import BlobRequest, ClientDisconnected, match_route
 from .context import (
     CLIENT_ADDR_KEY,
     IDENTITY_KEY,
@@ -30,11 +30,15 @@ from .context import (
 )
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
+from .raw import ClientDisconnected, RawRequest, Routes, match_route
 
 __all__ = ["create_app"]
 
 # Set while Quart serves a request: its own task then reads the request body.
 QUART_READS_KEY = "registry_trio.quart_reads"
+
+# Served as raw ASGI, matched in this order; every other path goes to Quart.
+_RAW_ROUTES: Routes = [*blobs.ROUTES, *manifests.ROUTES]
 
 access_log = logging.getLogger("registry_trio.access")
 log = logging.getLogger("registry_trio.api")
@@ -206,14 +210,14 @@ class RegistryApp:
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._authorize(scope)
-        route = match_route(scope["path"], scope["method"])
+        route = match_route(_RAW_ROUTES, scope["path"], scope["method"])
         if route is None:
             scope[QUART_READS_KEY] = True
             await self.quart(scope, receive, send)
             return
         handler, params = route
         name = oci.validate_name(params.pop("name"))
-        await handler(BlobRequest(self.registry, scope, receive, send, name, params))
+        await handler(RawRequest(self.registry, scope, receive, send, name, params))
 
 
 def create_app(registry: Registry) -> RegistryApp:

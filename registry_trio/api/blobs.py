@@ -1,10 +1,10 @@
-"""Blob and upload routes, served as raw ASGI in front of Quart.
+"""Blob and upload routes, served as raw ASGI (:mod:`.raw`) in front of Quart.
 
-Why not Quart here: Quart drains a request body into an unbounded buffer (no backpressure: a
-slow disk lets a 1 GiB upload sit in memory) and cuts any response at ``RESPONSE_TIMEOUT``
-(a long blob download would be truncated). Reading ``receive()`` ourselves bounds memory to
-one hypercorn queue plus one write buffer, and streams downloads for as long as they take.
-See ``shared/notes/libs.md`` for the measurements.
+Quart would drain a request body into an unbounded buffer (no backpressure: a slow disk lets
+a 1 GiB upload sit in memory) and cut any response at ``RESPONSE_TIMEOUT`` (a long blob
+download would be truncated). Reading ``receive()`` ourselves bounds memory to one hypercorn
+queue plus one write buffer, and streams downloads for as long as they take. See
+``shared/notes/libs.md`` for the measurements.
 
 Every route validates the repository name and digest through :mod:`registry_trio.oci` before
 touching storage, and renders every failure through :mod:`registry_trio.api.errors`.
@@ -13,20 +13,18 @@ touching storage, and renders every failure through :mod:`registry_trio.api.erro
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
 
 import trio
 
 from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, UploadWriter
-from .context import Registry, identity
+from .context import identity
 from .errors import RegistryError
+from .raw import RawRequest, Routes
 
-__all__ = ["BlobRequest", "match_route"]
+__all__ = ["IO_CHUNK", "ROUTES"]
 
 # Disk writes and reads are batched to this size: big enough that a thread hop per batch
 # is negligible, small enough that memory per request stays flat.
@@ -34,70 +32,6 @@ IO_CHUNK = 1 << 20
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-@dataclass
-class BlobRequest:
-    registry: Registry
-    scope: MutableMapping[str, Any]
-    receive: Callable[[], Awaitable[dict[str, Any]]]
-    send: Callable[[dict[str, Any]], Awaitable[None]]
-    name: str
-    params: dict[str, str]
-    # Set once the last message of the request body has been received.
-    ended: bool = field(default=False, init=False)
-
-    @property
-    def method(self) -> str:
-        return self.scope["method"]
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        for key, value in self.scope["headers"]:
-            if key.lower() == wanted:
-                return value.decode("latin-1")
-        return None
-
-    def query(self, name: str) -> str | None:
-        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
-        return values[0] if values else None
-
-    async def read_some(self, limit: int) -> tuple[bytes, bool]:
-        """Body bytes until ``limit`` are buffered or the body ends: ``(data, ended)``.
-
-        A body that fits (every small blob) is thus held whole before any disk work, and the
-        handler can do that work in one trip to a worker thread.
-        """
-        chunks: list[bytes] = []
-        size = 0
-        while not self.ended and size < limit:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            if chunk := message.get("body", b""):
-                chunks.append(chunk)
-                size += len(chunk)
-            self.ended = not message.get("more_body", False)
-        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), self.ended
-
-    async def respond(
-        self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b""
-    ) -> None:
-        headers = list(headers or [])
-        if not any(k.lower() == "content-length" for k, _ in headers):
-            headers.append(("Content-Length", str(len(body))))
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers],
-            }
-        )
-        await self.send({"type": "http.response.body", "body": body})
 
 
 def _digest_param(value: str | None, what: str = "digest") -> oci.Digest:
@@ -115,7 +49,7 @@ def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, s
     ]
 
 
-async def _write_body(req: BlobRequest, writer: UploadWriter, first: bytes) -> None:
+async def _write_body(req: RawRequest, writer: UploadWriter, first: bytes) -> None:
     """Write ``first`` and the rest of the body to ``writer``; on failure undo this request's bytes.
 
     The rollback runs shielded: a cancelled or disconnected request must still leave the
@@ -192,7 +126,7 @@ def _append_whole(
 
 
 async def _append(
-    req: BlobRequest, upload_id: str, content_range: str | None, digest: oci.Digest | None = None
+    req: RawRequest, upload_id: str, content_range: str | None, digest: oci.Digest | None = None
 ) -> int:
     """Append the body to an upload, honouring ``Content-Range``; returns the new offset.
 
@@ -230,7 +164,7 @@ async def _append(
         registry.busy_uploads.discard(upload_id)
 
 
-def _blob_target(req: BlobRequest, digest: oci.Digest, size: int, **extra: Any) -> Target:
+def _blob_target(req: RawRequest, digest: oci.Digest, size: int, **extra: Any) -> Target:
     return Target(
         repository=req.name,
         digest=str(digest),
@@ -241,11 +175,11 @@ def _blob_target(req: BlobRequest, digest: oci.Digest, size: int, **extra: Any) 
     )
 
 
-async def _pushed(req: BlobRequest, digest: oci.Digest, size: int) -> None:
+async def _pushed(req: RawRequest, digest: oci.Digest, size: int) -> None:
     await _created(req, digest, Action.BLOB_PUSHED, _blob_target(req, digest, size))
 
 
-async def _created(req: BlobRequest, digest: oci.Digest, action: Action, target: Target) -> None:
+async def _created(req: RawRequest, digest: oci.Digest, action: Action, target: Target) -> None:
     """Record the event (durably) and only then answer 201 with the blob's location."""
     location = f"/v2/{req.name}/blobs/{digest}"
     await req.registry.emit(req.scope, (action, target))
@@ -255,7 +189,7 @@ async def _created(req: BlobRequest, digest: oci.Digest, action: Action, target:
 # -- uploads ---------------------------------------------------------------------------------
 
 
-async def start_upload(req: BlobRequest) -> None:
+async def start_upload(req: RawRequest) -> None:
     registry = req.registry
     if mount := req.query("mount"):
         digest = _digest_param(mount, "mount")
@@ -307,26 +241,26 @@ async def start_upload(req: BlobRequest) -> None:
     await _pushed(req, digest, size)
 
 
-async def patch_upload(req: BlobRequest) -> None:
+async def patch_upload(req: RawRequest) -> None:
     upload_id = req.params["upload_id"]
     offset = await _append(req, upload_id, req.header("content-range"))
     await req.respond(202, _upload_headers(req.name, upload_id, offset))
 
 
-async def put_upload(req: BlobRequest) -> None:
+async def put_upload(req: RawRequest) -> None:
     upload_id = req.params["upload_id"]
     digest = _digest_param(req.query("digest"))
     size = await _append(req, upload_id, req.header("content-range"), digest)
     await _pushed(req, digest, size)
 
 
-async def upload_status(req: BlobRequest) -> None:
+async def upload_status(req: RawRequest) -> None:
     upload_id = req.params["upload_id"]
     offset = await req.registry.io(req.registry.storage.upload_offset, req.name, upload_id)
     await req.respond(204, _upload_headers(req.name, upload_id, offset))
 
 
-async def cancel_upload(req: BlobRequest) -> None:
+async def cancel_upload(req: RawRequest) -> None:
     upload_id = req.params["upload_id"]
     await req.registry.io(req.registry.storage.cancel_upload, req.name, upload_id)
     await req.respond(204)
@@ -355,7 +289,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, end
 
 
-async def get_blob(req: BlobRequest) -> None:
+async def get_blob(req: RawRequest) -> None:
     registry = req.registry
     digest = oci.parse_digest(req.params["digest"])
     if req.method == "HEAD":
@@ -406,7 +340,7 @@ async def get_blob(req: BlobRequest) -> None:
             f.close()
 
 
-async def delete_blob(req: BlobRequest) -> None:
+async def delete_blob(req: RawRequest) -> None:
     registry = req.registry
     digest = oci.parse_digest(req.params["digest"])
     await registry.io(registry.storage.delete_blob, req.name, digest)
@@ -416,9 +350,7 @@ async def delete_blob(req: BlobRequest) -> None:
     await req.respond(202)
 
 
-Handler = Callable[[BlobRequest], Awaitable[None]]
-
-_ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
+ROUTES: Routes = [
     (re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/?$"), {"POST": start_upload}),
     (
         re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/(?P<upload_id>[^/]+)$"),
@@ -429,25 +361,3 @@ _ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
         {"GET": get_blob, "HEAD": get_blob, "DELETE": delete_blob},
     ),
 ]
-
-
-def match_route(path: str, method: str) -> tuple[Handler, dict[str, str]] | None:
-    """The blob handler for ``path``, or None to let Quart serve the request.
-
-    A known path with a method it does not take answers 405 rather than falling through.
-    """
-    for pattern, methods in _ROUTES:
-        match = pattern.match(path)
-        if match is None:
-            continue
-        params = match.groupdict()
-        handler = methods.get(method)
-        if handler is None:
-            raise RegistryError(
-                "UNSUPPORTED",
-                405,
-                f"{method} is not supported here; use {', '.join(methods)}",
-                headers=(("Allow", ", ".join(methods)),),
-            )
-        return handler, params
-    return None

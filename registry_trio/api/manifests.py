@@ -1,33 +1,42 @@
-"""Manifest and referrers routes (Quart): small JSON bodies, capped at the manifest limit."""
+"""Manifest routes (raw ASGI, on the push path) and referrers (Quart).
+
+Manifests are small JSON bodies, capped at ``http.maxManifestSize``: the body is read whole,
+refused with 413 once it passes the limit (declared or chunked).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 from quart import Blueprint, Response, request
 
 from .. import oci
 from ..events import Action, Target
-from ..storage import ManifestRecord, ManifestUnknown
+from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
 from .context import Registry, identity
 from .errors import RegistryError
 from .quart_app import current_registry
+from .raw import RawRequest, Routes
 
-__all__ = ["blueprint"]
+__all__ = ["ROUTES", "blueprint"]
 
 blueprint = Blueprint("manifests", __name__)
 
 
-async def _read_body(limit: int) -> bytes:
+async def _read_body(req: RawRequest, limit: int) -> bytes:
     """The request body, refusing it once it passes ``limit`` (chunked bodies included)."""
-    body = bytearray()
-    async for chunk in request.body:
-        body += chunk
-        if len(body) > limit:
-            raise RegistryError(
-                "MANIFEST_INVALID", 413, f"manifest is larger than the {limit}-byte limit"
-            )
-    return bytes(body)
+    declared = req.header("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)  # refused before a byte is read
+    body, _ = await req.read_some(limit + 1)
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+def _too_large(limit: int) -> RegistryError:
+    return RegistryError("MANIFEST_INVALID", 413, f"manifest is larger than the {limit}-byte limit")
 
 
 def _reference(reference: str) -> tuple[str | None, oci.Digest | None]:
@@ -37,24 +46,17 @@ def _reference(reference: str) -> tuple[str | None, oci.Digest | None]:
     return oci.validate_tag(reference), None
 
 
-async def _resolve(registry: Registry, name: str, reference: str) -> tuple[str | None, oci.Digest]:
-    tag, digest = _reference(reference)
-    if digest is None:
-        digest = await registry.io(registry.storage.resolve_tag, name, tag)
-    return tag, digest
-
-
 def _manifest_target(
-    registry: Registry, name: str, record: ManifestRecord, tag: str | None, manifest: oci.Manifest
+    req: RawRequest, record: ManifestRecord, tag: str | None, manifest: oci.Manifest
 ) -> Target:
     references = tuple(d.to_json() for d in (*manifest.blobs, *manifest.manifests))
     return Target(
-        repository=name,
+        repository=req.name,
         digest=str(record.digest),
         media_type=record.media_type,
         size=len(record.body),
         tag=tag,
-        url=registry.url(request.scope, f"/v2/{name}/manifests/{record.digest}"),
+        url=req.registry.url(req.scope, f"/v2/{req.name}/manifests/{record.digest}"),
         references=references,
         manifest=record.body.decode("utf-8", "replace"),
     )
@@ -68,13 +70,22 @@ def _tag_exists(registry: Registry, name: str, tag: str) -> bool:
     return True
 
 
-@blueprint.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
-async def put_manifest(name: str, reference: str) -> Response:
-    registry = current_registry()
-    oci.validate_name(name)
-    tag, expected = _reference(reference)
-    body = await _read_body(registry.config.http.max_manifest_size)
-    manifest = oci.parse_manifest(body, request.headers.get("Content-Type"))
+def _lookup(
+    storage: FilesystemStorage, name: str, tag: str | None, digest: oci.Digest | None
+) -> ManifestRecord:
+    """Resolve the tag (when given) and read the manifest: one call on a worker thread."""
+    if digest is None:
+        assert tag is not None
+        digest = storage.resolve_tag(name, tag)
+    return storage.get_manifest(name, digest)
+
+
+async def put_manifest(req: RawRequest) -> None:
+    registry = req.registry
+    name = req.name
+    tag, expected = _reference(req.params["reference"])
+    body = await _read_body(req, registry.config.http.max_manifest_size)
+    manifest = oci.parse_manifest(body, req.header("content-type"))
     digest = oci.Digest.of(body, expected.algorithm if expected else "sha256")
     if expected is not None and digest != expected:
         raise RegistryError(
@@ -82,9 +93,7 @@ async def put_manifest(name: str, reference: str) -> Response:
             400,
             f"manifest body has digest {digest}, not the {expected} it was pushed as",
         )
-    if tag is not None and "update" not in registry.auth.policy.allowed(
-        identity(request.scope), name
-    ):
+    if tag is not None and "update" not in registry.auth.policy.allowed(identity(req.scope), name):
         # Moving an existing tag is an update, which `create` alone does not allow.
         existing = await registry.io(_tag_exists, registry, name, tag)
         if existing:
@@ -94,58 +103,67 @@ async def put_manifest(name: str, reference: str) -> Response:
     changes = []
     if result.created_repository:
         changes.append((Action.REPOSITORY_CREATED, Target(repository=name)))
-    changes.append(
-        (Action.MANIFEST_PUSHED, _manifest_target(registry, name, record, tag, manifest))
-    )
-    await registry.emit(request.scope, *changes)
+    changes.append((Action.MANIFEST_PUSHED, _manifest_target(req, record, tag, manifest)))
+    await registry.emit(req.scope, *changes)
 
-    headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
+    headers = [
+        ("Location", f"/v2/{name}/manifests/{digest}"),
+        ("Docker-Content-Digest", str(digest)),
+    ]
     if manifest.subject is not None:
-        headers["OCI-Subject"] = str(manifest.subject.digest)
-    return Response(b"", 201, headers)
+        headers.append(("OCI-Subject", str(manifest.subject.digest)))
+    await req.respond(201, headers)
 
 
-@blueprint.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
-async def get_manifest(name: str, reference: str) -> Response:
-    registry = current_registry()
-    oci.validate_name(name)
-    tag, digest = await _resolve(registry, name, reference)
-    record = await registry.io(registry.storage.get_manifest, name, digest)
-    headers = {
-        "Content-Type": record.media_type,
-        "Docker-Content-Digest": str(record.digest),
-        "ETag": f'"{record.digest}"',
-        "Content-Length": str(len(record.body)),
-    }
-    if request.method == "HEAD":
-        # With the body given, Content-Length stays the manifest's size (clients take the
-        # descriptor size from it); Hypercorn sends no body in answer to HEAD.
-        return Response(record.body, 200, headers)
+async def get_manifest(req: RawRequest) -> None:
+    registry = req.registry
+    tag, digest = _reference(req.params["reference"])
+    record = await registry.io(_lookup, registry.storage, req.name, tag, digest)
+    headers = [
+        ("Content-Type", record.media_type),
+        ("Docker-Content-Digest", str(record.digest)),
+        ("ETag", f'"{record.digest}"'),
+        ("Content-Length", str(len(record.body))),
+    ]
+    if req.method == "HEAD":
+        # Content-Length stays the manifest's size (clients take the descriptor size from
+        # it); no body is sent.
+        await req.respond(200, headers)
+        return
     if registry.events.wants(Action.MANIFEST_PULLED):
         manifest = oci.parse_manifest(record.body, record.media_type)
-        target = _manifest_target(registry, name, record, tag, manifest)
-        await registry.emit(request.scope, (Action.MANIFEST_PULLED, target))
-    return Response(record.body, 200, headers)
+        target = _manifest_target(req, record, tag, manifest)
+        await registry.emit(req.scope, (Action.MANIFEST_PULLED, target))
+    await req.respond(200, headers, record.body)
 
 
-@blueprint.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
-async def delete_manifest(name: str, reference: str) -> Response:
-    registry = current_registry()
-    oci.validate_name(name)
-    tag, digest = _reference(reference)
+async def delete_manifest(req: RawRequest) -> None:
+    registry = req.registry
+    name = req.name
+    tag, digest = _reference(req.params["reference"])
     if tag is not None:
         # Deleting by tag removes the tag only; the manifest stays reachable by digest.
         digest = await registry.io(registry.storage.delete_tag, name, tag)
         target = Target(repository=name, tag=tag, digest=str(digest))
-        await registry.emit(request.scope, (Action.TAG_DELETED, target))
-        return Response(b"", 202)
+        await registry.emit(req.scope, (Action.TAG_DELETED, target))
+        await req.respond(202)
+        return
+    assert digest is not None
     record = await registry.io(registry.storage.get_manifest, name, digest)
     manifest = oci.parse_manifest(record.body, record.media_type)
     subject = manifest.subject.digest if manifest.subject else None
     await registry.io(registry.storage.delete_manifest, name, digest, subject)
     target = Target(repository=name, digest=str(digest), media_type=record.media_type)
-    await registry.emit(request.scope, (Action.MANIFEST_DELETED, target))
-    return Response(b"", 202)
+    await registry.emit(req.scope, (Action.MANIFEST_DELETED, target))
+    await req.respond(202)
+
+
+ROUTES: Routes = [
+    (
+        re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$"),
+        {"GET": get_manifest, "HEAD": get_manifest, "PUT": put_manifest, "DELETE": delete_manifest},
+    ),
+]
 
 
 @blueprint.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
