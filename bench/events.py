@@ -6,7 +6,8 @@ Measures, in one run:
    concurrent tasks each awaiting its own commit (as concurrent requests do), against
    persist-queue's ``SQLiteAckQueue.put`` with the same event JSON (the baseline).
 2. **Backlog drain**: a backlog of ``--backlog`` events delivered to a local HTTP receiver
-   (a separate process), batched (``cloudevents-batch``) and unbatched (one event per POST).
+   (a separate process), batched (``cloudevents-batch``), and a backlog of
+   ``--unbatched-backlog`` events (10,000) unbatched (one event per POST).
 3. **Push cost of events**: small-image pushes/s against a registry-trio server with events
    off, and with events on and an HTTP sink (the 2xx waits for the event's commit).
 4. **Slow receiver**: delivery to a receiver that takes 50 ms per request, batched and not.
@@ -314,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     knobs.add_argument("--backlog", type=int, default=100_000, help="batched drain backlog")
     knobs.add_argument(
-        "--unbatched-backlog", type=int, default=100_000, help="unbatched drain backlog"
+        "--unbatched-backlog",
+        type=int,
+        default=10_000,
+        help="unbatched drain backlog (default %(default)s: one POST per event runs at a few "
+        "hundred events/s, so 10,000 requests give a steady rate in well under a minute)",
     )
     knobs.add_argument("--batch", type=int, default=1000, help="events per batched request")
     knobs.add_argument(
