@@ -7,13 +7,17 @@ the secrets that must never appear in an error text or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import nats.errors
+
 from ..config import CredentialsConfig, TLSConfig
 
-__all__ = ["NATSEndpoint", "connect_options", "secrets"]
+__all__ = ["NATSEndpoint", "connect_options", "describe_failure", "secrets"]
 
 
 class NATSEndpoint(Protocol):
@@ -76,3 +80,15 @@ def connect_options(config: NATSEndpoint, name: str) -> dict[str, Any]:
         if creds.nkey_file:
             options["nkeys_seed"] = creds.nkey_file
     return options
+
+
+def describe_failure(exc: BaseException, hidden: Sequence[str]) -> str:
+    """A NATS failure in words, with every string in ``hidden`` blanked out."""
+    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+        text = f"timed out ({type(exc).__name__})"
+    else:
+        detail = str(exc).strip()
+        text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    for secret in hidden:
+        text = text.replace(secret, "***")
+    return text

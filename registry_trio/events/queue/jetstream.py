@@ -51,7 +51,7 @@ from nats.js import api
 
 from ...config import QueueConfig, SinkConfig
 from ..model import Event
-from ..natsconn import connect_options, secrets
+from ..natsconn import connect_options, describe_failure, secrets
 from ..sinks._asyncio_bridge import AsyncioThread
 from ..status import redact_address
 from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
@@ -106,14 +106,7 @@ class _JetStream:
         self.last_error = ""  # the last connection error, for a start-up that gives up
 
     def describe(self, exc: BaseException) -> str:
-        if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
-            text = f"timed out ({type(exc).__name__})"
-        else:
-            detail = str(exc).strip()
-            text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return describe_failure(exc, self._secrets)
 
     # -- set-up ------------------------------------------------------------------------------
 

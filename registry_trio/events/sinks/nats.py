@@ -40,7 +40,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from ...config import SinkConfig
-from ..natsconn import connect_options, secrets
+from ..natsconn import connect_options, describe_failure, secrets
 from . import DELIVERED, Message, Outcome, Result
 from ._asyncio_bridge import AsyncioThread
 
@@ -80,15 +80,7 @@ class _Publisher:
         self._server_error = ""
 
     def _describe(self, exc: BaseException) -> str:
-        """The failure in words, with any secret blanked out."""
-        if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
-            text = f"timed out ({type(exc).__name__})"
-        else:
-            detail = str(exc).strip()
-            text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return describe_failure(exc, self._secrets)
 
     # -- connection --------------------------------------------------------------------------
 
