@@ -120,6 +120,7 @@ class Metrics:
         )
         self._scraped = _ScrapeCollector(uploads, sinks)
         r.register(self._scraped)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def watch_queue(self, queue: EventQueue) -> None:
         """Report the sinks' figures from ``queue`` from now on."""
@@ -128,8 +129,18 @@ class Metrics:
     def observe_request(
         self, route: str, method: str, status: int, received: int, sent: int, seconds: float
     ) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.duration.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            # labels() takes a lock and builds its key on every call; the children are kept
+            # here instead (one entry per label set, which the registry holds anyway).
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route, method),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         self.bytes_in.inc(received)
         self.bytes_out.inc(sent)
 

@@ -26,7 +26,6 @@ from .context import (
     REQUEST_ID_KEY,
     Registry,
     identity,
-    request_info,
 )
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
@@ -122,34 +121,36 @@ class RegistryApp:
             self._log_access(scope, state, time.perf_counter() - started)
 
     def _log_access(self, scope: Scope, state: dict[str, int], seconds: float) -> None:
-        info = request_info(scope)
-        actor = identity(scope).name or "-"
+        rid, addr = scope[REQUEST_ID_KEY], scope.get(CLIENT_ADDR_KEY, "")
+        name = identity(scope).name
+        method, path = scope["method"], scope["path"]
         status, received, sent = state["status"], state["received"], state["sent"]
-        access_log.info(
-            "%s %s %s %s %s %d %d %d %.1fms",
-            info.id,
-            info.addr,
-            actor,
-            scope["method"],
-            scope["path"],
-            status,
-            received,
-            sent,
-            seconds * 1000,
-            extra={
-                "request_id": info.id,
-                "actor": None if actor == "-" else actor,
-                "addr": info.addr,
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "bytes_in": received,
-                "bytes_out": sent,
-                "duration_ms": round(seconds * 1000, 3),
-            },
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            # What access_log.info() does, less the search of the stack for the caller's
+            # frame: one line per request, so it is worth the few microseconds.
+            record = access_log.makeRecord(
+                access_log.name,
+                logging.INFO,
+                __file__,
+                0,
+                "%s %s %s %s %s %d %d %d %.1fms",
+                (rid, addr, name or "-", method, path, status, received, sent, seconds * 1000),
+                None,
+                extra={
+                    "request_id": rid,
+                    "actor": name or None,
+                    "addr": addr,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "bytes_in": received,
+                    "bytes_out": sent,
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
+            access_log.handle(record)
         self.registry.metrics.observe_request(
-            route_name(scope["path"]), scope["method"], status, received, sent, seconds
+            route_name(path), method, status, received, sent, seconds
         )
 
     async def _authorize(self, scope: Scope) -> None:

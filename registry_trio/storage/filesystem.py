@@ -177,10 +177,14 @@ class FilesystemStorage:
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         staged = self._tmp / uuid.uuid4().hex
-        with open(staged, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._publish(staged, path)
 
     def _link(self, path: Path) -> None:
@@ -190,18 +194,23 @@ class FilesystemStorage:
         atomic as a rename; the directory fsync makes the creation durable. The time matters:
         garbage collection spares blobs whose links are younger than its delay.
         """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
+            os.close(os.open(path, flags, 0o644))
+        except FileExistsError:
             os.utime(path)
             return
-        except FileNotFoundError:
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except FileNotFoundError:  # the first link in its directory
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
         _fsync_dir(path.parent)
 
     def _publish(self, staged: Path, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, path)
+        try:
+            os.replace(staged, path)
+        except FileNotFoundError:  # the first file in its directory (or no staged file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, path)
         _fsync_dir(path.parent)
 
     # -- blobs -----------------------------------------------------------------------------
@@ -365,20 +374,23 @@ class FilesystemStorage:
         cached: tuple[int, hashlib._Hash] | None,
     ) -> int:
         """Check ``data`` against ``expected``, fsync it, rename it into place, link it."""
-        with open(data, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
             if cached and cached[0] == size and expected.algorithm == "sha256":
                 actual = cached[1].hexdigest()
             else:
                 hasher = expected.hasher()
-                while block := f.read(1 << 20):
+                while block := os.read(fd, 1 << 20):
                     hasher.update(block)
                 actual = hasher.hexdigest()
             if actual != expected.encoded:
                 raise DigestMismatch(
                     f"uploaded content has digest {expected.algorithm}:{actual}, not {expected}"
                 )
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         target = self._blob_path(expected)
         if not target.exists():
             self._publish(data, target)
