@@ -111,9 +111,15 @@ class _JetStream:
     # -- set-up ------------------------------------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
-        # nats-py would log a traceback per failed (re)connection; keep the reason instead.
-        self.last_error = self.describe(exc)
-        log.debug("jetstream queue: %s", self.last_error)
+        # nats-py would log a traceback per failed (re)connection; keep the reason instead,
+        # preferring what the server said (an authorization violation says more than the
+        # broken pipe that follows it).
+        text = self.describe(exc)
+        if not self.last_error or (
+            isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.TimeoutError)
+        ):
+            self.last_error = text
+        log.debug("jetstream queue: %s", text)
 
     async def _on_disconnected(self) -> None:
         if self._nc is not None:

@@ -115,6 +115,9 @@ class AsyncioThread:
             loop.call_soon_threadsafe(cancel)
             with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
                 await done.wait()
+            task = box.get("task")
+            if task is not None and task.done() and not task.cancelled():
+                task.exception()  # retrieved: it ended its own way while being cancelled
             raise
         if "error" in box:
             raise box["error"]
