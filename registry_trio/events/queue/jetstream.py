@@ -753,8 +753,9 @@ class JetStreamSinkQueue:
 
     async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
         letters = [(t.msg, t.data, t.owed) for t in self._finish(deliveries)]
-        await self._queue.call(self._nats.bury, self._name, letters, error)
+        # Counted first: whoever sees a dead letter sees the failure that put it there.
         await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
+        await self._queue.call(self._nats.bury, self._name, letters, error)
         await self._flush_withheld()
 
     async def keep_alive(self) -> None:

@@ -300,6 +300,10 @@ class NATSSink:
         if self._thread.started:
             try:
                 await self._thread.run(self._publisher.close)
+            except RuntimeError:
+                # nats-py's close, racing its own reconnection task during an outage, can end
+                # up cancelled; closing the thread below releases whatever is left.
+                log.debug("nats sink: closing the connection was cut short", exc_info=True)
             finally:
                 await self._thread.aclose()
         else:
