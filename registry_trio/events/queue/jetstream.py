@@ -737,8 +737,9 @@ class JetStreamSinkQueue:
         # In order, while part of the run is still held here, acknowledging the rest would
         # free slots that fresh events could fill past the held ones: withhold until then.
         self._withheld += [t.msg for t in self._finish(deliveries) if t.msg is not None]
-        await self._flush_withheld()
+        # Counted first, as in bury: once nothing is pending, the count is complete.
         await self._queue.call(self._nats.count, self._name, delivered=len(deliveries))
+        await self._flush_withheld()
 
     async def retry_later(
         self, deliveries: Sequence[Delivery], next_attempt: float, error: str
