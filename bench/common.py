@@ -337,7 +337,8 @@ class ServerProcess:
 
     Use as a context manager. ``url`` is the base URL it logged; ``pid`` its process id.
     ``queue_dir`` puts the event outbox in a directory of the caller's (which may already
-    hold events) instead of the temporary one; the caller removes it.
+    hold events) instead of the temporary one; the caller removes it. ``queue`` adds keys to
+    ``extensions.events.queue`` (a JetStream queue's ``type`` and ``address``).
     """
 
     def __init__(
@@ -348,6 +349,7 @@ class ServerProcess:
         sinks: Sequence[dict[str, Any]] = (),
         http: dict[str, Any] | None = None,
         queue_dir: str | Path | None = None,
+        queue: dict[str, Any] | None = None,
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
@@ -358,6 +360,8 @@ class ServerProcess:
         self._http = dict(http or {})
         # The caller's queue directory (e.g. one filled before the start); not removed at stop.
         self._queue_dir = Path(queue_dir) if queue_dir is not None else None
+        # More extensions.events.queue keys (e.g. a JetStream queue's type and address).
+        self._queue = dict(queue or {})
         self._log_file = log_file
         self._start_timeout = start_timeout
         self._python = python
@@ -385,7 +389,10 @@ class ServerProcess:
             doc["extensions"] = {
                 "events": {
                     "enable": True,
-                    "queue": {"directory": str(self._queue_dir or self.root / "queue_data")},
+                    "queue": {
+                        "directory": str(self._queue_dir or self.root / "queue_data"),
+                        **self._queue,
+                    },
                     "sinks": self._sinks,
                 }
             }

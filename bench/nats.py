@@ -10,7 +10,11 @@ What it measures
     * core NATS, one event per hop: what batching saves (--count / 10 events);
     * JetStream: publish the run with Nats-Msg-Id, wait for every ack, --js-count events,
       into a file stream with the server's default sync (fsync every 2 min);
-    * JetStream with ``sync_interval: always`` (fsync per ack), unless --no-fsync-run.
+    * JetStream with ``sync_interval: always`` (fsync per ack), unless --no-fsync-run;
+    * the queue (unless --no-queue-run): small-image pushes/s (C=8, --push-count images)
+      against a registry-trio subprocess with events on and one HTTP sink (bench/receiver.py),
+      once with the embedded SQLite queue and once with ``queue.type: jetstream`` on the
+      default-sync nats-server: what the shared queue costs a push.
 
     It prints events/s and MB/s for each, and PASS/FAIL against the goal: core NATS at
     --goal events/s (20,000) or more. The Trio side awaits each send before the next, like
@@ -55,7 +59,16 @@ from registry_trio.events.sinks._asyncio_bridge import AsyncioThread  # noqa: E4
 from registry_trio.events.sinks.nats import NATSSink  # noqa: E402
 
 sys.path[:] = _saved_path
-from common import MB, emit_json, machine_info, print_header, progress  # noqa: E402
+from common import (  # noqa: E402
+    MB,
+    ServerProcess,
+    emit_json,
+    machine_info,
+    print_header,
+    progress,
+    push_rate,
+)
+from receiver import Receiver  # noqa: E402
 
 SUBJECT = "bench.events"
 STREAM = "BENCH"
@@ -107,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fsync-run",
         action="store_true",
         help="skip the JetStream run with sync_interval: always",
+    )
+    parser.add_argument(
+        "--push-count",
+        type=positive_int,
+        default=200,
+        metavar="N",
+        help="images pushed in each queue run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-queue-run",
+        action="store_true",
+        help="skip the push runs comparing the SQLite and the JetStream queue",
     )
     parser.add_argument(
         "--nats-server",
@@ -289,6 +314,21 @@ async def publish(
     }
 
 
+async def queue_push_rate(
+    args: argparse.Namespace, jetstream: str | None, label: str
+) -> dict[str, Any]:
+    """Images/s pushed through a registry-trio whose events go to the SQLite queue, or to a
+    JetStream queue at ``jetstream``; every push's events are committed before its 2xx."""
+    queue = None if jetstream is None else {"type": "jetstream", "address": jetstream}
+    with (
+        Receiver() as receiver,
+        ServerProcess(sinks=[{"type": "http", "address": receiver.url}], queue=queue) as server,
+    ):
+        await push_rate(server.url, 8, 8, "warm")
+        rate = await push_rate(server.url, args.push_count, 8, "queue")
+    return {"run": label, "images": args.push_count, "images_per_s": rate}
+
+
 async def benchmark(args: argparse.Namespace, binary: str) -> list[dict[str, Any]]:
     results = []
     with nats_server(binary, sync_always=False) as url:
@@ -297,6 +337,9 @@ async def benchmark(args: argparse.Namespace, binary: str) -> list[dict[str, Any
         single = max(args.count // 10, 1)
         results.append(await publish(args, url, "core", single, 1, "core, 1 per hop"))
         results.append(await publish(args, url, "jetstream", args.js_count, args.hop, "jetstream"))
+        if not args.no_queue_run:
+            results.append(await queue_push_rate(args, None, "push, SQLite queue"))
+            results.append(await queue_push_rate(args, url, "push, JetStream queue"))
     if not args.no_fsync_run:
         with nats_server(binary, sync_always=True) as url:
             await create_stream(url)
@@ -318,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "js_count": args.js_count,
         "hop": args.hop,
         "goal": args.goal,
+        "push_count": None if args.no_queue_run else args.push_count,
         "nats_server": version.strip(),
     }
     try:
@@ -343,10 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{'run':<26} {'events':>8} {'per hop':>8} {'events/s':>10} {'MB/s':>8}")
         for r in results:
+            if "images_per_s" in r:
+                continue
             print(
                 f"{r['run']:<26} {r['events']:>8} {r['events_per_hop']:>8} "
                 f"{r['events_per_s']:>10,.0f} {r['mb_per_s']:>8.1f}"
             )
+        pushes = [r for r in results if "images_per_s" in r]
+        if pushes:
+            print(f"\n{'run':<26} {'images':>8} {'images/s':>10}   (C=8, events on, HTTP sink)")
+            for r in pushes:
+                print(f"{r['run']:<26} {r['images']:>8} {r['images_per_s']:>10.1f}")
         print(f"\nevent size: {results[0]['event_bytes']} bytes (structured CloudEvent JSON)")
         verdict = "PASS" if passed else "FAIL"
         print(f"{verdict}: core NATS {core:,.0f} events/s (goal >= {args.goal:,.0f})")

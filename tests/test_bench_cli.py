@@ -89,6 +89,10 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
             "backlog.py",
             ["--count", "1000000", "--batch", "cloudevents-batch", "--json", "VmHWM", "250 MB"],
         ),
+        (
+            "nats.py",
+            ["--count", "--js-count", "--hop", "--push-count", "--json", "JetStream queue"],
+        ),
     ],
 )
 def test_help_describes_the_script(script: str, expected: list[str]) -> None:
@@ -238,6 +242,19 @@ def test_bigblob_tiny_run(upload: list[str]) -> None:
         assert doc[phase]["mb_per_s"] > 0
         assert doc[phase]["peak_rss_bytes"] > 0
     assert doc["verdict"] == "PASS"
+
+
+def test_nats_tiny_run() -> None:
+    doc = run_json(
+        "nats.py", "-n", "500", "--js-count", "200", "--hop", "16", "--no-fsync-run",
+        "--push-count", "4", "--goal", "1",
+    )  # fmt: skip
+    assert doc["benchmark"] == "nats" and doc["goal"]["passed"]
+    runs = {r["run"]: r for r in doc["results"]}
+    assert runs["core"]["events"] == 500 and runs["core"]["events_per_s"] > 0
+    assert runs["jetstream"]["events"] == 200 and runs["jetstream"]["events_per_s"] > 0
+    for queue in ("push, SQLite queue", "push, JetStream queue"):
+        assert runs[queue]["images"] == 4 and runs[queue]["images_per_s"] > 0
 
 
 def test_unreachable_registry_fails_cleanly() -> None:
