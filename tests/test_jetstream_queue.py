@@ -27,6 +27,10 @@ from tests.nats_server import nats_server
 from tests.procs import server_process
 from tests.sink import HTTPSinkServer
 from tests.tls_certs import make_tls_files
+from tests.waiting import eventually
+
+# Logged by the instance that holds a sink's delivery lease.
+LEASE_TAKEN = "this instance delivers it now"
 
 
 def jetstream_queue(url: str, directory: Path) -> dict:
@@ -117,35 +121,53 @@ async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery
         server_process(write_instance_config(tmp_path, "b", nats.url, sink)) as b,
     ):
         instances = {"a": a, "b": b}
-        a_dead = trio.Event()
-        a_has_enough = trio.Event()  # a acknowledged a share of the load: time to kill it
+
+        # The instance that delivers the sink (it holds the lease) is the one to kill: the
+        # survivor must then take over what it was sending, orphans first.
+        async def lease_holder() -> str | None:
+            holders = [name for name, i in instances.items() if LEASE_TAKEN in i.current_output]
+            return holders[0] if holders else None
+
+        victim = await eventually(lease_holder, lambda name: name is not None)
+        survivor = "b" if victim == "a" else "a"
+        dead = trio.Event()
+        victim_has_enough = trio.Event()  # it acknowledged a share of the load: kill it
+        enough = trio.Event()  # the survivor took over, and pushes went on past that
+        stop_at: list[int] = []  # how many acknowledged pushes are enough, once known
 
         async def pusher(worker: int) -> None:
-            # Round robin across both instances, as a load balancer would.
-            for n in range(12):
+            # Round robin across both instances, as a load balancer would; on past the
+            # takeover, so that fresh events wait beside the dead one's unacknowledged run.
+            n = 0
+            while not enough.is_set():
+                n += 1
                 name = "ab"[(worker + n) % 2]
-                if name == "a" and a_dead.is_set():
-                    name = "b"  # the balancer's health check took a out
+                if name == victim and dead.is_set():
+                    name = survivor  # the balancer's health check took it out
                 tag = f"w{worker}-{n}"
                 try:
                     response = await push(instances[name].url, tag)
                 except (httpx.HTTPError, OSError):
-                    continue  # a died under this push: not acknowledged
+                    continue  # it died under this push: not acknowledged
                 if response.status_code == 201:
                     acknowledged[tag] = name
-                    if sum(1 for who in acknowledged.values() if who == "a") >= 6:
-                        a_has_enough.set()
+                    if sum(1 for who in acknowledged.values() if who == victim) >= 6:
+                        victim_has_enough.set()
+                    if stop_at and len(acknowledged) >= stop_at[0]:
+                        enough.set()
 
         async with trio.open_nursery() as pushers:
             for worker in range(4):
                 pushers.start_soon(pusher, worker)
             with trio.fail_after(60):
-                await a_has_enough.wait()
-            await a.kill()  # for good: it is never restarted
-            a_dead.set()
+                await victim_has_enough.wait()
+            await instances[victim].kill()  # for good: it is never restarted
+            dead.set()
+            await instances[survivor].wait_for_output(LEASE_TAKEN.encode(), 30)
+            stop_at.append(len(acknowledged) + 12)
 
-        by_a = {tag for tag, who in acknowledged.items() if who == "a"}
-        assert len(by_a) >= 6 and len(acknowledged) > len(by_a)
+        by_victim = {tag for tag, who in acknowledged.items() if who == victim}
+        assert len(by_victim) >= 6 and len(acknowledged) > len(by_victim)
         events = await sink.wait_for(
             lambda evs: set(manifest_tags(evs)) >= set(acknowledged), within=60
         )
@@ -158,6 +180,12 @@ async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery
     by_id: dict[str, dict] = {}
     for event in events:
         assert by_id.setdefault(event["id"], event) == event
+    # In order across instances: each worker pushed one image after the other, each event
+    # committed before its 2xx, so its images' events arrive (first copies) in push order.
+    first_seen = list(dict.fromkeys(manifest_tags(events)))
+    for worker in range(4):
+        mine = [t for t in first_seen if t.startswith(f"w{worker}-") and t in acknowledged]
+        assert mine == sorted(mine, key=lambda tag: int(tag.split("-")[1])), mine
 
 
 def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
