@@ -8,8 +8,11 @@ store. What arrived is read back with nats-py, as a consumer of zot's NATS event
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -307,38 +310,139 @@ NKEY_SEED = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER)
 NKEY_PUBLIC = nkeys.from_seed(bytearray(NKEY_SEED)).public_key.decode()
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _keypair(prefix: int, fill: int) -> tuple[nkeys.KeyPair, bytes]:
+    """A fixed key pair and its seed: the parametrization below is the same at every import."""
+    seed = nkeys.encode_seed(bytes([fill]) * 32, prefix)
+    return nkeys.from_seed(bytearray(seed)), seed
+
+
+def _public(keypair: nkeys.KeyPair) -> str:
+    return keypair.public_key.decode()
+
+
+def nats_jwt(issuer: nkeys.KeyPair, subject: str, kind: str, **nats: object) -> str:
+    """A NATS JWT v2 (operator, account or user), built and signed as nats-io/jwt does."""
+    claims: dict[str, object] = {
+        "iat": int(time.time()),
+        "iss": _public(issuer),
+        "name": kind,
+        "sub": subject,
+    }
+    # jti as ClaimsData.hash(): SHA-512/256 of the standard claims, jti left out, in base32.
+    digest = hashlib.new("sha512_256", json.dumps(claims, separators=(",", ":")).encode())
+    jti = base64.b32encode(digest.digest()).rstrip(b"=").decode()
+    claims = {"jti": jti, **claims, "nats": {**nats, "type": kind, "version": 2}}
+    header = {"typ": "JWT", "alg": "ed25519-nkey"}
+    signed = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64url(issuer.sign(signed.encode()))}"
+
+
+def user_creds(account: nkeys.KeyPair, user: nkeys.KeyPair, seed: bytes) -> tuple[str, bytes]:
+    """A user JWT issued by ``account``, and the .creds file (as ``nsc`` writes it) holding it."""
+    unlimited = {"subs": -1, "data": -1, "payload": -1}
+    jwt = nats_jwt(account, _public(user), "user", pub={}, sub={}, **unlimited)
+    creds = (
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    return jwt, creds.encode()
+
+
+# Decentralized auth: the server trusts an operator, which signed the accounts (preloaded in a
+# memory resolver), one of which signed our user. The refused user is signed by an account
+# the server has never heard of. The system account is there because JetStream (on in every
+# test server) will not start in operator mode without one.
+OPERATOR, _ = _keypair(nkeys.PREFIX_BYTE_OPERATOR, 1)
+SYSTEM, _ = _keypair(nkeys.PREFIX_BYTE_ACCOUNT, 2)
+ACCOUNT, _ = _keypair(nkeys.PREFIX_BYTE_ACCOUNT, 3)
+UNKNOWN_ACCOUNT, _ = _keypair(nkeys.PREFIX_BYTE_ACCOUNT, 4)
+CREDS_USER, CREDS_USER_SEED = _keypair(nkeys.PREFIX_BYTE_USER, 5)
+# Unset limits are zero, and zero connections would refuse every client. No JetStream
+# limits, so no JetStream for these accounts: the sink publishes in core mode here.
+ACCOUNT_LIMITS = {
+    "subs": -1,
+    "data": -1,
+    "payload": -1,
+    "imports": -1,
+    "exports": -1,
+    "wildcards": True,
+    "conn": -1,
+    "leaf": -1,
+}
+ACCOUNT_JWTS = {
+    _public(account): nats_jwt(OPERATOR, _public(account), "account", limits=ACCOUNT_LIMITS)
+    for account in (SYSTEM, ACCOUNT)
+}
+OPERATOR_AUTH = (
+    f'operator: "{nats_jwt(OPERATOR, _public(OPERATOR), "operator")}"\n'
+    f'system_account: "{_public(SYSTEM)}"\n'
+    "resolver: MEMORY\n"
+    f"resolver_preload: {json.dumps(ACCOUNT_JWTS)}\n"  # JSON is valid NATS config
+)
+_, GOOD_CREDS = user_creds(ACCOUNT, CREDS_USER, CREDS_USER_SEED)
+BAD_JWT, BAD_CREDS = user_creds(UNKNOWN_ACCOUNT, CREDS_USER, CREDS_USER_SEED)
+
+
 @pytest.mark.parametrize(
-    ("server_auth", "good", "bad", "secret"),
+    ("server_auth", "good", "bad", "hidden"),
     [
         (
             'authorization { user: "alice", password: "s3cret-pw" }',
             {"username": "alice", "password": "s3cret-pw"},
             {"username": "alice", "password": "wrong-pw-42"},
-            "wrong-pw-42",
+            ["wrong-pw-42"],
         ),
         (
             'authorization { token: "tok-123456" }',
             {"token": "tok-123456"},
             {"token": "bad-tok-789"},
-            "bad-tok-789",
+            ["bad-tok-789"],
         ),
         (
             f'authorization {{ users: [ {{ nkey: "{NKEY_PUBLIC}" }} ] }}',
-            {"nkeyFile": "SEED"},
+            {"nkeyFile": NKEY_SEED},
             {"token": "not-an-nkey-555"},
-            "not-an-nkey-555",
+            ["not-an-nkey-555"],
+        ),
+        (
+            OPERATOR_AUTH,
+            {"credsFile": GOOD_CREDS},
+            {"credsFile": BAD_CREDS},
+            [CREDS_USER_SEED.decode(), BAD_JWT],
         ),
     ],
-    ids=["user-password", "token", "nkey"],
+    ids=["user-password", "token", "nkey", "creds"],
 )
-async def test_credentials_are_used_and_never_reported(tmp_path, server_auth, good, bad, secret):
-    seed_file = tmp_path / "user.nk"
-    seed_file.write_bytes(NKEY_SEED)
-    good = {k: str(seed_file) if v == "SEED" else v for k, v in good.items()}
+async def test_credentials_are_used_and_never_reported(
+    tmp_path: Path,
+    server_auth: str,
+    good: dict[str, str | bytes],
+    bad: dict[str, str | bytes],
+    hidden: list[str],
+) -> None:
+    def on_disk(role: str, credentials: dict[str, str | bytes]) -> dict[str, str]:
+        # A file credential (nkeyFile, credsFile) is given as its contents: write it, pass
+        # the path, as a deployment would.
+        out = {}
+        for key, value in credentials.items():
+            if isinstance(value, bytes):
+                path = tmp_path / f"{role}-{key}"
+                path.write_bytes(value)
+                out[key] = str(path)
+            else:
+                out[key] = value
+        return out
+
     message = Message({"content-type": STRUCTURED}, b"{}", "evt-1")
     async with nats_server(tmp_path / "nats", server_auth) as server:
-        ok = NATSSink(sink_config(tmp_path, server.url, credentials=good))
-        refused = NATSSink(sink_config(tmp_path, server.url, credentials=bad, timeout="500ms"))
+        ok = NATSSink(sink_config(tmp_path, server.url, credentials=on_disk("good", good)))
+        refused = NATSSink(
+            sink_config(tmp_path, server.url, credentials=on_disk("bad", bad), timeout="500ms")
+        )
         try:
             assert await ok.send([message]) == (1, DELIVERED)
             sent, outcome = await refused.send([message])
@@ -348,7 +452,7 @@ async def test_credentials_are_used_and_never_reported(tmp_path, server_auth, go
     assert (sent, outcome.result) == (0, Result.RETRY)
     assert outcome.error.startswith("cannot reach NATS: ")
     assert "Authorization Violation" in outcome.error  # the server's reason, not a reset
-    assert secret not in outcome.error
+    assert not [secret for secret in hidden if secret in outcome.error]
 
 
 async def test_address_credentials_are_not_reported(tmp_path):
