@@ -94,7 +94,7 @@ async def serve(
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
             io_limiter=trio.CapacityLimiter(32),
         )
-        app = create_app(registry)
+        app = create_app(registry, nursery)
         hypercorn_config = _hypercorn_config(config)
 
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:

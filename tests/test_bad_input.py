@@ -14,6 +14,7 @@ about names check the server's message quotes the name it actually received.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -548,3 +549,52 @@ def test_the_table_covers_every_error_code():
         "UNSUPPORTED",
     }
     assert {row.status for row in CASES.values()} >= {400, 404, 413, 415, 416}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_refused_huge_upload_is_not_read_to_its_end(registry, chunked):
+    """A refused request sending 4 GiB gets its error at once, then its connection closed.
+
+    The server reads and drops at most twice the manifest limit more (a small leftover keeps
+    the connection, as the table above checks) rather than taking in gigabytes it will not
+    store. Only a body of announced length can be told in advance to be too long, so only
+    then does the response say ``Connection: close``.
+    """
+    host, port = registry.url.removeprefix("http://").rsplit(":", 1)
+    size, block = 4 << 30, 1 << 20
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    chunk = f"{block:x}\r\n".encode() + bytes(block) + b"\r\n" if chunked else bytes(block)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        f"PATCH /v2/{REPO}/blobs/uploads/no-such-session HTTP/1.1\r\n"
+        f"Host: {host}\r\n{framing}\r\n\r\n".encode()
+    )
+    sent, reply = 0, b""
+
+    async def send_body() -> None:
+        nonlocal sent
+        with contextlib.suppress(trio.BrokenResourceError):  # the server hung up
+            while sent < size:
+                await stream.send_all(chunk)
+                sent += block
+
+    async def read_reply() -> None:
+        nonlocal reply
+        with contextlib.suppress(trio.BrokenResourceError):  # a reset after the FIN
+            while data := await stream.receive_some(1 << 16):
+                reply += data
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            nursery.start_soon(read_reply)
+    await stream.aclose()
+
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 404"), reply[:200]
+    assert (b"connection: close" in head) is not chunked
+    assert b"BLOB_UPLOAD_UNKNOWN" in reply
+    # What the kernel buffers on both sides, not the 4 GiB the client meant to send.
+    assert sent < 256 << 20, sent
+    async with httpx.AsyncClient(base_url=registry.url, timeout=10) as http:
+        assert (await http.get("/v2/")).status_code == 200

@@ -36,6 +36,8 @@ __all__ = ["create_app"]
 # Set while Quart serves a request: its own task then reads the request body.
 QUART_READS_KEY = "registry_trio.quart_reads"
 
+DISCARD_DEADLINE = 10.0
+
 # Served as raw ASGI, matched in this order; every other path goes to Quart.
 _RAW_ROUTES: Routes = [*blobs.ROUTES, *manifests.ROUTES]
 
@@ -48,8 +50,15 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class RegistryApp:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, nursery: trio.Nursery) -> None:
         self.registry = registry
+        # Owns the short tasks that outlive a request whose connection is given up.
+        self._nursery = nursery
+        # A refused request's unread body is read and dropped up to this many bytes so the
+        # connection can serve the next request (an oversize manifest keeps it); past it the
+        # connection is closed instead, as Go's net/http (and so distribution) does, rather
+        # than taking in a multi-gigabyte upload only to throw it away.
+        self.drain_limit = 2 * registry.config.http.max_manifest_size
         self.quart = create_quart_app(registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,7 +68,7 @@ class RegistryApp:
         rid = uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = rid
         started = time.perf_counter()
-        state = {"status": 0, "sent": 0, "received": 0}
+        state = {"status": 0, "sent": 0, "received": 0, "abandoned": 0}
         body_done = trio.Event()
 
         async def counting_receive() -> dict[str, Any]:
@@ -73,10 +82,15 @@ class RegistryApp:
             # A response that ends before the request body did (a refused upload, an oversize
             # manifest) leaves Hypercorn unable to recycle or close the connection: its bounded
             # request queue stays full, or Quart's cancellation aborts the close. So the rest of
-            # the body is read and dropped first, and the connection stays usable.
+            # a small body is read and dropped first, and the connection stays usable; past
+            # drain_limit, the connection is given up instead (see _discard_until_closed).
+            limit = state["received"] + self.drain_limit
             while not body_done.is_set():
                 if scope.get(QUART_READS_KEY):
                     await body_done.wait()  # Quart's own reader drains until the body ends
+                elif state["received"] > limit:
+                    state["abandoned"] = 1
+                    return
                 else:
                     await counting_receive()
 
@@ -89,6 +103,10 @@ class RegistryApp:
                     (b"x-request-id", rid.encode()),
                     (b"docker-distribution-api-version", b"registry/2.0"),
                 ]
+                # Say so when the connection will be given up; a chunked body is only known
+                # to be too long once drained that far, and then the connection just closes.
+                if _body_left(scope, state["received"], body_done) > self.drain_limit:
+                    message["headers"].append((b"connection", b"close"))
             elif message["type"] == "http.response.body":
                 state["sent"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
@@ -119,6 +137,8 @@ class RegistryApp:
                 await tagging_send({"type": "http.response.body", "body": body})
         finally:
             self._log_access(scope, state, time.perf_counter() - started)
+            if state["abandoned"]:
+                self._nursery.start_soon(_discard_until_closed, receive)
 
     def _log_access(self, scope: Scope, state: dict[str, int], seconds: float) -> None:
         rid, addr = scope[REQUEST_ID_KEY], scope.get(CLIENT_ADDR_KEY, "")
@@ -221,5 +241,29 @@ class RegistryApp:
         await handler(RawRequest(self.registry, scope, receive, send, name, params))
 
 
-def create_app(registry: Registry) -> RegistryApp:
-    return RegistryApp(registry)
+def _body_left(scope: Scope, received: int, body_done: trio.Event) -> int:
+    """Request body bytes not yet read, as far as is known: a chunked body counts as 0."""
+    if body_done.is_set():
+        return 0
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"content-length":
+            return int(value) - received  # h11 has checked it is a number
+    return 0
+
+
+async def _discard_until_closed(receive: Receive) -> None:
+    """Take what Hypercorn still queues for a finished request until it says the stream closed.
+
+    Once the app returns, Hypercorn closes a connection whose request body never ended, but
+    only after queueing ``http.disconnect`` for the app; with the bounded queue full of body
+    messages nobody reads, that put would wait forever. This reader frees the queue; the
+    disconnect follows the few messages ahead of it, so it runs for a moment. The deadline
+    only guards against a server that never sends it.
+    """
+    with trio.move_on_after(DISCARD_DEADLINE):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+def create_app(registry: Registry, nursery: trio.Nursery) -> RegistryApp:
+    return RegistryApp(registry, nursery)

@@ -305,8 +305,15 @@ async def get_blob(req: RawRequest) -> None:
         ]
         start, end, status = 0, size - 1, 200
         range_header = req.header("range")
-        # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2): serve it all.
-        if range_header and range_header.strip().startswith("bytes=") and size > 0:
+        # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2), and one asking
+        # for several ranges MAY be: it is served whole rather than as multipart/byteranges,
+        # which no registry client asks for.
+        if (
+            range_header
+            and range_header.strip().startswith("bytes=")
+            and "," not in range_header
+            and size > 0
+        ):
             start, end = _parse_range(range_header, size)
             status = 206
             headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
