@@ -6,22 +6,30 @@ queues run against it in test_events_delivery, test_events_crash and test_operat
 - Scale-out: two registry processes on one storage directory and one stream, pushes spread
   across both, one killed for good mid-load: the survivor delivers every acknowledged push's
   event. Zero lost.
+- A stream that already exists is checked: one that cannot keep the promise (memory storage)
+  stops start-up; a different duplicate window is brought in line; a replica count the
+  server will not change stops start-up naming the key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 import trio
+from nats.js import api
 
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import QueueError, running_queue
+from registry_trio.events.queue.jetstream import subject_covers
+from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
 from tests.procs import server_process
@@ -188,30 +196,32 @@ async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery
         assert mine == sorted(mine, key=lambda tag: int(tag.split("-")[1])), mine
 
 
-def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]  # nothing listens here once the socket is closed
+def write_serve_config(tmp_path: Path, queue: dict) -> Path:
+    """A config for ``registry-trio serve`` with the events extension on that queue."""
     path = tmp_path / "config.json"
     path.write_text(
         json.dumps(
             {
                 "storage": {"rootDirectory": str(tmp_path / "data")},
                 "http": {"address": "127.0.0.1", "port": 0},
-                "extensions": {
-                    "events": {
-                        "enable": True,
-                        "queue": {
-                            **jetstream_queue(f"nats://127.0.0.1:{port}", tmp_path / "q"),
-                            "timeout": "250ms",
-                        },
-                    }
-                },
+                "extensions": {"events": {"enable": True, "queue": queue}},
             }
         )
     )
+    return path
+
+
+SERVE = [sys.executable, "-m", "registry_trio", "serve", "-c"]
+
+
+def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens here once the socket is closed
+    queue = {**jetstream_queue(f"nats://127.0.0.1:{port}", tmp_path / "q"), "timeout": "250ms"}
+    path = write_serve_config(tmp_path, queue)
     result = subprocess.run(
-        [sys.executable, "-m", "registry_trio", "serve", "-c", str(path)],
+        [*SERVE, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -220,6 +230,118 @@ def test_unreachable_jetstream_stops_start_up_with_the_reason(tmp_path):
     assert "cannot start: cannot open the JetStream queue 'REGISTRY_EVENTS'" in result.stderr
     assert "ConnectionRefusedError" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def on_jetstream(url: str, operation):
+    """``await operation(js)`` on a connection of its own (nats-py runs on asyncio)."""
+    thread = AsyncioThread("test-jetstream")
+
+    async def run():
+        nc = await nats.connect(url)
+        try:
+            return await operation(nc.jetstream())
+        finally:
+            await nc.close()
+
+    try:
+        return await thread.run(run)
+    finally:
+        await thread.aclose()
+
+
+def main_stream(**config) -> api.StreamConfig:
+    """The queue's stream as the queue creates it by default, but for ``config``."""
+    defaults = {
+        "name": "REGISTRY_EVENTS",
+        "subjects": ["REGISTRY_EVENTS.sink.*"],
+        "retention": api.RetentionPolicy.INTEREST,
+        "storage": api.StorageType.FILE,
+        "duplicate_window": 120.0,
+    }
+    return api.StreamConfig(**{**defaults, **config})
+
+
+async def stream_config(url: str, name: str = "REGISTRY_EVENTS") -> api.StreamConfig:
+    async def info(js):
+        return (await js.stream_info(name)).config
+
+    return await on_jetstream(url, info)
+
+
+async def test_existing_memory_stream_stops_start_up(tmp_path):
+    async with nats_server(tmp_path / "nats") as server:
+        created = main_stream(storage=api.StorageType.MEMORY)
+        await on_jetstream(server.url, lambda js: js.add_stream(created))
+        path = write_serve_config(tmp_path, jetstream_queue(server.url, tmp_path / "q"))
+        with trio.fail_after(60):
+            result = await trio.run_process([*SERVE, str(path)], capture_stderr=True, check=False)
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert "cannot start: cannot open the JetStream queue 'REGISTRY_EVENTS'" in stderr
+        assert "stream 'REGISTRY_EVENTS' exists with memory storage" in stderr
+        assert "the queue needs file storage" in stderr
+        assert "extensions.events.queue.stream" in stderr
+        assert "Traceback" not in stderr
+        # Refused, not changed: the operator's stream is as it was.
+        assert (await stream_config(server.url)).storage == "memory"
+
+
+async def test_existing_stream_gets_the_configured_duplicate_window(
+    nursery, tmp_path, sink, caplog
+):
+    caplog.set_level(logging.INFO)
+    async with nats_server(tmp_path / "nats") as server:
+        await on_jetstream(server.url, lambda js: js.add_stream(main_stream(duplicate_window=5)))
+        queue = {**jetstream_queue(server.url, tmp_path / "queue_data"), "duplicateWindow": "1m"}
+        config = events_config(tmp_path, http_sink(sink), queue=queue)
+        registry = await start_registry(nursery, config)
+
+        updated = [r.getMessage() for r in caplog.records if "brought in line" in r.getMessage()]
+        assert updated == [
+            "jetstream queue: stream 'REGISTRY_EVENTS' brought in line with "
+            "extensions.events.queue.duplicateWindow: 5s -> 60s"
+        ]
+        found = await stream_config(server.url)
+        assert found.duplicate_window == 60
+        assert (found.storage, found.retention) == ("file", "interest")
+        assert (await push(registry.url, "edited")).status_code == 201
+        events = await sink.wait_for(lambda evs: "edited" in manifest_tags(evs))
+        assert manifest_tags(events) == ["edited"]
+
+
+async def test_replicas_the_server_will_not_change_stop_start_up(tmp_path):
+    async with nats_server(tmp_path / "nats") as server:
+        await on_jetstream(server.url, lambda js: js.add_stream(main_stream(num_replicas=1)))
+        # A single nats-server cannot hold three replicas, nor make the stream hold them.
+        queue = {**jetstream_queue(server.url, tmp_path / "q"), "replicas": 3, "timeout": "2s"}
+        config = events_config(tmp_path, queue=queue)
+        with pytest.RaisesGroup(QueueError, allow_unwrapped=True, flatten_subgroups=True) as err:
+            async with running_queue(config.extensions.events):
+                pass
+        (refused,) = err.value.exceptions if hasattr(err.value, "exceptions") else (err.value,)
+        assert "stream 'REGISTRY_EVENTS' exists with replicas 1" in str(refused)
+        assert "non-clustered" in str(refused)  # the server's reason
+        assert "set extensions.events.queue.replicas to 1" in str(refused)
+        assert (await stream_config(server.url)).num_replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "covers"),
+    [
+        ("S.sink.*", True),
+        ("S.sink.>", True),
+        ("S.>", True),
+        (">", True),
+        ("*.sink.*", True),
+        ("S.sink.abc", False),
+        ("S.sink", False),
+        ("S.sink.*.x", False),
+        ("S.dead.*", False),
+        ("T.>", False),
+    ],
+)
+def test_subject_covers(pattern, covers):
+    assert subject_covers(pattern, "S.sink.*") is covers
 
 
 async def test_queue_over_tls_with_credentials(nursery, tmp_path, sink):

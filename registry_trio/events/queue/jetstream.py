@@ -1,6 +1,7 @@
 """The event queue on NATS JetStream, shared by every registry instance serving one storage.
 
-Layout, for ``queue.stream: S`` (created when missing; names from a hash of each sink name)::
+Layout, for ``queue.stream: S`` (created when missing, checked when found: see
+:func:`compare_streams`; names from a hash of each sink name)::
 
     stream S          subjects S.sink.<sink>   file storage, interest retention: a message
                                                stays until its sink's consumer acknowledged it
@@ -37,7 +38,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,82 @@ def sink_token(sink: str) -> str:
 def _header_text(text: str) -> str:
     # A NATS header value is one line.
     return " ".join(text.split())[:1000]
+
+
+# Where the queue's settings live in the config file, for messages that name a key.
+CONFIG_KEY = "extensions.events.queue"
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether every subject that ``subject`` (wildcards allowed) matches, ``pattern`` matches."""
+    have, want = pattern.split("."), subject.split(".")
+    for i, token in enumerate(have):
+        if token == ">":
+            return len(want) > i
+        if i >= len(want) or want[i] == ">" or token not in ("*", want[i]):
+            return False
+    return len(have) == len(want)
+
+
+# The settings of an existing stream that update_stream brings in line, and their keys.
+EDITABLE = {"duplicate_window": "duplicateWindow", "num_replicas": "replicas"}
+
+
+def compare_streams(
+    found: api.StreamConfig, wanted: api.StreamConfig
+) -> tuple[list[str], dict[str, Any]]:
+    """What keeps an existing stream from being the one the queue would have created.
+
+    Why: the queue answers a push with a 2xx once the stream stored its events, and counts
+    on the stream to keep each one until every sink acknowledged it. A stream made by hand
+    (or by another configuration) may not: memory storage loses everything when the NATS
+    server restarts, another retention drops or never drops acknowledged events, subjects
+    that miss ours store nothing. Those are *problems* (the queue refuses to start); the
+    duplicate window and the replica count are *edits* (``update_stream`` makes them).
+    Only what ``wanted`` sets is compared: for a KV bucket's stream, storage and replicas.
+    """
+    problems = []
+    if wanted.storage is not None and found.storage != wanted.storage:
+        problems.append(
+            f"{_value(found.storage)} storage, where the queue needs {_value(wanted.storage)} "
+            "storage (events must survive a NATS server restart)"
+        )
+    if wanted.retention is not None and found.retention != wanted.retention:
+        why = (
+            "an event stays until every sink acknowledged it"
+            if wanted.retention == api.RetentionPolicy.INTEREST
+            else "dead letters stay until replayed"
+        )
+        problems.append(
+            f"{_value(found.retention)} retention, where the queue needs "
+            f"{_value(wanted.retention)} retention ({why})"
+        )
+    missing = [
+        subject
+        for subject in wanted.subjects or ()
+        if not any(subject_covers(pattern, subject) for pattern in found.subjects or ())
+    ]
+    if missing:
+        problems.append(
+            f"subjects {', '.join(found.subjects or ()) or '(none)'}, which do not cover "
+            f"{', '.join(missing)} where the queue publishes"
+        )
+    edits: dict[str, Any] = {}
+    # Zero is the server's default window: the queue does not ask for one (dead letters).
+    # Durations go through nanoseconds and back: equal within a millisecond is equal.
+    if wanted.duplicate_window and abs(found.duplicate_window - wanted.duplicate_window) > 1e-3:
+        edits["duplicate_window"] = wanted.duplicate_window
+    if wanted.num_replicas is not None and found.num_replicas != wanted.num_replicas:
+        edits["num_replicas"] = wanted.num_replicas
+    return problems, edits
+
+
+def _value(setting: Any) -> str:
+    return str(getattr(setting, "value", setting))
+
+
+def _show(field: str, value: Any) -> str:
+    return f"{value:g}s" if field == "duplicate_window" else str(value)
 
 
 @dataclass
@@ -164,6 +241,15 @@ class _JetStream:
             self._kv = await self._js.create_key_value(
                 bucket=self._bucket, storage=storage, replicas=self._config.replicas
             )
+        else:
+            # The bucket's own stream: only where it is kept matters (leases, counters).
+            kv_stream = f"KV_{self._bucket}"
+            await self._align_stream(
+                (await self._js.stream_info(kv_stream)).config,
+                api.StreamConfig(
+                    name=kv_stream, storage=storage, num_replicas=self._config.replicas
+                ),
+            )
         # Consumers exist before the first append: with interest retention, a message no
         # consumer is interested in would not be kept.
         for sink in self._sinks:
@@ -172,9 +258,40 @@ class _JetStream:
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
-            await self._js.stream_info(config.name)
+            found = (await self._js.stream_info(config.name)).config
         except nats.js.errors.NotFoundError:
             await self._js.add_stream(config)
+            return
+        await self._align_stream(found, config)
+
+    async def _align_stream(self, found: api.StreamConfig, wanted: api.StreamConfig) -> None:
+        """Use an existing stream only if it keeps the queue's promises (see
+        :func:`compare_streams`): edit what may be edited, refuse the rest."""
+        problems, edits = compare_streams(found, wanted)
+        if problems:
+            raise QueueError(
+                f"stream {wanted.name!r} exists with {'; '.join(problems)}; recreate it, "
+                f"or set {CONFIG_KEY}.stream to another name"
+            )
+        # One setting per update, so that a refusal names the one key it is about.
+        for field, value in edits.items():
+            key, was = EDITABLE[field], _show(field, getattr(found, field))
+            try:
+                found = (await self._js.update_stream(replace(found, **{field: value}))).config
+            except nats.js.errors.APIError as exc:
+                raise QueueError(
+                    f"stream {wanted.name!r} exists with {key} {was} and the server refuses to "
+                    f"change that ({exc.description or exc}); set {CONFIG_KEY}.{key} to {was}, "
+                    "or change the stream"
+                ) from exc
+            log.warning(
+                "jetstream queue: stream %r brought in line with %s.%s: %s -> %s",
+                wanted.name,
+                CONFIG_KEY,
+                key,
+                was,
+                _show(field, value),
+            )
 
     async def _ensure_consumer(self, sink: SinkConfig) -> None:
         token = sink_token(str(sink.name))
@@ -463,6 +580,8 @@ class JetStreamQueue:
                 why = f" ({jetstream.last_error})" if jetstream.last_error else ""
                 message = f"cannot open {where}: no answer within {seconds:g}s{why}"
                 raise QueueError(message) from exc
+            except QueueError as exc:  # an existing stream that cannot hold the queue
+                raise QueueError(f"cannot open {where}: {exc}") from exc
             except Exception as exc:
                 raise QueueError(f"cannot open {where}: {jetstream.describe(exc)}") from exc
             self._nats = jetstream
