@@ -395,7 +395,8 @@ class QueueConfig:
     credentials: CredentialsConfig | None = None
     tls: TLSConfig | None = None
     timeout: Duration = 5.0  # type: ignore[assignment]
-    # Stream settings applied when the stream is created (see the README on durability).
+    # Stream settings: a stream is created with them, an existing one brought in line at
+    # start (see the README on durability).
     replicas: int = 1
     duplicate_window: Duration = 120.0  # type: ignore[assignment]
     # How long a delivery may go unacknowledged before JetStream hands it to another

@@ -13,6 +13,7 @@ queues run against it in test_events_delivery, test_events_crash and test_operat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -28,7 +29,7 @@ from nats.js import api
 
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import QueueError, running_queue
-from registry_trio.events.queue.jetstream import subject_covers
+from registry_trio.events.queue.jetstream import compare_streams, subject_covers
 from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
@@ -342,6 +343,32 @@ async def test_replicas_the_server_will_not_change_stop_start_up(tmp_path):
 )
 def test_subject_covers(pattern, covers):
     assert subject_covers(pattern, "S.sink.*") is covers
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused"),
+    [
+        ({}, False),
+        ({"max_msgs": -1, "max_bytes": -1, "max_age": 0}, False),  # how the server says none
+        ({"max_age": 3600.0}, True),
+        ({"max_msgs": 1000}, True),
+        ({"max_bytes": 1 << 30}, True),
+        ({"max_msgs_per_subject": 10}, True),
+        ({"max_msgs": 1000, "discard": api.DiscardPolicy.NEW}, False),  # refuses, not drops
+    ],
+)
+def test_an_existing_stream_that_discards_old_messages_is_refused(limits, refused):
+    wanted = api.StreamConfig(
+        name="S",
+        subjects=["S.sink.*"],
+        retention=api.RetentionPolicy.INTEREST,
+        storage=api.StorageType.FILE,
+    )
+    found = dataclasses.replace(wanted, **limits)
+    problems, _ = compare_streams(found, wanted)
+    assert bool(problems) is refused, problems
+    if refused:
+        assert next(iter(limits)) in problems[0]
 
 
 async def test_queue_over_tls_with_credentials(nursery, tmp_path, sink):

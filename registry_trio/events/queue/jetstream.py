@@ -108,7 +108,8 @@ def compare_streams(
     on the stream to keep each one until every sink acknowledged it. A stream made by hand
     (or by another configuration) may not: memory storage loses everything when the NATS
     server restarts, another retention drops or never drops acknowledged events, subjects
-    that miss ours store nothing. Those are *problems* (the queue refuses to start); the
+    that miss ours store nothing, limits that discard old messages drop events no sink has
+    seen. Those are *problems* (the queue refuses to start); the
     duplicate window and the replica count are *edits* (``update_stream`` makes them).
     Only what ``wanted`` sets is compared: for a KV bucket's stream, storage and replicas.
     """
@@ -138,6 +139,22 @@ def compare_streams(
             f"subjects {', '.join(found.subjects or ()) or '(none)'}, which do not cover "
             f"{', '.join(missing)} where the queue publishes"
         )
+    # Limits with the default discard policy drop the oldest messages, acknowledged or not;
+    # with discard "new" a full stream refuses publishes instead, which fails the push
+    # (503) rather than losing an event, so only the former is refused.
+    if wanted.retention is not None and found.discard != api.DiscardPolicy.NEW:
+        limits = {
+            "max_age": (found.max_age or 0) > 0 and f"{found.max_age:g}s",
+            "max_msgs": (found.max_msgs or 0) > 0 and found.max_msgs,
+            "max_bytes": (found.max_bytes or 0) > 0 and found.max_bytes,
+            "max_msgs_per_subject": (found.max_msgs_per_subject or 0) > 0
+            and found.max_msgs_per_subject,
+        }
+        if set_limits := [f"{name} {value}" for name, value in limits.items() if value]:
+            problems.append(
+                f"limits {', '.join(set_limits)} that discard the oldest messages, where the "
+                "queue needs every message kept until it is acknowledged or replayed"
+            )
     edits: dict[str, Any] = {}
     # Zero is the server's default window: the queue does not ask for one (dead letters).
     # Durations go through nanoseconds and back: equal within a millisecond is equal.
