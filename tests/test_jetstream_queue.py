@@ -13,6 +13,7 @@ queues run against it in test_events_delivery, test_events_crash and test_operat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ from nats.js import api
 
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import QueueError, running_queue
-from registry_trio.events.queue.jetstream import compare_streams, subject_covers
+from registry_trio.events.queue.jetstream import _JetStream, compare_streams, subject_covers
 from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
@@ -97,6 +98,49 @@ async def test_unreachable_jetstream_refuses_the_push_and_loses_nothing(nursery,
         assert manifest_tags(unique) == ["before", "during"]
         counts = await counts_until(config, sink.url, lambda c: c.pending == 0)
         assert counts.dead == 0
+
+
+async def test_the_delivery_lease_lapses_by_the_challengers_own_clock(tmp_path, sink):
+    """Two instances contend for a sink's lease; neither reads the other's wall clock.
+
+    The challenger's clock is driven by hand: however far it runs ahead, a lease its holder
+    keeps renewing (a new revision each time) is never taken; one left unrenewed for the
+    ttl, as the challenger measures it, is.
+    """
+    async with nats_server(tmp_path / "nats") as server:
+        events = events_config(
+            tmp_path, http_sink(sink), queue=jetstream_queue(server.url, tmp_path / "q")
+        ).extensions.events
+        name, ttl = str(events.sinks[0].name), 5.0
+        holder = _JetStream(events.queue, events.sinks, "holder")
+        challenger = _JetStream(events.queue, events.sinks, "challenger")
+        now = [0.0]
+        challenger.clock = lambda: now[0]
+        thread = AsyncioThread("test-lease")
+        try:
+            await thread.run(holder.open)
+            await thread.run(challenger.open)
+
+            async def lead(instance: _JetStream) -> bool:
+                return await thread.run(instance.lead, name, ttl)
+
+            assert await lead(holder)
+            for _ in range(3):
+                assert not await lead(challenger)
+                now[0] += 1000 * ttl  # far ahead, but the holder renews in between
+                assert await lead(holder)
+            assert not await lead(challenger)  # first sight of the latest revision
+            now[0] += ttl * 0.9
+            assert not await lead(challenger)
+            now[0] += ttl * 0.2  # unrenewed for more than ttl: the holder is gone
+            assert await lead(challenger)
+            assert not await lead(holder)  # it lost the lease, and knows it
+            assert await lead(challenger)  # renewing needs no waiting
+        finally:
+            for instance in (holder, challenger):
+                with contextlib.suppress(Exception):
+                    await thread.run(instance.close)
+            await thread.aclose()
 
 
 def write_instance_config(tmp_path: Path, name: str, nats_url: str, sink: HTTPSinkServer) -> Path:

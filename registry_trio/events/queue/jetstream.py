@@ -18,8 +18,9 @@ Layout, for ``queue.stream: S`` (created when missing, checked when found: see
 holding the sink's *lease* (a KV entry changed only by compare-and-set, renewed every
 ``ackWait``/3). It pulls from the sink's durable consumer; a failed run is *held* by it and
 retried with backoff (``in_progress`` keeps JetStream from handing it out meanwhile), and
-nothing is pulled past a held event. An instance that dies stops renewing; within
-``queue.ackWait`` another takes the lease, and first sends the *orphans* — what the dead one
+nothing is pulled past a held event. An instance that dies stops renewing; once the lease
+went ``queue.ackWait`` unrenewed by another instance's own clock (wall clocks of two hosts are
+never compared), that one takes it, and first sends the *orphans* — what the dead one
 was handed and never acknowledged, read from the stream in order — so fresh events cannot
 overtake them (the dead one may have delivered some already: same ids, at least once).
 With ``concurrency`` above 1 every instance pulls, and order is not promised.
@@ -198,6 +199,9 @@ class _JetStream:
         self._kv: Any = None
         self._counters: dict[str, _Counters] = {}
         self.last_error = ""  # the last connection error, for a start-up that gives up
+        # Another holder's lease: the revision last seen, and when (on ``clock``) it was.
+        self._leases_seen: dict[str, tuple[int, float]] = {}
+        self.clock: Callable[[], float] = time.monotonic
 
     def describe(self, exc: BaseException) -> str:
         return describe_failure(exc, self._secrets)
@@ -419,21 +423,29 @@ class _JetStream:
     async def lead(self, sink: str, ttl: float) -> bool:
         """Take or renew the sink's delivery lease; whether this instance now holds it.
 
-        The lease is a KV entry {instance, until}, changed only by compare-and-set on its
-        revision, so two instances can never both win it.
+        The lease is a KV entry naming its holder, changed only by compare-and-set on its
+        revision, so two instances can never both win it. The holder renews it (a new
+        revision) every ``ttl``/3. Whether it lapsed is judged on this instance's monotonic
+        clock: a revision unchanged for ``ttl`` since this instance first saw it was not
+        renewed. Comparing a time the holder wrote with this host's wall clock would let a
+        clock running ahead take a live lease.
         """
         key = f"lease.{sink_token(sink)}"
-        now = time.time()
-        value = json.dumps({"instance": self._instance, "until": now + ttl}).encode()
+        value = json.dumps({"instance": self._instance}).encode()
         try:
             try:
                 entry = await self._kv.get(key)
             except nats.js.errors.KeyNotFoundError:
                 await self._kv.create(key, value)
                 return True
-            lease = json.loads(entry.value)
-            if lease["instance"] != self._instance and lease["until"] > now:
-                return False
+            if json.loads(entry.value)["instance"] != self._instance:
+                now = self.clock()
+                revision, since = self._leases_seen.get(key, (None, now))
+                if revision != entry.revision:
+                    self._leases_seen[key] = (entry.revision, now)
+                    return False
+                if now - since < ttl:
+                    return False
             await self._kv.update(key, value, last=entry.revision)
             return True
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -735,6 +747,7 @@ class JetStreamSinkQueue:
         self._ack_wait = float(queue.ack_wait)
         self._stopping = stopping
         self._leading = not self._ordered
+        self._lease_until = 0.0  # when the lease lapses unless renewed (trio's clock)
         self._taken: dict[int, _Taken] = {}  # every message held, in flight or not
         self._in_flight: set[int] = set()
         self._withheld: list[Msg] = []  # delivered; acked once nothing before them is held
@@ -905,7 +918,12 @@ class JetStreamSinkQueue:
                     leading = await self._queue.call(self._nats.lead, self._name, self._ack_wait)
                 except QueueError as exc:
                     log.warning("sink %s: the delivery lease failed: %s", self._name, exc)
-                    leading = self._leading
+                    # Unrenewed for ackWait, another instance may hold it now: stop before
+                    # two deliver the sink at once.
+                    leading = self._leading and trio.current_time() < self._lease_until
+                else:
+                    if leading:
+                        self._lease_until = trio.current_time() + self._ack_wait
                 if leading and not self._leading:
                     log.info("sink %s: this instance delivers it now", self._name)
                     await self._adopt_orphans()
