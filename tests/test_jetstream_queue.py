@@ -143,6 +143,31 @@ async def test_the_delivery_lease_lapses_by_the_challengers_own_clock(tmp_path, 
             await thread.aclose()
 
 
+async def test_delivery_rides_out_an_outage_longer_than_ackwait(nursery, tmp_path, sink, caplog):
+    """JetStream gone for longer than ackWait: the lease cannot be renewed, delivery stops
+    with warnings (no crash report), and resumes on its own once NATS is back."""
+    caplog.set_level(logging.INFO)
+    async with nats_server(tmp_path / "nats") as server:
+        queue = {**jetstream_queue(server.url, tmp_path / "queue_data"), "timeout": "1s"}
+        config = events_config(tmp_path, http_sink(sink), queue=queue)
+        registry = await start_registry(nursery, config)
+        assert (await push(registry.url, "before")).status_code == 201
+        await sink.wait_for(lambda evs: "before" in manifest_tags(evs))
+
+        async def logged(text: str) -> int:
+            return sum(text in r.getMessage() for r in caplog.records)
+
+        await server.kill()
+        # Three failed renewals, one every ackWait/3: the lease has lapsed by now.
+        await eventually(lambda: logged("delivery lease failed"), lambda n: n >= 3, within=30)
+        await server.start()
+        assert (await push(registry.url, "after")).status_code == 201
+        events = await sink.wait_for(lambda evs: "after" in manifest_tags(evs))
+        unique = list({e["id"]: e for e in events}.values())
+        assert manifest_tags(unique) == ["before", "after"]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def write_instance_config(tmp_path: Path, name: str, nats_url: str, sink: HTTPSinkServer) -> Path:
     """One instance's config: shared storage and stream, its own directory for its id."""
     directory = tmp_path / name

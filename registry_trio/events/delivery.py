@@ -28,7 +28,7 @@ import trio
 from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
 from .queue import Delivery as Owed
-from .queue import EventQueue, SinkQueue
+from .queue import EventQueue, QueueError, SinkQueue
 from .queue.base import take_limit
 from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
@@ -36,6 +36,11 @@ from .sinks.http import HTTPSink
 __all__ = ["Delivery", "SinkWorker"]
 
 log = logging.getLogger("registry_trio.events.delivery")
+
+# A crashed sink task is restarted after 0.1 s, doubling up to this ...
+CRASH_BACKOFF_MAX = 30.0
+# ... or up to this when it stopped because the queue was out of reach.
+QUEUE_BACKOFF_MAX = 5.0
 
 
 def full_jitter(attempt: int, initial: float, cap: float) -> float:
@@ -196,6 +201,19 @@ class SinkWorker:
             await sink_queue.bury(dead, reason)
 
 
+def _only_queue_errors(exc: BaseException) -> bool:
+    """Whether ``exc`` is a QueueError, or a group (from nurseries) holding only those."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(QueueError)[1] is None
+    return isinstance(exc, QueueError)
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _transport_for(config: SinkConfig) -> Transport:
     if config.type == "nats":
         from .sinks.nats import NATSSink
@@ -252,13 +270,20 @@ class Delivery:
         restarts = 0
         while not self._stopping.is_set():
             started = trio.current_time()
+            longest = CRASH_BACKOFF_MAX
             try:
                 await worker.run()
-            except Exception:
-                log.exception("sink %s: delivery task crashed; restarting", worker.name)
+            except Exception as exc:
+                if _only_queue_errors(exc):
+                    # The queue is out of reach (a JetStream outage): an expected condition,
+                    # not a bug, so one line and a short backoff, to resume soon after.
+                    longest = QUEUE_BACKOFF_MAX
+                    log.warning("sink %s: %s; restarting delivery", worker.name, _first(exc))
+                else:
+                    log.exception("sink %s: delivery task crashed; restarting", worker.name)
             if trio.current_time() - started > 60:
                 restarts = 0  # it ran fine for a while: start the backoff over
-            delay = min(0.1 * 2**restarts, 30.0)
+            delay = min(0.1 * 2**restarts, longest)
             restarts += 1
             with trio.move_on_after(delay):
                 await self._stopping.wait()

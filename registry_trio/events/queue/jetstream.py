@@ -929,7 +929,10 @@ class JetStreamSinkQueue:
                     await self._adopt_orphans()
                 elif self._leading and not leading:
                     log.warning("sink %s: lost the delivery lease", self._name)
-                    await self.hand_back()
+                    # Cut off from NATS, nothing can be handed back; JetStream hands it out
+                    # again after ackWait all the same.
+                    with contextlib.suppress(QueueError):
+                        await self.hand_back()
                 self._leading = leading
                 self._queue.wake(self._name)
             msgs = [t.msg for t in self._taken.values() if t.msg is not None] + self._withheld
