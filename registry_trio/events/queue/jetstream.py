@@ -799,8 +799,10 @@ class JetStreamSinkQueue:
     async def take(self, *, wait: bool = True) -> list[Delivery]:
         while not self._stopping.is_set():
             signal = self._queue.signal(self._name)
-            if not self._leading:
+            if not self._leading or (self._ordered and trio.current_time() >= self._lease_until):
                 # Another instance delivers this sink; keep_alive takes over when it is gone.
+                # Or this one could not renew its lease lately: another can take it once it
+                # goes ackWait unrenewed, so taking stops a third of ackWait before that.
                 if not wait:
                     return []
                 with trio.move_on_after(self._ack_wait / 3):
@@ -914,6 +916,7 @@ class JetStreamSinkQueue:
         dies stops both, and within ackWait another one takes over."""
         while True:
             if self._ordered:
+                asked = trio.current_time()  # the renewal is no older than this
                 try:
                     leading = await self._queue.call(self._nats.lead, self._name, self._ack_wait)
                 except QueueError as exc:
@@ -923,7 +926,7 @@ class JetStreamSinkQueue:
                     leading = self._leading and trio.current_time() < self._lease_until
                 else:
                     if leading:
-                        self._lease_until = trio.current_time() + self._ack_wait
+                        self._lease_until = asked + self._ack_wait * 2 / 3
                 if leading and not self._leading:
                     log.info("sink %s: this instance delivers it now", self._name)
                     await self._adopt_orphans()
