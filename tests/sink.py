@@ -1,13 +1,16 @@
 """A real HTTP event receiver for tests: records what arrives, answers as told.
 
 It runs on Hypercorn in the test's Trio loop, on 127.0.0.1, and can be told to answer with a
-status, to take its time, or be stopped and restarted on the same port (a sink outage).
+status, to take its time, or be stopped and restarted on the same port (a sink outage). Given a
+``certfile``/``keyfile`` it serves https; with ``ca_certs`` and ``require_client_cert`` it also
+refuses a client without a certificate that CA signed.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +24,8 @@ from hypercorn.trio import serve
 class Received:
     headers: dict[str, str]
     body: bytes
+    # The sender's (host, port): the same port on two requests means the same connection.
+    client: tuple[str, int] | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -33,13 +38,22 @@ class HTTPSinkServer:
     retry_after: str | None = None
     received: list[Received] = field(default_factory=list)
     port: int = 0
+    # Every request that arrived whole, whatever it was answered (``received``: only 2xx).
+    requests: list[Received] = field(default_factory=list)
+    # TLS: serve https with this certificate; with ``require_client_cert`` a client must show
+    # a certificate signed by ``ca_certs``.
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    require_client_cert: bool = False
     _changed: trio.Event = field(default_factory=trio.Event)
     _shutdown: trio.Event | None = None
     _stopped: trio.Event | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/events"
+        scheme = "https" if self.certfile else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/events"
 
     async def app(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -59,9 +73,12 @@ class HTTPSinkServer:
         if self.delay:
             await trio.sleep(self.delay)  # ok-sleep: simulates a slow receiver
         status = self.status
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        peer = scope.get("client")
+        client = (str(peer[0]), int(peer[1])) if peer else None
+        self.requests.append(Received(headers, bytes(body), client))
         if 200 <= status < 300:
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            self.received.append(Received(headers, bytes(body)))
+            self.received.append(Received(headers, bytes(body), client))
             self._changed.set()
             self._changed = trio.Event()
         response_headers = [(b"content-length", b"0")]
@@ -75,6 +92,11 @@ class HTTPSinkServer:
         config.bind = [f"127.0.0.1:{self.port}"]
         config.accesslog = None
         config.graceful_timeout = 0.1
+        if self.certfile:
+            config.certfile, config.keyfile = self.certfile, self.keyfile
+            config.ca_certs = self.ca_certs
+            if self.require_client_cert:
+                config.verify_mode = ssl.CERT_REQUIRED
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
         binds = await nursery.start(

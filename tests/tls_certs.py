@@ -1,4 +1,7 @@
-"""A throwaway certificate authority and a server certificate for 127.0.0.1, for TLS tests."""
+"""A throwaway certificate authority and a server certificate for 127.0.0.1, for TLS tests.
+
+On request the same CA also signs a client certificate (for servers that require one).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["TLSFiles", "make_tls_files"]
 
@@ -20,14 +23,28 @@ class TLSFiles:
     ca: Path
     cert: Path
     key: Path
+    # Only with make_tls_files(..., client=True): a client certificate the CA signed.
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
-    """A CA certificate, and a certificate it signed for IP 127.0.0.1 with its key (PEM)."""
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make_tls_files(directory: Path, *, client: bool = False) -> TLSFiles:
+    """A CA certificate, and a certificate it signed for IP 127.0.0.1 with its key (PEM).
+
+    With ``client`` the CA also signs a client certificate (``client.pem``, ``client-key.pem``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     valid = {"not_valid_before": now - datetime.timedelta(minutes=5)}
@@ -63,11 +80,26 @@ def make_tls_files(directory: Path) -> TLSFiles:
     files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
     files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    files.key.write_bytes(_key_pem(key))
+    if not client:
+        return files
+
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("registry-trio test client"))
+        .issuer_name(ca_cert.subject)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
+    files = TLSFiles(
+        files.ca, files.cert, files.key, directory / "client.pem", directory / "client-key.pem"
+    )
+    assert files.client_cert is not None and files.client_key is not None
+    files.client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    files.client_key.write_bytes(_key_pem(client_key))
     return files
