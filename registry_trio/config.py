@@ -16,11 +16,13 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "Config",
@@ -278,6 +280,20 @@ class TLSConfig:
                 "certFile and keyFile go together",
             )
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client-side context these settings describe (for HTTP and NATS alike).
+
+        ``insecureSkipVerify`` only stops checking the server: a client certificate is
+        still presented when one is configured.
+        """
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.cert_file and self.key_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
 
 @dataclasses.dataclass(frozen=True)
 class HMACConfig:
@@ -307,6 +323,17 @@ class FilterConfig:
                 raise ConfigError(
                     f"actions[{i}]", f"unknown action {action!r}; use {sorted(known)}"
                 )
+
+
+def redact_address(address: str) -> str:
+    """An address fit to show: any ``user:password@`` in it is dropped."""
+    parts = urlsplit(address)
+    if parts.username is None and parts.password is None:
+        return address
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 SINK_FORMATS = ("cloudevents", "cloudevents-binary", "cloudevents-batch", "distribution")
@@ -369,8 +396,10 @@ class SinkConfig:
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("concurrency", "must be between 1 and 64")
         if self.name is None:
-            # The address (and subject) is what stays stable when sinks are reordered.
-            name = self.address if self.channel is None else f"{self.address}#{self.channel}"
+            # The address (and subject) is what stays stable when sinks are reordered; the
+            # name shows in logs, metrics and the admin API, so never with a password in it.
+            address = redact_address(self.address)
+            name = address if self.channel is None else f"{address}#{self.channel}"
             object.__setattr__(self, "name", name)
 
     @property

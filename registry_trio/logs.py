@@ -56,3 +56,7 @@ def setup_logging(config: LogConfig) -> None:
     root.handlers[:] = [handler]
     level = config.level.upper()
     root.setLevel("WARNING" if level == "WARN" else level)
+    # httpx logs every webhook POST at INFO, with its URL: a line per delivered event that
+    # says less than our own delivery logs, and would show a password in the address.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

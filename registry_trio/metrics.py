@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .config import redact_address
 from .events.queue import EventQueue
-from .events.status import redact_address
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -2,22 +2,17 @@
 
 A NATS sink and a JetStream queue are configured alike (``address``, ``credentials``,
 ``tls``, ``timeout``); this turns such a config into nats-py's ``connect`` options and lists
-the secrets that must never appear in an error text or a log line.
+the secrets that must never appear in an error text or a log line (see ``failures``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-from collections.abc import Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
-
-import nats.errors
 
 from ..config import CredentialsConfig, TLSConfig
 
-__all__ = ["NATSEndpoint", "connect_options", "describe_failure", "secrets"]
+__all__ = ["NATSEndpoint", "connect_options"]
 
 
 class NATSEndpoint(Protocol):
@@ -32,28 +27,11 @@ class NATSEndpoint(Protocol):
 
 
 def _tls_context(config: NATSEndpoint) -> ssl.SSLContext | None:
-    tls = config.tls
-    if tls is None:
-        if (config.address or "").startswith("tls://"):
-            return ssl.create_default_context()
-        return None
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
-def secrets(config: NATSEndpoint) -> list[str]:
-    """Everything that must never appear in an error text or a log line."""
-    out = []
-    if config.credentials is not None:
-        out += [config.credentials.password or "", config.credentials.token or ""]
-    parts = urlsplit(config.address or "")
-    out += [parts.password or "", parts.username or ""]
-    return [s for s in out if s]
+    if config.tls is not None:
+        return config.tls.ssl_context()
+    if (config.address or "").startswith("tls://"):
+        return ssl.create_default_context()
+    return None
 
 
 def connect_options(config: NATSEndpoint, name: str) -> dict[str, Any]:
@@ -80,15 +58,3 @@ def connect_options(config: NATSEndpoint, name: str) -> dict[str, Any]:
         if creds.nkey_file:
             options["nkeys_seed"] = creds.nkey_file
     return options
-
-
-def describe_failure(exc: BaseException, hidden: Sequence[str]) -> str:
-    """A NATS failure in words, with every string in ``hidden`` blanked out."""
-    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
-        text = f"timed out ({type(exc).__name__})"
-    else:
-        detail = str(exc).strip()
-        text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    for secret in hidden:
-        text = text.replace(secret, "***")
-    return text

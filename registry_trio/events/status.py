@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from ..config import SinkConfig
+from ..config import SinkConfig, redact_address
 from .queue import DeadLetter, EventQueue
 
 __all__ = ["dead_letter_json", "redact_address", "sink_status"]
-
-
-def redact_address(address: str) -> str:
-    """An address fit to show: any ``user:password@`` in it is dropped."""
-    parts = urlsplit(address)
-    if parts.username is None and parts.password is None:
-        return address
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:

@@ -51,11 +51,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ...config import QueueConfig, SinkConfig
+from ...config import QueueConfig, SinkConfig, redact_address
+from ..failures import describe_failure, secrets
 from ..model import Event
-from ..natsconn import connect_options, describe_failure, secrets
+from ..natsconn import connect_options
 from ..sinks._asyncio_bridge import AsyncioThread
-from ..status import redact_address
 from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
 
 __all__ = ["JetStreamQueue"]
@@ -193,7 +193,7 @@ class _JetStream:
         self._sinks = list(sinks)
         self._instance = instance_id
         self._timeout = float(config.timeout)
-        self._secrets = secrets(config)
+        self._secrets = secrets(config.address, config.credentials)
         self._nc: Client | None = None
         self._js: Any = None
         self._kv: Any = None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
-import ssl
 import time
 from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from ...config import SinkConfig
+from ...config import SinkConfig, redact_address
+from ..failures import describe_failure, secrets
 from . import DELIVERED, Message, Outcome, Result
 
 __all__ = ["HTTPSink"]
@@ -30,26 +31,22 @@ def _retry_after(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def _verify(config: SinkConfig) -> ssl.SSLContext | bool:
-    tls = config.tls
-    if tls is None:
-        return True
-    if tls.insecure_skip_verify:
-        return False
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
 class HTTPSink:
     per_hop = 1
 
     def __init__(self, config: SinkConfig) -> None:
-        self._address = config.address
+        # Credentials in the address become Basic auth, and the URL httpx sees (and logs)
+        # is the address without them.
+        self._address = redact_address(config.address)
+        address = urlsplit(config.address)
         self._hmac = config.hmac
+        self._hidden = secrets(
+            config.address, config.credentials, config.hmac.secret if config.hmac else ""
+        )
         headers = dict(config.headers)
         auth: httpx.Auth | None = None
+        if address.username is not None:
+            auth = httpx.BasicAuth(unquote(address.username), unquote(address.password or ""))
         if config.credentials is not None:
             if config.credentials.token:
                 headers["Authorization"] = f"Bearer {config.credentials.token}"
@@ -61,7 +58,7 @@ class HTTPSink:
             headers=headers,
             auth=auth,
             timeout=config.timeout,
-            verify=_verify(config),
+            verify=config.tls.ssl_context() if config.tls is not None else True,
             limits=httpx.Limits(max_connections=config.concurrency, keepalive_expiry=30),
         )
 
@@ -83,8 +80,9 @@ class HTTPSink:
         except httpx.TimeoutException as exc:
             return Outcome(Result.RETRY, f"timed out: {type(exc).__name__}")
         except httpx.TransportError as exc:
-            # The message names the failure (refused, reset), never our headers or body.
-            return Outcome(Result.RETRY, f"{type(exc).__name__}: {exc}")
+            # The words name the failure (refused, reset, a certificate), never our headers
+            # or body; a password in the address is blanked out all the same.
+            return Outcome(Result.RETRY, describe_failure(exc, self._hidden))
         status = response.status_code
         if 200 <= status < 300:
             return DELIVERED

@@ -40,7 +40,8 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from ...config import SinkConfig
-from ..natsconn import connect_options, describe_failure, secrets
+from ..failures import describe_failure, secrets
+from ..natsconn import connect_options
 from . import DELIVERED, Message, Outcome, Result
 from ._asyncio_bridge import AsyncioThread
 
@@ -287,7 +288,7 @@ class NATSSink:
     per_hop = PER_HOP
 
     def __init__(self, config: SinkConfig) -> None:
-        self._publisher = _Publisher(config, secrets(config))
+        self._publisher = _Publisher(config, secrets(config.address, config.credentials))
         self._thread = AsyncioThread(name=f"nats-sink {config.name}")
 
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
