@@ -22,6 +22,7 @@ from registry_trio.config import ConfigError, check_files, parse_config
 from tests.conftest import make_config, start_registry
 from tests.oci_layout import write_layout
 from tests.test_real_clients import _host, skopeo
+from tests.waiting import eventually
 
 PASSWORDS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw", "carol": "carol-secret-pw"}
 
@@ -42,11 +43,12 @@ ACCESS_CONTROL = {
 }
 
 
+def hashed(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
 def write_htpasswd(path: Path) -> Path:
-    lines = [
-        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}"
-        for user, pw in PASSWORDS.items()
-    ]
+    lines = [f"{user}:{hashed(pw)}" for user, pw in PASSWORDS.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -116,6 +118,44 @@ async def test_wrong_password_gets_401(nursery, tmp_path):
         response = await http.get("/v2/")
     assert response.status_code == 401
     assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Replace the file's content so that its modification time surely moves."""
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    if path.stat().st_mtime_ns == before:  # a coarse clock: make the change visible
+        os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+async def test_htpasswd_changes_take_effect_without_a_restart(nursery, tmp_path, caplog):
+    registry = await start_registry(nursery, make_config(tmp_path, **auth_overrides(tmp_path)))
+    path = tmp_path / "htpasswd"
+
+    async def status(user: str, password: str) -> int:
+        async with httpx.AsyncClient(base_url=registry.url, auth=(user, password)) as http:
+            return (await http.get("/v2/")).status_code
+
+    assert await status("alice", PASSWORDS["alice"]) == 200  # now cached, too
+    rewrite(path, f"alice:{hashed('alice-new-pw')}\ndave:{hashed('dave-pw')}\n")
+    # The file is looked at again at most once a second: the old password stops working,
+    # cached or not.
+    await eventually(lambda: status("alice", PASSWORDS["alice"]), lambda s: s == 401)
+    assert await status("alice", "alice-new-pw") == 200
+    assert await status("dave", "dave-pw") == 200
+    assert await status("bob", PASSWORDS["bob"]) == 401  # removed
+
+    caplog.set_level(logging.ERROR, logger="registry_trio.auth")
+    rewrite(path, "alice:$apr1$not-bcrypt$xyz\n")  # a broken edit keeps the users that were
+
+    async def refused_logged() -> list[str]:
+        await status("dave", "dave-pw")  # a request is what makes it look at the file
+        return [r.getMessage() for r in caplog.records if "previous htpasswd" in r.getMessage()]
+
+    (logged, *_) = await eventually(refused_logged, bool)
+    assert "bcrypt" in logged
+    assert await status("dave", "dave-pw") == 200
+    assert await status("alice", "alice-new-pw") == 200
 
 
 async def test_policies_groups_and_actor_in_events(nursery, tmp_path, sink):
