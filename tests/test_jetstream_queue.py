@@ -6,6 +6,8 @@ queues run against it in test_events_delivery, test_events_crash and test_operat
 - Scale-out: two registry processes on one storage directory and one stream, pushes spread
   across both, one killed for good mid-load: the survivor delivers every acknowledged push's
   event. Zero lost.
+- A partition: the lease holder stays up but loses NATS while the other instance keeps it;
+  the other takes the lease and delivers, the first gives way once back. Zero lost, in order.
 - A stream that already exists is checked: one that cannot keep the promise (memory storage)
   stops start-up; a different duplicate window is brought in line; a replica count the
   server will not change stops start-up naming the key.
@@ -17,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -34,8 +37,9 @@ from registry_trio.events.queue.jetstream import _JetStream, compare_streams, su
 from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
-from tests.procs import server_process
+from tests.procs import ServerProcess, server_process
 from tests.sink import HTTPSinkServer
+from tests.tcp_proxy import tcp_proxy
 from tests.tls_certs import make_tls_files
 from tests.waiting import eventually
 
@@ -264,6 +268,102 @@ async def test_scale_out_survivor_delivers_what_a_dead_instance_accepted(nursery
     for worker in range(4):
         mine = [t for t in first_seen if t.startswith(f"w{worker}-") and t in acknowledged]
         assert mine == sorted(mine, key=lambda tag: int(tag.split("-")[1])), mine
+
+
+async def test_a_partitioned_lease_holder_gives_way_and_nothing_is_lost(tmp_path, sink):
+    """A network partition: the instance holding the sink's lease (A) stays up but loses
+    NATS, while the other (B) keeps it. A stops delivering, B takes the lease once A stops
+    renewing it and delivers what it accepts meanwhile; A, reachable again, finds the lease
+    taken and leaves delivery to B. Every acknowledged push's event arrives, in push order.
+
+    A reaches NATS through a proxy that the test cuts and restores (see tests/tcp_proxy.py);
+    a push through A while it is cut off may be refused (503), so A gets pushes only while
+    connected.
+    """
+    pushed: list[str] = []  # every acknowledged push, in push order (one at a time)
+    # The push that each blob and tag came with: its events (blob pushed, manifest pushed)
+    # carry it as their reference.
+    push_of: dict[str, int] = {}
+
+    async def push_through(instance: ServerProcess, tag: str) -> None:
+        image = make_image((300,))
+        async with httpx.AsyncClient(base_url=instance.url, timeout=10) as http:
+            response = await RegistryClient(instance.url, client=http).push_image(
+                "js/app", tag, image
+            )
+        assert response.status_code == 201, (tag, response.status_code, response.text)
+        for reference in (image.config.digest, *(layer.digest for layer in image.layers), tag):
+            push_of[reference] = len(pushed)
+        pushed.append(tag)
+
+    async def all_delivered() -> list[dict]:
+        return await sink.wait_for(lambda evs: set(manifest_tags(evs)) >= set(pushed))
+
+    async with (
+        nats_server(tmp_path / "nats") as nats,
+        tcp_proxy(nats.port) as proxy,
+        server_process(write_instance_config(tmp_path, "a", proxy.url, sink)) as a,
+    ):
+        await a.wait_for_output(LEASE_TAKEN.encode())  # A delivers the sink, alone so far
+        # Reads the sink's counts on a queue of its own (an id of its own, no delivery).
+        observer = events_config(
+            tmp_path, http_sink(sink), queue=jetstream_queue(nats.url, tmp_path / "observer")
+        )
+        async with server_process(write_instance_config(tmp_path, "b", nats.url, sink)) as b:
+            for n in range(3):
+                await push_through(a, f"a{n}")
+            await all_delivered()
+            # And acknowledged: A holds nothing when it is cut off. (Cut while an ack is on
+            # its way, the ack fails after queue.timeout and A's delivery task restarts,
+            # holding no lease, so "lost the delivery lease" is never logged.)
+            await counts_until(observer, sink.url, lambda c: c.pending == 0)
+
+            await proxy.cut()  # A loses NATS; the nats-server and B go on
+            await a.wait_for_output(b"jetstream queue: disconnected", 5)
+            for n in range(3):
+                await push_through(b, f"b{n}")  # B's queue is fine: stored, acknowledged
+            # Only the lease holder delivers: B must have taken the lease from A.
+            await all_delivered()
+            await b.wait_for_output(LEASE_TAKEN.encode(), 5)
+            await a.wait_for_output(b"lost the delivery lease", 5)
+
+            await proxy.restore()
+            await a.wait_for_output(b"jetstream queue: reconnected", 10)
+            for n in range(3):
+                await push_through(a, f"c{2 * n}")
+                await push_through(b, f"c{2 * n + 1}")
+            await all_delivered()
+            # Nothing left in the queue: whatever was handed out went to the sink.
+            await counts_until(observer, sink.url, lambda c: c.pending == 0)
+            events = sink.events()
+            outputs = {"a": a.current_output, "b": b.current_output}
+
+    # Zero lost: every acknowledged push's event arrived, whichever instance accepted it.
+    assert set(manifest_tags(events)) >= set(pushed)
+    # Duplicates (around the takeover: at least once) are the same event.
+    by_id: dict[str, dict] = {}
+    for event in events:
+        assert by_id.setdefault(event["id"], event) == event
+    # Every event of every acknowledged push arrived (its blobs' too).
+    references = {e["data"].get("reference") for e in events}
+    assert set(push_of) <= references, sorted(set(push_of) - references)
+    # In order: each push was acknowledged before the next began, so the unique events
+    # arrive in push order, across both instances and the change of lease holder.
+    unique = list(by_id.values())
+    arrived = [e["data"]["reference"] for e in unique if e["data"].get("reference") in push_of]
+    order = [push_of[reference] for reference in arrived]
+    assert order == sorted(order), [f"{pushed[push_of[r]]}:{r[:14]}" for r in arrived]
+    assert manifest_tags(unique) == pushed
+    # Pushes through each instance were accepted by that instance (their sources differ).
+    sources = {e["data"]["reference"]: e["source"] for e in events if "reference" in e["data"]}
+    assert len({sources[tag] for tag in pushed if tag.startswith("a")}) == 1
+    assert sources["a0"] != sources["b0"] == sources["c1"] and sources["c0"] == sources["a0"]
+    # Warnings (disconnected, the lease failed, lost), never an error.
+    for name, output in outputs.items():
+        assert not re.search(r"^\S+ \S+ (ERROR|CRITICAL) ", output, re.MULTILINE), (name, output)
+        assert "Traceback" not in output, (name, output)
+    # A only delivered at first: it never took the lease back.
+    assert outputs["a"].count(LEASE_TAKEN) == 1 and outputs["b"].count(LEASE_TAKEN) == 1
 
 
 def write_serve_config(tmp_path: Path, queue: dict) -> Path:

@@ -754,6 +754,8 @@ class JetStreamSinkQueue:
         # Orphans already sent (or buried): acknowledged unsent when JetStream redelivers them.
         self._settled_orphans: set[int] = set()
         self._fetch_lock = trio.Lock()
+        # The consumer's delivery sequence of the last message fetched here.
+        self._last_delivery: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -766,10 +768,23 @@ class JetStreamSinkQueue:
         )
 
     async def _fetch(self, limit: int, expires: float) -> list[Delivery]:
+        """Pull up to ``limit`` messages; the fresh ones, unless they may not go first.
+
+        Ordered, a gap in the consumer's delivery sequence means JetStream handed a message
+        to someone else meanwhile: an instance that lost the lease while a pull request of
+        its was still on its way (nats-py sends buffered requests on reconnect). Such a
+        message may come before these, and would only come back here after ackWait: it is
+        read from the stream now, as an orphan, and sent first.
+        """
         async with self._fetch_lock:
             msgs = await self._queue.call(self._nats.fetch, self._subscription, limit, expires)
         fresh, settled = [], []
+        gap = False
         for msg in msgs:
+            delivery = msg.metadata.sequence.consumer
+            if self._last_delivery is not None and delivery > self._last_delivery + 1:
+                gap = True
+            self._last_delivery = max(delivery, self._last_delivery or 0)
             seq = msg.metadata.sequence.stream
             if seq in self._settled_orphans:
                 self._settled_orphans.discard(seq)
@@ -785,6 +800,10 @@ class JetStreamSinkQueue:
                 fresh.append(owed)
         if settled:
             await self._queue.call(self._nats.settle, ack=settled)
+        if gap and self._ordered:
+            log.info("sink %s: a delivery went to another instance; taking it back", self._name)
+            await self._adopt_orphans()
+            return []  # all of it is held now, and taken in stream order
         return fresh
 
     async def _adopt_orphans(self) -> None:
