@@ -12,8 +12,6 @@ import asyncio
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import nats.errors
-
 from ..config import CredentialsConfig
 
 __all__ = ["describe_failure", "secrets"]
@@ -31,7 +29,9 @@ def secrets(address: str | None, credentials: CredentialsConfig | None, *more: s
 
 def describe_failure(exc: BaseException, hidden: Sequence[str] = ()) -> str:
     """``exc`` in words, with every string in ``hidden`` (secrets) blanked out."""
-    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+    # nats-py's TimeoutError is an asyncio.TimeoutError too. (No nats import here: the bench
+    # scripts sit beside a bench/nats.py that would shadow the package.)
+    if isinstance(exc, asyncio.TimeoutError):
         text = f"timed out ({type(exc).__name__})"
     else:
         text = type(exc).__name__
