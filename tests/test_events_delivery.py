@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -200,6 +202,51 @@ async def test_exhausted_retry_budget_goes_to_dead_letters(nursery, tmp_path, si
     await push(registry, "budget/app", "v1")
     counts = await counts_until(registry.config, sink.url, lambda c: c.dead == 4)
     assert counts.failed_attempts == 12  # 3 attempts for each of 4 events
+    assert counts.last_error.startswith("retry budget exhausted: HTTP 503")
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "delay"),
+    [
+        ("2", 2.0),  # seconds, honoured over the 10 ms the backoff would pick
+        ("3600", 5.0),  # but never past maxBackoff: a sink cannot park its events for an hour
+    ],
+)
+async def test_retry_after_sets_the_next_attempt(
+    nursery, tmp_path, sink, caplog, retry_after, delay
+):
+    caplog.set_level(logging.INFO, logger="registry_trio.events.delivery")
+    sink.status, sink.retry_after = 429, retry_after
+    registry = await start_registry(
+        nursery,
+        events_config(
+            tmp_path, http_sink(sink, retry={"initialBackoff": "10ms", "maxBackoff": "5s"})
+        ),
+    )
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        layer = b"retry-after"
+        digest = f"sha256:{hashlib.sha256(layer).hexdigest()}"
+        response = await http.post(
+            "/v2/ra/app/blobs/uploads/", params={"digest": digest}, content=layer
+        )
+        assert response.status_code == 201
+    await counts_until(registry.config, sink.url, lambda c: c.failed_attempts >= 1)
+    (line,) = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()][:1]
+    assert "HTTP 429 from the sink" in line
+    assert line.endswith(f"attempt 1, retrying in {delay:.2f}s"), line
+
+
+async def test_an_event_past_its_max_age_goes_to_dead_letters(nursery, tmp_path, sink, queue):
+    sink.status = 503  # forever; attempts are unlimited, so only the age can end it
+    retry = {"initialBackoff": "50ms", "maxBackoff": "200ms", "maxAttempts": 0, "maxAge": "1s"}
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink, retry=retry), queue=queue)
+    )
+    await push(registry, "aged/app", "v1")
+    # (A JetStream queue acknowledges a buried message just after storing its dead letter.)
+    counts = await counts_until(registry.config, sink.url, lambda c: c.dead == 4 and not c.pending)
+    assert counts.delivered == 0
+    assert counts.failed_attempts > 4  # retried, not buried at the first failure
     assert counts.last_error.startswith("retry budget exhausted: HTTP 503")
 
 

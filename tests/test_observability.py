@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import httpx
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry_trio.client import RegistryClient, make_image
@@ -101,3 +105,34 @@ async def test_json_access_lines_carry_the_request_id_and_no_secrets(tmp_path):
     assert any(line["message"].startswith("authentication failed") for line in lines)
     output = server.current_output
     assert PASSWORDS["alice"] not in output and "not-her-password-42" not in output
+
+
+async def test_log_output_goes_to_the_configured_file(tmp_path):
+    log_file = tmp_path / "logs" / "registry.log"
+    log_file.parent.mkdir()
+    config = write_config(tmp_path, log={"level": "info", "output": str(log_file)})
+
+    async def logged() -> str:
+        return await trio.to_thread.run_sync(
+            lambda: log_file.read_text() if log_file.exists() else ""
+        )
+
+    command = [sys.executable, "-m", "registry_trio", "serve", "-c", str(config)]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        # The console is silent: even the address it listens on is in the file.
+        text = await eventually(logged, lambda t: "listening on" in t)
+        url = re.search(r"listening on (http://\S+)", text)[1]
+        async with httpx.AsyncClient(base_url=url) as http:
+            rid = (await http.get("/v2/")).headers["X-Request-Id"]
+        text = await eventually(logged, lambda t: rid in t)
+    finally:
+        process.terminate()
+        with trio.fail_after(20):
+            await process.wait()
+    console = await process.stdout.receive_some(1 << 16)
+    (line,) = [line for line in text.splitlines() if rid in line]
+    assert "registry_trio.access" in line and "GET /v2/ 200" in line
+    assert rid.encode() not in console and b"listening on" not in console
