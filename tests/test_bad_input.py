@@ -217,6 +217,33 @@ async def digest_bad_referrers_subject(ctx: Ctx) -> httpx.Response:
     return await ctx.send("GET", f"/v2/{REPO}/referrers/sha256:{'g' * 64}")
 
 
+# The OCI digest grammar is lower-case hex for sha256/sha512: the upper-cased name of content
+# that exists is a malformed digest everywhere, never an alias of it.
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_blob_get(ctx: Ctx) -> httpx.Response:
+    return await ctx.send("GET", f"/v2/{REPO}/blobs/{upper(digest_of(ctx.layer))}")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_closing_put(ctx: Ctx) -> httpx.Response:
+    # Refused before the body is taken: the session keeps its bytes for a corrected PUT.
+    params = {"digest": upper(digest_of(b"x" * SESSION_BYTES))}
+    return await ctx.send("PUT", ctx.session, params=params, content=b"last chunk")
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_manifest_put(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/{upper(digest_of(ctx.image))}", ctx.image)
+
+
+@case(400, "DIGEST_INVALID")
+async def digest_upper_case_hex_mount(ctx: Ctx) -> httpx.Response:
+    params = {"mount": upper(digest_of(ctx.layer)), "from": REPO}
+    return await ctx.send("POST", "/v2/other/blobs/uploads/", params=params)
+
+
 # -- content that does not match its digest --------------------------------------------------
 
 
