@@ -246,10 +246,10 @@ def parse_manifest(body: bytes, content_type: str | None) -> Manifest:
 def referrer_descriptor(manifest: Manifest, digest: Digest, size: int) -> Descriptor:
     """The descriptor a referrers listing shows for ``manifest``.
 
-    ``artifactType`` falls back to the config media type, as the OCI spec asks, so that
-    artifacts pushed before ``artifactType`` existed still filter correctly.
+    ``artifactType`` falls back to the config media type when empty or missing, as the OCI
+    spec asks, so that artifacts pushed before ``artifactType`` existed still filter correctly.
     """
-    artifact_type = manifest.artifact_type
+    artifact_type = manifest.artifact_type or None
     if artifact_type is None and not manifest.is_index and manifest.blobs:
         artifact_type = manifest.blobs[0].media_type
     return Descriptor(manifest.media_type, digest, size, artifact_type, manifest.annotations)

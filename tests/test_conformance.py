@@ -480,3 +480,36 @@ async def test_a_blob_digest_is_not_a_manifest(http):
     assert_oci_error(await http.delete(f"/v2/kinds/manifests/{layer}"), 404, "MANIFEST_UNKNOWN")
     assert (await http.head(f"/v2/kinds/blobs/{layer}")).status_code == 200
     assert (await http.get("/v2/kinds/manifests/v1")).content == body
+
+
+EMPTY_ARTIFACT_CONFIG = "application/vnd.example.signature.config.v1+json"
+
+
+async def test_empty_artifact_type_falls_back_to_the_config_media_type(http):
+    """Listing Referrers: "If the artifactType is empty or missing in the image manifest, the
+    value of artifactType MUST be set to the config descriptor mediaType value"."""
+    subject = await push_image(http, "blank", "v1")
+    config, layer = config_blob(), random_blob()
+    await push_blob(http, "blank", config)
+    await push_blob(http, "blank", layer)
+    body = image_manifest(
+        config,
+        [layer],
+        config_type=EMPTY_ARTIFACT_CONFIG,
+        artifact_type="",
+        subject={"mediaType": OCI_MANIFEST, "digest": digest_of(subject), "size": len(subject)},
+    )
+    await push_manifest(http, "blank", digest_of(body), body, OCI_MANIFEST)
+    listing = (await http.get(f"/v2/blank/referrers/{digest_of(subject)}")).json()
+    assert listing["manifests"] == [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": digest_of(body),
+            "size": len(body),
+            "artifactType": EMPTY_ARTIFACT_CONFIG,
+        }
+    ]
+    filtered = await http.get(
+        f"/v2/blank/referrers/{digest_of(subject)}", params={"artifactType": EMPTY_ARTIFACT_CONFIG}
+    )
+    assert [d["digest"] for d in filtered.json()["manifests"]] == [digest_of(body)]
