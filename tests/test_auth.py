@@ -369,3 +369,176 @@ async def test_skopeo_push_with_and_without_credentials(nursery, tmp_path):
         )
     assert manifest.status_code == 200
     assert manifest.headers["Docker-Content-Digest"] == source.manifest_digest
+
+
+async def test_token_access_claims_grant_exactly_their_actions(nursery, tmp_path, signing_key):
+    """``pull`` → read, ``push`` → create + update, ``delete``, ``*``; per repository."""
+    key, _ = signing_key
+    registry = await start_registry(
+        nursery, make_config(tmp_path, **auth_overrides(tmp_path, signing_key))
+    )
+
+    def bearer(*actions: str, name: str = "team/app") -> dict[str, str]:
+        grant = [{"type": "repository", "name": name, "actions": list(actions)}]
+        return {"Authorization": f"Bearer {make_token(key, access=grant)}"}
+
+    everything, pull, delete = bearer("*"), bearer("pull"), bearer("delete")
+    elsewhere = bearer("*", name="team/other")
+    image = make_image((512,))
+    async with httpx.AsyncClient(base_url=registry.url, headers=everything) as http:
+        client = RegistryClient(registry.url, client=http)
+        await client.push_image("team/app", "v1", image)
+        await client.push_image("team/app", "v2", image)
+        assert (await http.get("/v2/team/app/manifests/v1")).status_code == 200
+
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        manifest = "/v2/team/app/manifests/v1"
+        # pull: read only.
+        assert (await http.get(manifest, headers=pull)).status_code == 200
+        for method in ("DELETE", "POST"):
+            path = manifest if method == "DELETE" else "/v2/team/app/blobs/uploads/"
+            refused = await http.request(method, path, headers=pull)
+            assert refused.status_code == 403, method
+            assert refused.json()["errors"][0]["code"] == "DENIED"
+        # delete: no read, but the deletion itself.
+        assert (await http.get(manifest, headers=delete)).status_code == 403
+        assert (await http.delete(manifest, headers=delete)).status_code == 202
+        # A grant names its repository: everything on team/other is nothing on team/app.
+        assert (await http.get("/v2/team/app/manifests/v2", headers=elsewhere)).status_code == 403
+        # '*' includes delete; and the challenge asks for the scope a deletion needs.
+        assert (
+            await http.delete("/v2/team/app/manifests/v2", headers=everything)
+        ).status_code == 202
+        challenge = (await http.delete("/v2/team/app/manifests/v2")).headers["WWW-Authenticate"]
+        # nbf is checked too: a token not yet valid proves nothing, whatever it grants.
+        now = int(time.time())
+        early = jwt.encode(
+            {
+                "sub": "robot",
+                "aud": "registry-trio",
+                "iss": "tokens",
+                "iat": now,
+                "nbf": now + 300,
+                "exp": now + 600,
+                "access": [{"type": "repository", "name": "team/app", "actions": ["*"]}],
+            },
+            key,
+            algorithm="ES256",
+        )
+        not_yet = await http.get(
+            "/v2/team/app/tags/list", headers={"Authorization": f"Bearer {early}"}
+        )
+        assert not_yet.status_code == 401
+        assert not_yet.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    assert challenge.endswith('scope="repository:team/app:delete"')
+
+
+CATALOG_ACCESS = {
+    "repositories": {
+        "**": {"defaultPolicy": [], "anonymousPolicy": []},
+        "team/**": {"policies": [{"users": ["bob"], "actions": ["read"]}]},
+        "public/*": {"anonymousPolicy": ["read"], "defaultPolicy": ["read"]},
+    },
+    "adminPolicy": {"users": ["carol"], "actions": ["read", "create", "update", "delete"]},
+}
+
+
+async def catalog_pages(registry, auth=None) -> tuple[list[list[str]], list[str | None]]:
+    """Walk ``_catalog?n=2`` by its ``Link`` headers: the pages and the links."""
+    pages, links, url = [], [], "/v2/_catalog?n=2"
+    async with httpx.AsyncClient(base_url=registry.url, auth=auth) as http:
+        while url is not None and len(pages) < 10:
+            response = await http.get(url)
+            assert response.status_code == 200, response.text
+            pages.append(response.json()["repositories"])
+            link = response.headers.get("Link")
+            links.append(link)
+            url = link[1 : link.index(">")] if link else None
+    return pages, links
+
+
+async def test_catalog_lists_only_readable_repositories_page_by_page(nursery, tmp_path):
+    overrides = auth_overrides(tmp_path)
+    overrides["http"]["accessControl"] = CATALOG_ACCESS
+    registry = await start_registry(nursery, make_config(tmp_path, **overrides))
+    names = ["other/a", "public/a", "public/b", "team/a", "team/b/c", "zzz/x"]
+    for name in names:
+        await push_as(registry, name, auth=("carol", PASSWORDS["carol"]))
+
+    assert (await catalog_pages(registry, ("carol", PASSWORDS["carol"])))[0] == [
+        ["other/a", "public/a"],
+        ["public/b", "team/a"],
+        ["team/b/c", "zzz/x"],
+    ]
+    # bob reads team/** and public/*: pages of those only, and no link past his last one
+    # (zzz/x follows it, unreadable).
+    pages, links = await catalog_pages(registry, ("bob", PASSWORDS["bob"]))
+    assert pages == [["public/a", "public/b"], ["team/a", "team/b/c"]]
+    assert links == ['</v2/_catalog?n=2&last=public%2Fb>; rel="next"', None]
+    # alice is named nowhere: defaultPolicy [] except public/*.
+    assert (await catalog_pages(registry, ("alice", PASSWORDS["alice"])))[0] == [
+        ["public/a", "public/b"]
+    ]
+    # Anonymous: public/* only, by anonymousPolicy.
+    assert (await catalog_pages(registry))[0] == [["public/a", "public/b"]]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "expected"),
+    [
+        ([], "for=9.9.9.9", "peer"),  # not from a trusted proxy: the header is ignored
+        (["127.0.0.0/8"], "for=9.9.9.9, for=1.2.3.4", "1.2.3.4"),
+        (["127.0.0.0/8"], 'for="[2001:db8::7]:4711";proto=https', "2001:db8::7"),
+        # Trusted hops are skipped from the right: the client is the first untrusted one.
+        (["127.0.0.0/8", "10.0.0.0/8"], "for=1.2.3.4;proto=http, for=10.1.2.3", "1.2.3.4"),
+    ],
+    ids=["untrusted", "chain", "ipv6-with-port", "skips-trusted-hops"],
+)
+async def test_forwarded_header_only_from_trusted_proxies(
+    nursery, tmp_path, sink, trusted, forwarded, expected
+):
+    registry = await start_registry(
+        nursery,
+        make_config(
+            tmp_path,
+            http={"trustedProxies": trusted},
+            extensions={
+                "events": {
+                    "enable": True,
+                    "sinks": [{"type": "http", "address": sink.url}],
+                    "queue": {"directory": str(tmp_path / "q")},
+                }
+            },
+        ),
+    )
+    await push_as(registry, "fwd/app", headers={"Forwarded": forwarded})
+    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
+    addr = events[-1]["data"]["request"]["addr"]
+    if expected == "peer":
+        assert addr.startswith("127.0.0.1:")
+    else:
+        assert addr == expected
+
+
+async def test_without_access_control_users_may_do_everything_and_anonymous_nothing(
+    nursery, tmp_path
+):
+    overrides = auth_overrides(tmp_path)
+    del overrides["http"]["accessControl"]
+    registry = await start_registry(nursery, make_config(tmp_path, **overrides))
+    alice = ("alice", PASSWORDS["alice"])
+    assert (await push_as(registry, "any/where", auth=alice)).status_code == 201
+    assert (await push_as(registry, "any/where", auth=alice)).status_code == 201  # moves v1
+    async with httpx.AsyncClient(base_url=registry.url, auth=alice) as http:
+        assert (await http.get("/v2/_catalog")).json()["repositories"] == ["any/where"]
+        assert (await http.delete("/v2/any/where/manifests/v1")).status_code == 202
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        for method, path in [
+            ("GET", "/v2/any/where/tags/list"),
+            ("POST", "/v2/any/where/blobs/uploads/"),
+            ("DELETE", "/v2/any/where/manifests/v1"),
+        ]:
+            response = await http.request(method, path)
+            assert response.status_code == 401, (method, path)
+            assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert (await http.get("/v2/_catalog")).json()["repositories"] == []

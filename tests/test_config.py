@@ -142,3 +142,199 @@ def test_verify_command_reports_the_key(tmp_path):
         timeout=30,
     )
     assert ok.returncode == 0 and "configuration is valid" in ok.stdout
+
+
+def test_documented_defaults():
+    """The README's key table, default column, for a file that names nothing."""
+    config = parse_config({})
+    storage, http, log = config.storage, config.http, config.log
+    assert storage.root_directory == "registry_data"
+    assert (storage.gc, storage.gc_interval, storage.gc_delay) == (False, 3600.0, 3600.0)
+    assert (http.address, http.port) == ("127.0.0.1", 5000)
+    assert http.max_manifest_size == 4194304
+    assert http.graceful_timeout == 10.0
+    assert http.auth is None and http.access_control is None
+    assert tuple(http.trusted_proxies) == ()
+    assert (log.level, log.output, log.format) == ("info", None, "text")  # None: stderr
+    events = config.extensions.events
+    assert events.enable is False
+    assert events.type_prefix == "zotregistry"
+    assert events.shutdown_timeout == 5.0
+    assert tuple(events.sinks) == ()
+    queue = events.queue
+    assert (queue.type, queue.directory) == ("sqlite", "queue_data")
+    assert (queue.stream, queue.timeout) == ("REGISTRY_EVENTS", 5.0)
+    assert (queue.replicas, queue.duplicate_window, queue.ack_wait) == (1, 120.0, 30.0)
+
+
+def test_documented_sink_defaults():
+    (sink,) = parse_config(
+        {
+            "extensions": {
+                "events": {
+                    "sinks": [
+                        {
+                            "type": "http",
+                            "address": "https://hook:pw-in-url@hooks.example/registry",
+                            "hmac": {"secret": "s3cret"},
+                        }
+                    ]
+                }
+            }
+        }
+    ).extensions.events.sinks
+    # The name defaults to the address, without its credentials.
+    assert sink.name == "https://hooks.example/registry"
+    assert (sink.timeout, sink.format, sink.concurrency) == (5.0, "cloudevents", 1)
+    retry = sink.retry
+    assert (retry.initial_backoff, retry.max_backoff) == (0.5, 60.0)
+    assert (retry.max_attempts, retry.max_age) == (0, 86400.0)
+    assert (sink.batch.max_events, sink.batch.max_wait) == (100, 0.0)
+    assert sink.filter.actions is None and sink.filter.repositories is None
+    assert tuple(sink.filter.ignore_media_types) == ()
+    assert sink.hmac is not None and sink.hmac.header == "X-Registry-Signature"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        # The README's own example of a start-up error.
+        (
+            {
+                "extensions": {
+                    "events": {
+                        "sinks": [
+                            {"type": "http", "address": "http://a"},
+                            {"type": "http", "address": "http://b", "timeout": "5x"},
+                        ]
+                    }
+                }
+            },
+            "extensions.events.sinks[1].timeout: invalid duration '5x'",
+        ),
+        (
+            {
+                "extensions": {
+                    "events": {
+                        "sinks": [
+                            {"type": "http", "address": "http://a", "retry": {"maxBackof": "1s"}}
+                        ]
+                    }
+                }
+            },
+            "extensions.events.sinks[0].retry.maxBackof: unknown key",
+        ),
+        ({"storage": {"gc": "yes"}}, "storage.gc: expected true or false"),
+        ({"storage": {"gcDelay": "1d"}}, "storage.gcDelay: invalid duration '1d'"),
+        ({"storage": {"gcInterval": "0s"}}, "storage.gcInterval: must be greater than zero"),
+        ({"http": {"maxManifestSize": 1024}}, "http.maxManifestSize: must be at least 4 MiB"),
+        ({"http": {"trustedProxies": "10.0.0.0/8"}}, "http.trustedProxies: expected a list"),
+        ({"extensions": {"events": {"typePrefix": 5}}}, "extensions.events.typePrefix: expected"),
+    ],
+)
+def test_unknown_keys_wrong_types_and_bad_durations_name_the_key_path(doc, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(doc)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"storage": {"rootDirectry": "x"}}, "storage.rootDirectry: unknown key"),
+        (
+            {
+                "extensions": {
+                    "events": {"sinks": [{"type": "http", "address": "http://a", "timeout": "5x"}]}
+                }
+            },
+            "extensions.events.sinks[0].timeout: invalid duration '5x'",
+        ),
+        ({"storage": {"gc": 1}}, "storage.gc: expected true or false, got 1"),
+    ],
+    ids=["unknown-key", "bad-duration", "wrong-type"],
+)
+def test_verify_refuses_a_bad_file_naming_the_key(tmp_path, doc, message):
+    import subprocess
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"registry-trio: configuration error: {message}" in result.stderr
+    assert result.stdout == ""
+
+
+def test_verify_accepts_a_full_file(tmp_path):
+    import subprocess
+
+    import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    doc = {
+        "distSpecVersion": "1.1.1",
+        "storage": {
+            "rootDirectory": str(tmp_path / "data"),
+            "gc": True,
+            "gcInterval": "1h",
+            "gcDelay": "1h",
+        },
+        "http": {
+            "address": "127.0.0.1",
+            "port": "5000",
+            "trustedProxies": ["10.0.0.0/8"],
+            "auth": {"htpasswd": {"path": str(htpasswd)}},
+            "accessControl": {
+                "repositories": {"**": {"defaultPolicy": ["read", "create", "update"]}}
+            },
+        },
+        "log": {"level": "info", "format": "json"},
+        "extensions": {
+            "events": {
+                "enable": True,
+                "queue": {"directory": str(tmp_path / "queue")},
+                "sinks": [
+                    {
+                        "type": "http",
+                        "address": "https://hooks.example/registry",
+                        "timeout": "5s",
+                        "credentials": {"token": "t"},
+                        "hmac": {"secret": "s"},
+                        "retry": {"initialBackoff": "500ms", "maxBackoff": "1m", "maxAge": "24h"},
+                    },
+                    {
+                        "type": "http",
+                        "name": "audit",
+                        "address": "http://audit:8080/ingest",
+                        "format": "distribution",
+                        "batch": {"maxEvents": 100, "maxWait": "200ms"},
+                        "filter": {
+                            "actions": ["manifest.pushed", "manifest.deleted", "tag.deleted"]
+                        },
+                    },
+                    {
+                        "type": "nats",
+                        "address": "nats://127.0.0.1:4222",
+                        "channel": "registry.events",
+                        "mode": "jetstream",
+                    },
+                ],
+            }
+        },
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: configuration is valid"

@@ -349,3 +349,180 @@ async def test_queue_that_cannot_commit_fails_the_append(tmp_path):
         with pytest.raises(QueueError, match="could not commit"):
             await outbox.append([(event, ["s"])])
         outbox.close()
+
+
+ALL_ACTIONS = [
+    "manifest.pushed",
+    "manifest.deleted",
+    "tag.deleted",
+    "repository.created",
+    "blob.pushed",
+    "blob.mounted",
+    "blob.deleted",
+    "manifest.pulled",
+    "blob.pulled",
+]
+
+
+async def every_action(registry) -> tuple:
+    """Push, pull, mount, delete a tag, a manifest and a blob: one of each action."""
+    image = make_image((1024,))
+    layer = image.layers[0].digest
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        client = RegistryClient(registry.url, client=http)
+        await client.push_image("act/src", "v1", image)
+        await client.pull_image("act/src", "v1")
+        mounted = await http.post(
+            "/v2/act/dst/blobs/uploads/", params={"mount": layer, "from": "act/src"}
+        )
+        assert mounted.status_code == 201, mounted.text
+        assert (await http.delete("/v2/act/src/manifests/v1")).status_code == 202
+        assert (await http.delete(f"/v2/act/src/manifests/{image.digest}")).status_code == 202
+        assert (await http.delete(f"/v2/act/dst/blobs/{layer}")).status_code == 202
+    return image, layer
+
+
+async def test_every_action_has_its_documented_type_and_distribution_action(
+    nursery, tmp_path, sink
+):
+    distribution = HTTPSinkServer()
+    await distribution.start(nursery)
+    wanted = {"actions": ALL_ACTIONS}  # pull events included: they are opt-in
+    registry = await start_registry(
+        nursery,
+        events_config(
+            tmp_path,
+            http_sink(sink, filter=wanted),
+            http_sink(distribution, format="distribution", filter=wanted),
+        ),
+    )
+    image, layer = await every_action(registry)
+    events = await sink.wait_for(lambda evs: len(evs) == 11)
+    assert [(e["type"], e["subject"]) for e in events] == [
+        ("zotregistry.blob.pushed", f"act/src@{image.config.digest}"),
+        ("zotregistry.blob.pushed", f"act/src@{layer}"),
+        ("zotregistry.repository.created", "act/src"),
+        ("zotregistry.image.updated", "act/src:v1"),
+        ("zotregistry.image.pulled", "act/src:v1"),
+        ("zotregistry.blob.pulled", f"act/src@{image.config.digest}"),
+        ("zotregistry.blob.pulled", f"act/src@{layer}"),
+        ("zotregistry.blob.mounted", f"act/dst@{layer}"),
+        ("zotregistry.image.deleted", "act/src:v1"),  # tag.deleted: the tag only
+        ("zotregistry.image.deleted", f"act/src@{image.digest}"),  # manifest.deleted
+        ("zotregistry.blob.deleted", f"act/dst@{layer}"),
+    ]
+    assert events[7]["data"]["fromRepository"] == "act/src"
+    assert events[8]["data"]["reference"] == "v1"
+    assert events[8]["data"]["digest"] == events[9]["data"]["digest"] == image.digest
+
+    # distribution's verbs; repository.created has none and is not sent, listed or not.
+    dist = await distribution.wait_for(lambda evs: len(evs) == 10)
+    assert [(e["action"], e["target"]["repository"]) for e in dist] == [
+        ("push", "act/src"),
+        ("push", "act/src"),
+        ("push", "act/src"),
+        ("pull", "act/src"),
+        ("pull", "act/src"),
+        ("pull", "act/src"),
+        ("mount", "act/dst"),
+        ("delete", "act/src"),
+        ("delete", "act/src"),
+        ("delete", "act/dst"),
+    ]
+    assert dist[6]["target"]["fromRepository"] == "act/src"
+    assert dist[7]["target"]["tag"] == "v1"
+    # Both sinks got the same events, under the same ids.
+    assert [e["id"] for e in dist] == [e["id"] for e in events if "repository" not in e["type"]]
+
+
+async def test_http_sink_filters_and_pull_events_only_on_request(nursery, tmp_path):
+    filters = {
+        "everything": {},
+        "team-manifests": {"actions": ["manifest.pushed"], "repositories": ["team/*"]},
+        "pulls": {"actions": ["manifest.pulled", "blob.pulled"]},
+        "no-manifests": {"ignoreMediaTypes": ["application/vnd.oci.image.manifest.v1+json"]},
+    }
+    receivers = {name: HTTPSinkServer() for name in filters}
+    for receiver in receivers.values():
+        await receiver.start(nursery)
+    registry = await start_registry(
+        nursery,
+        events_config(
+            tmp_path,
+            *(http_sink(receivers[name], name=name, filter=f) for name, f in filters.items()),
+        ),
+    )
+    await push(registry, "team/app", "v1")
+    await push(registry, "other/app", "v1")
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await RegistryClient(registry.url, client=http).pull_image("team/app", "v1")
+    for name in filters:
+        await counts_until(registry.config, name, lambda c: c.pending == 0 and c.delivered > 0)
+
+    got = {
+        name: [(e["type"], e["data"]["name"]) for e in receiver.events()]
+        for name, receiver in receivers.items()
+    }
+    pushed = [
+        (f"zotregistry.{t}", repository)
+        for repository in ("team/app", "other/app")
+        for t in ("blob.pushed", "blob.pushed", "repository.created", "image.updated")
+    ]
+    assert got["everything"] == pushed  # no filter: every push event, and no pull event
+    assert got["team-manifests"] == [("zotregistry.image.updated", "team/app")]
+    assert got["pulls"] == [
+        ("zotregistry.image.pulled", "team/app"),
+        ("zotregistry.blob.pulled", "team/app"),
+        ("zotregistry.blob.pulled", "team/app"),
+    ]
+    assert got["no-manifests"] == [e for e in pushed if e[0] != "zotregistry.image.updated"]
+
+
+async def test_concurrency_sends_in_parallel_on_up_to_that_many_connections(
+    nursery, tmp_path, sink
+):
+    sink.delay = 0.5  # each request takes a while: parallel loops overlap
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink, concurrency=3, timeout="5s"))
+    )
+    for tag in ("v1", "v2", "v3"):
+        await push(registry, "par/app", tag)
+    events = await sink.wait_for(lambda evs: len(evs) == 10)
+    assert len({e["id"] for e in events}) == 10
+    connections = {request.client for request in sink.requests}
+    assert None not in connections
+    assert 2 <= len(connections) <= 3, connections
+    counts = await counts_until(registry.config, sink.url, lambda c: c.pending == 0)
+    assert counts.delivered == 10
+
+
+async def test_type_prefix_names_the_cloudevents_types(nursery, tmp_path, sink):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink), typePrefix="example.registry")
+    )
+    await push(registry, "prefix/app", "v1")
+    events = await sink.wait_for(lambda evs: len(evs) == 4)
+    assert [e["type"] for e in events] == [
+        "example.registry.blob.pushed",
+        "example.registry.blob.pushed",
+        "example.registry.repository.created",
+        "example.registry.image.updated",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents-batch", "distribution"])
+async def test_batches_hold_at_most_max_events(nursery, tmp_path, sink, fmt):
+    registry = await start_registry(
+        nursery,
+        events_config(tmp_path, http_sink(sink, format=fmt, batch={"maxEvents": 3})),
+    )
+    await sink.stop()  # a backlog builds up: the sink then drains it in full batches
+    for tag in ("v1", "v2", "v3"):
+        await push(registry, "batch/app", tag)
+    await counts_until(registry.config, sink.url, lambda c: c.failed_attempts >= 1)
+    await sink.start(nursery)
+    total = 9 if fmt == "distribution" else 10  # distribution has no repository.created
+    events = await sink.wait_for(lambda evs: len(evs) == total)
+    sizes = [len(r.json()["events"] if fmt == "distribution" else r.json()) for r in sink.received]
+    assert sum(sizes) == total and max(sizes) == 3, sizes
+    assert len({e["id"] for e in events}) == total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import httpx
@@ -120,3 +121,87 @@ async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
     )
     gc_events = [e for e in events if e["type"] == "zotregistry.blob.deleted"]
     assert all("actor" not in e["data"] and "request" not in e["data"] for e in gc_events)
+
+
+async def gc_cli_text(config, *args):
+    result = await trio.run_process(
+        [sys.executable, "-m", "registry_trio", "gc", "-c", str(config), *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().splitlines()
+
+
+async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nursery, tmp_path):
+    registry = await start_registry(nursery, make_config(tmp_path))
+    kept, dropped = make_image((700,)), make_image((900,))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        client = RegistryClient(registry.url, client=http)
+        await client.push_image("gc/app", "kept", kept)
+        await client.push_image("gc/app", "dropped", dropped)
+        assert (await http.delete("/v2/gc/app/manifests/dropped")).status_code == 202
+    registry.shutdown.set()
+    before = blob_files(registry.root)
+
+    def config(**storage):
+        # No extensions.events in the file: events off, the collector records nothing.
+        path = tmp_path / "gc.json"
+        path.write_text(json.dumps({"storage": {"rootDirectory": str(registry.root), **storage}}))
+        return path
+
+    # gcDelay defaults to 1h: garbage made a moment ago is too young to go.
+    assert await gc_cli_text(config()) == ["deleted 0 manifest(s) and 0 blob(s), 0 bytes"]
+    assert blob_files(registry.root) == before
+
+    garbage = [dropped.config, *dropped.layers]
+    blob_sizes = {dropped.digest: len(dropped.manifest)} | {b.digest: len(b.data) for b in garbage}
+    total = sum(blob_sizes.values())
+    dry = await gc_cli_text(config(gcDelay="0s"), "--dry-run")
+    assert dry[0] == f"would delete 1 manifest(s) and 3 blob(s), {total} bytes"
+    assert dry[1] == f"  manifest gc/app@{dropped.digest}"
+    assert sorted(dry[2:]) == sorted(
+        f"  blob {digest} ({size} bytes)" for digest, size in blob_sizes.items()
+    )
+    assert blob_files(registry.root) == before  # a dry run deletes nothing
+
+    done = await gc_cli_text(config(gcDelay="0s"))
+    assert done == [line.replace("would delete", "deleted", 1) for line in dry]
+    assert blob_files(registry.root) == before - {d.split(":")[1] for d in blob_sizes}
+    assert {b.digest.split(":")[1] for b in (kept.config, *kept.layers)} <= blob_files(
+        registry.root
+    )
+
+
+async def test_periodic_gc_spares_garbage_younger_than_gc_delay(nursery, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="registry_trio.maintenance")
+    config = make_config(
+        tmp_path,
+        storage={
+            "rootDirectory": str(tmp_path / "registry_data"),
+            "gc": True,
+            "gcInterval": "50ms",
+            "gcDelay": "1h",
+        },
+    )
+    registry = await start_registry(nursery, config)
+    image = make_image((600,))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await RegistryClient(registry.url, client=http).push_image("young/app", "v1", image)
+        assert (await http.delete(f"/v2/young/app/manifests/{image.digest}")).status_code == 202
+    files = blob_files(registry.root)
+    layer = image.layers[0].digest.split(":")[1]
+    assert layer in files
+
+    async def runs_since_the_delete() -> int:
+        return sum("gc: deleted" in r.getMessage() for r in caplog.records)
+
+    seen = await runs_since_the_delete()
+    await eventually(runs_since_the_delete, lambda n: n >= seen + 3)
+    assert all(
+        "gc: deleted 0 manifests and 0 blobs" in r.getMessage()
+        for r in caplog.records
+        if "gc: deleted" in r.getMessage()
+    )
+    assert blob_files(registry.root) == files

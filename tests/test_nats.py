@@ -598,3 +598,32 @@ async def test_bridge_aclose_cancels_what_is_left_on_the_loop():
     assert not bridge._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         await bridge.run(background)
+
+
+async def test_event_over_max_payload_goes_to_dead_letters_and_the_rest_flows(nursery, tmp_path):
+    """End to end: no retry can deliver it, so it is buried at once; nothing else stops."""
+    big = make_image((64,) * 24)  # its manifest.pushed event carries a manifest of ~3 KiB
+    small = make_image((64,))
+    assert len(big.manifest) > 2048 > len(small.manifest) * 2
+    async with nats_server(tmp_path / "nats", "max_payload: 2048") as server:
+        async with observe(server.url) as observer:
+            await observer.subscribe(SUBJECT)
+            sink_name = f"{server.url}#{SUBJECT}"
+            registry = await start_registry(nursery, events_config(tmp_path, nats_sink(server.url)))
+            await push_all(registry, [("big/app", "v1", big), ("big/app", "v2", small)])
+            counts = await counts_until(
+                tmp_path, sink_name, lambda c: c.pending == 0 and c.dead == 1
+            )
+            received = await observer.wait_for(lambda got: len(got) >= 29)
+        async with httpx.AsyncClient(base_url=registry.url) as http:
+            dead = (await http.get("/_registry/events/dead", params={"sink": sink_name})).json()
+
+    assert counts.delivered == 29
+    assert counts.failed_attempts == 1  # the one refused attempt: never retried
+    (letter,) = dead["deadLetters"]
+    assert letter["action"] == "manifest.pushed"
+    assert letter["event"]["target"]["digest"] == big.digest
+    assert letter["attempts"] == 1 and "max_payload" in letter["lastError"]
+    updates = [i.json()["data"]["digest"] for i in received if i.json()["type"].endswith("updated")]
+    assert updates == [small.digest]  # the event after the buried one went out
+    assert len(received) == 29

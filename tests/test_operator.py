@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
+import os
+import re
 import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from registry_trio.client import RegistryClient, make_image
@@ -153,3 +158,205 @@ async def test_admin_api_is_loopback_only_without_auth(registry, http):
     response = await http.get("/_registry/events/sinks")
     assert response.status_code == 404
     assert response.json()["errors"][0]["message"] == "the events extension is not enabled"
+
+
+# -- what the README promises of the operator surface ------------------------------------------
+
+
+async def cli_text(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """``registry-trio events …`` as a person runs it: exit code, stdout, stderr."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "registry_trio", "events", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def table(text: str) -> list[list[str]]:
+    """The CLI's table: columns are separated by two spaces or more."""
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if line.strip()]
+
+
+STATUS_FIELDS = {
+    "name",
+    "type",
+    "pending",
+    "inFlight",
+    "delivered",
+    "failedAttempts",
+    "dead",
+    "oldestPendingAge",
+    "lastError",
+    "lastErrorAt",
+}
+
+
+async def test_status_shows_every_documented_field_in_json_and_the_table(nursery, tmp_path, sink):
+    sink.status = 503  # a transient failure: retried, never buried, so the events stay pending
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    before = time.time()
+    async with httpx.AsyncClient(base_url=url) as http:
+        await RegistryClient(url, client=http).push_image("ops/app", "v1", make_image((256,)))
+        (status,) = await eventually(
+            lambda: admin_sinks(http),
+            lambda s: s[0]["failedAttempts"] >= 2 and (s[0]["oldestPendingAge"] or 0) > 0,
+        )
+    assert set(status) >= STATUS_FIELDS
+    assert (status["name"], status["type"]) == ("audit", "http")
+    assert (status["pending"], status["delivered"], status["dead"]) == (4, 0, 0)
+    assert "HTTP 503" in status["lastError"]
+    assert before <= status["lastErrorAt"] <= time.time()
+    assert 0 < status["oldestPendingAge"] < 60
+
+    (cli_status,) = await cli("status", "-c", str(config_path))
+    assert set(cli_status) >= STATUS_FIELDS and cli_status["pending"] == 4
+
+    code, out, err = await cli_text("status", "-c", str(config_path))
+    assert code == 0, err
+    header, *rows = table(out)
+    assert header == [
+        "SINK",
+        "TYPE",
+        "PENDING",
+        "IN FLIGHT",
+        "DELIVERED",
+        "FAILED",
+        "DEAD",
+        "OLDEST",
+        "LAST ERROR",
+    ]
+    (row,) = rows
+    assert row[:3] == ["audit", "http", "4"]
+    assert row[4] == "0" and int(row[5]) >= 2 and row[6] == "0"
+    assert row[7].endswith("s") and "HTTP 503" in row[8]
+
+
+DEAD_LETTER_FIELDS = {"seq", "id", "action", "repository", "attempts", "lastError", "event"}
+
+
+async def test_dead_letters_page_with_limit_after_and_next(nursery, tmp_path, sink):
+    sink.status = 400
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    async with httpx.AsyncClient(base_url=url) as http:
+        await RegistryClient(url, client=http).push_image("ops/app", "v1", make_image((256,)))
+        await eventually(
+            lambda: admin_sinks(http),
+            lambda sinks: sinks[0]["dead"] == 4 and sinks[0]["pending"] == 0,
+        )
+        first = await http.get("/_registry/events/dead", params={"sink": "audit", "limit": 3})
+        assert first.status_code == 200
+        page = first.json()
+        assert page["sink"] == "audit" and len(page["deadLetters"]) == 3
+        assert page["next"] == page["deadLetters"][-1]["seq"]
+        rest = (
+            await http.get(
+                "/_registry/events/dead", params={"sink": "audit", "after": page["next"]}
+            )
+        ).json()
+        everything = (await http.get("/_registry/events/dead", params={"sink": "audit"})).json()
+    assert len(rest["deadLetters"]) == 1 and rest["next"] is None
+    letters = page["deadLetters"] + rest["deadLetters"]
+    assert letters == everything["deadLetters"] and everything["next"] is None
+    seqs = [d["seq"] for d in letters]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    for letter in letters:
+        assert set(letter) == DEAD_LETTER_FIELDS
+        assert letter["event"]["id"] == letter["id"]
+        assert letter["repository"] == "ops/app" and letter["attempts"] == 1
+        assert letter["lastError"] == "rejected: HTTP 400 from the sink"
+
+    # The same pages in the CLI's table, with the cursor for the next one.
+    code, out, err = await cli_text("dead", "-c", str(config_path), "--limit", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[-1] == f"more: --after {page['next']}"
+    header, *rows = table("\n".join(lines[:-1]))
+    assert header == ["SEQ", "EVENT ID", "ACTION", "REPOSITORY", "ATTEMPTS", "LAST ERROR"]
+    assert [row[:4] for row in rows] == [
+        [str(d["seq"]), d["id"], d["action"], "ops/app"] for d in page["deadLetters"]
+    ]
+    code, out, err = await cli_text("dead", "-c", str(config_path), "--after", str(page["next"]))
+    assert code == 0, err
+    assert "more:" not in out and [row[1] for row in table(out)[1:]] == [letters[3]["id"]]
+
+    code, out, err = await cli_text("replay", "-c", str(config_path), "--id", letters[0]["id"])
+    assert code == 0, err
+    assert out.strip() == "replayed 1 dead letter(s) of sink audit"
+
+
+async def test_admin_api_and_cli_need_an_admin_login_when_auth_is_on(nursery, tmp_path, sink):
+    from tests.test_auth import ACCESS_CONTROL, PASSWORDS, write_htpasswd
+
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    doc["http"]["auth"] = {"htpasswd": {"path": str(write_htpasswd(tmp_path / "htpasswd"))}}
+    doc["http"]["accessControl"] = ACCESS_CONTROL  # carol is the only adminPolicy user
+    config_path.write_text(json.dumps(doc))
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+
+    async def get(auth=None) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url, auth=auth) as http:
+            return await http.get("/_registry/events/sinks")
+
+    anonymous = await get()
+    assert anonymous.status_code == 401
+    assert anonymous.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="registry-trio"'
+    assert (await get(("carol", "not-her-password"))).status_code == 401
+    # alice may do anything in team/**, bob read and create: neither is an administrator.
+    for user in ("alice", "bob"):
+        denied = await get((user, PASSWORDS[user]))
+        assert denied.status_code == 403, user
+        assert denied.json()["errors"][0]["code"] == "DENIED"
+    async with httpx.AsyncClient(base_url=url, auth=("bob", PASSWORDS["bob"])) as http:
+        replay = await http.post("/_registry/events/dead/replay", json={"sink": "audit"})
+        assert replay.status_code == 403
+    admin = await get(("carol", PASSWORDS["carol"]))
+    assert admin.status_code == 200
+    assert [s["name"] for s in admin.json()["sinks"]] == ["audit"]
+
+    # The CLI logs in with REGISTRY_TRIO_USER, and says why when it cannot.
+    code, _, err = await cli_text(
+        "status", "-c", str(config_path), env={"REGISTRY_TRIO_USER": None}
+    )
+    assert code == 1 and "answered 401" in err, err
+    bob = {"REGISTRY_TRIO_USER": f"bob:{PASSWORDS['bob']}"}
+    code, _, err = await cli_text("status", "-c", str(config_path), env=bob)
+    assert code == 1 and "answered 403" in err and "not an administrator" in err, err
+    carol = {"REGISTRY_TRIO_USER": f"carol:{PASSWORDS['carol']}"}
+    code, out, err = await cli_text("status", "-c", str(config_path), "--json", env=carol)
+    assert code == 0, err
+    assert [s["name"] for s in json.loads(out)] == ["audit"]
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_admin_api_answers_only_loopback_clients_without_auth(nursery, tmp_path, sink):
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to call from")
+    _, doc = write_config(tmp_path, sink.url, 0)
+    doc["http"]["address"] = "0.0.0.0"
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    port = int(url.rsplit(":", 1)[1])
+    async with httpx.AsyncClient(base_url=f"http://{address}:{port}") as remote:
+        assert (await remote.get("/v2/")).status_code == 200  # the registry itself is served
+        denied = await remote.get("/_registry/events/sinks")
+        assert denied.status_code == 403
+        assert denied.json()["errors"][0]["code"] == "DENIED"
+        assert (await remote.get("/_registry/events/dead")).status_code == 403
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as local:
+        assert (await local.get("/_registry/events/sinks")).status_code == 200
