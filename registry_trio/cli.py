@@ -67,10 +67,20 @@ def _add_events_parser(commands: argparse._SubParsersAction) -> None:
         if name != "status":
             verb.add_argument("--sink", help="sink name (needed when several are configured)")
         if name == "dead":
-            verb.add_argument("--limit", type=int, default=100, help="page size (default 100)")
+            verb.add_argument(
+                "--limit", type=_page_size, default=100, help="page size, 1 to 1000 (default 100)"
+            )
             verb.add_argument("--after", type=int, default=0, help="cursor from the last page")
         if name == "replay":
             verb.add_argument("--id", action="append", dest="ids", help="event id (repeatable)")
+
+
+def _page_size(text: str) -> int:
+    from .events.status import DEAD_PAGE_MAX
+
+    if not text.isdigit() or not 1 <= int(text) <= DEAD_PAGE_MAX:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to {DEAD_PAGE_MAX}")
+    return int(text)
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -18,7 +18,7 @@ import trio
 
 from .config import Config, SinkConfig
 from .events.queue import EventQueue, running_queue
-from .events.status import dead_letter_json, sink_status
+from .events.status import dead_letter_page, sink_status
 
 __all__ = ["OperatorError", "dead_letters", "replay", "status"]
 
@@ -107,12 +107,7 @@ def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> di
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
-            letters = await queue.dead(str(chosen.name), limit, after)
-        return {
-            "sink": chosen.name,
-            "deadLetters": [dead_letter_json(d) for d in letters],
-            "next": letters[-1].seq if len(letters) == limit else None,
-        }
+            return await dead_letter_page(queue, chosen, limit, after)
 
     return trio.run(offline)
 

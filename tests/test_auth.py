@@ -491,8 +491,18 @@ async def test_catalog_lists_only_readable_repositories_page_by_page(nursery, tm
         (["127.0.0.0/8"], 'for="[2001:db8::7]:4711";proto=https', "2001:db8::7"),
         # Trusted hops are skipped from the right: the client is the first untrusted one.
         (["127.0.0.0/8", "10.0.0.0/8"], "for=1.2.3.4;proto=http, for=10.1.2.3", "1.2.3.4"),
+        (["127.0.0.0/8"], 'for="1.2.3.4:4711"', "1.2.3.4"),
+        # A trusted hop with a port is still recognised as trusted, and skipped.
+        (["127.0.0.0/8", "10.0.0.0/8"], 'for=1.2.3.4, for="10.1.2.3:8080"', "1.2.3.4"),
     ],
-    ids=["untrusted", "chain", "ipv6-with-port", "skips-trusted-hops"],
+    ids=[
+        "untrusted",
+        "chain",
+        "ipv6-with-port",
+        "skips-trusted-hops",
+        "ipv4-with-port",
+        "skips-trusted-hop-with-port",
+    ],
 )
 async def test_forwarded_header_only_from_trusted_proxies(
     nursery, tmp_path, sink, trusted, forwarded, expected

@@ -259,6 +259,15 @@ async def test_dead_letters_page_with_limit_after_and_next(nursery, tmp_path, si
             )
         ).json()
         everything = (await http.get("/_registry/events/dead", params={"sink": "audit"})).json()
+        # A page that ends exactly at the last letter promises no other.
+        exact = await http.get("/_registry/events/dead", params={"sink": "audit", "limit": 4})
+        assert len(exact.json()["deadLetters"]) == 4 and exact.json()["next"] is None
+        for limit in (0, 1001):
+            refused = await http.get(
+                "/_registry/events/dead", params={"sink": "audit", "limit": limit}
+            )
+            assert refused.status_code == 400
+            assert refused.json()["errors"][0]["message"] == "limit must be between 1 and 1000"
     assert len(rest["deadLetters"]) == 1 and rest["next"] is None
     letters = page["deadLetters"] + rest["deadLetters"]
     assert letters == everything["deadLetters"] and everything["next"] is None
@@ -280,6 +289,8 @@ async def test_dead_letters_page_with_limit_after_and_next(nursery, tmp_path, si
     assert [row[:4] for row in rows] == [
         [str(d["seq"]), d["id"], d["action"], "ops/app"] for d in page["deadLetters"]
     ]
+    code, out, err = await cli_text("dead", "-c", str(config_path), "--limit", "0")
+    assert code == 2 and "must be a number from 1 to 1000" in err
     code, out, err = await cli_text("dead", "-c", str(config_path), "--after", str(page["next"]))
     assert code == 0, err
     assert "more:" not in out and [row[1] for row in table(out)[1:]] == [letters[3]["id"]]

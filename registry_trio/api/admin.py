@@ -11,7 +11,7 @@ from quart import Blueprint, Response, jsonify, request
 from ..config import SinkConfig
 from ..events.delivery import Delivery
 from ..events.queue import EventQueue
-from ..events.status import dead_letter_json, sink_status
+from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
 from .context import Registry
 from .errors import RegistryError
 from .quart_app import current_registry
@@ -62,16 +62,10 @@ async def dead() -> Response:
     registry = current_registry()
     queue, _ = _events(registry)
     sink = _sink(registry, request.args.get("sink"))
-    limit = min(_int_arg("limit", 100), 1000)
-    letters = await queue.dead(str(sink.name), limit, _int_arg("after", 0))
-    return jsonify(
-        {
-            "sink": sink.name,
-            "deadLetters": [dead_letter_json(d) for d in letters],
-            # Pass as ?after= for the next page; null on the last one.
-            "next": letters[-1].seq if len(letters) == limit else None,
-        }
-    )
+    limit = _int_arg("limit", 100)
+    if not 1 <= limit <= DEAD_PAGE_MAX:
+        raise RegistryError("UNSUPPORTED", 400, f"limit must be between 1 and {DEAD_PAGE_MAX}")
+    return jsonify(await dead_letter_page(queue, sink, limit, _int_arg("after", 0)))
 
 
 @blueprint.route("/_registry/events/dead/replay", methods=["POST"])

@@ -13,7 +13,18 @@ from collections.abc import Sequence
 
 __all__ = ["TrustedProxies"]
 
-_FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)\]?(?::\d+)?"?', re.IGNORECASE)
+# A ``for=`` parameter of RFC 7239 ``Forwarded``: a quoted string or a token.
+_FORWARDED_FOR = re.compile(r'for=(?:"([^"]*)"|([^;,\s]*))', re.IGNORECASE)
+
+
+def _node_address(node: str) -> str:
+    """The address in a ``Forwarded`` node: ``[v6]:port``, ``v4:port`` or a bare address."""
+    node = node.strip()
+    if node.startswith("["):
+        return node[1:].partition("]")[0]
+    if node.count(":") == 1:  # v4 (or a name) with a port; a bare v6 has several colons
+        return node.partition(":")[0]
+    return node
 
 
 def _format(host: str, port: int | None) -> str:
@@ -45,7 +56,10 @@ class TrustedProxies:
         if not self._networks or not self._trusted(host):
             return _format(host, port)
         if forwarded:
-            chain = _FORWARDED_FOR.findall(forwarded)
+            chain = [
+                _node_address(quoted or token)
+                for quoted, token in _FORWARDED_FOR.findall(forwarded)
+            ]
         elif forwarded_for:
             chain = [part.strip() for part in forwarded_for.split(",") if part.strip()]
         else:

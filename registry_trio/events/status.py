@@ -8,7 +8,7 @@ from typing import Any
 from ..config import SinkConfig, redact_address
 from .queue import DeadLetter, EventQueue
 
-__all__ = ["dead_letter_json", "redact_address", "sink_status"]
+__all__ = ["DEAD_PAGE_MAX", "dead_letter_json", "dead_letter_page", "sink_status"]
 
 
 async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
@@ -39,4 +39,27 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
         "attempts": letter.attempts,
         "lastError": letter.last_error,
         "event": letter.event.to_json(),
+    }
+
+
+# The most dead letters one page holds.
+DEAD_PAGE_MAX = 1000
+
+
+async def dead_letter_page(
+    queue: EventQueue, sink: SinkConfig, limit: int, after: int
+) -> dict[str, Any]:
+    """One page of a sink's dead letters, as the admin API and the offline CLI both show it.
+
+    ``next`` is the cursor to pass as ``after`` for the next page, and null on the last one:
+    one letter more than asked is read to know, so a page that ends exactly at the last
+    letter does not promise another.
+    """
+    limit = max(1, min(limit, DEAD_PAGE_MAX))
+    letters = await queue.dead(str(sink.name), limit + 1, after)
+    page = letters[:limit]
+    return {
+        "sink": sink.name,
+        "deadLetters": [dead_letter_json(d) for d in page],
+        "next": page[-1].seq if len(letters) > limit else None,
     }
