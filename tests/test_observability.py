@@ -237,6 +237,11 @@ async def test_http_metrics_count_every_request_its_bytes_and_open_upload_sessio
         # Other routes, and statuses other than 2xx, each under their own labels.
         await call(manifests, "GET", f"/v2/{name}/manifests/missing", 404)
         await call(manifests, "HEAD", f"/v2/{name}/manifests/v1", 200)  # headers only
+        # HEAD errors, raw and Quart routes alike: their bodies never leave, so count nothing.
+        await call(manifests, "HEAD", f"/v2/{name}/manifests/missing", 404)
+        await call(blobs, "HEAD", f"/v2/{name}/blobs/{digest_of(b'absent')}", 404)
+        await call("/v2/", "HEAD", "/v2/", 200)
+        await call("/v2/{name}/tags/list", "HEAD", f"/v2/{name}/tags/list", 200)
         await call(blobs, "GET", f"/v2/{name}/blobs/{digest_of(b'absent')}", 404)
         await call("/v2/", "GET", "/v2/", 200)
         await call("/v2/{name}/tags/list", "GET", f"/v2/{name}/tags/list", 200)

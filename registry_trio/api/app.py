@@ -108,7 +108,8 @@ class RegistryApp:
                 if _body_left(scope, state["received"], body_done) > self.drain_limit:
                     message["headers"].append((b"connection", b"close"))
             elif message["type"] == "http.response.body":
-                state["sent"] += len(message.get("body", b""))
+                if scope["method"] != "HEAD":  # Hypercorn drops a HEAD response's body
+                    state["sent"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     await finish_request_body()
             await send(message)
