@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
 import os
 import shutil
@@ -13,8 +15,10 @@ import httpx
 import jwt
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
 from registry_trio.auth import AccessPolicy, Identity
 from registry_trio.client import RegistryClient, make_image
@@ -65,7 +69,16 @@ def signing_key(tmp_path):
     return key, public
 
 
-def make_token(key, *, sub="robot", access=(), exp_in=300, aud="registry-trio", iss="tokens"):
+def make_token(
+    key,
+    *,
+    sub="robot",
+    access=(),
+    exp_in=300,
+    aud="registry-trio",
+    iss="tokens",
+    algorithm="ES256",
+):
     now = int(time.time())
     claims = {
         "sub": sub,
@@ -76,7 +89,7 @@ def make_token(key, *, sub="robot", access=(), exp_in=300, aud="registry-trio", 
         "exp": now + exp_in,
         "access": list(access),
     }
-    return jwt.encode(claims, key, algorithm="ES256")
+    return jwt.encode(claims, key, algorithm=algorithm)
 
 
 def auth_overrides(tmp_path, signing_key=None, **http):
@@ -265,6 +278,92 @@ async def test_bearer_tokens(nursery, tmp_path, signing_key):
             "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {pull_only}"}
         )
         assert response.status_code == 403
+
+
+# The token service's key types, each made on first use; 0 signs, 1 is another key of the type.
+KEY_TYPES = {
+    "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "ed448": ed448.Ed448PrivateKey.generate,
+}
+
+
+@functools.cache
+def token_service_key(key_type: str, n: int = 0):
+    return KEY_TYPES[key_type]()
+
+
+def public_key_pem(key) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def self_signed_certificate_pem(key) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token service")])
+    now = datetime.datetime.now(datetime.UTC)
+    ed = isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, None if ed else hashes.SHA256())  # EdDSA signs without a separate hash
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+# README: "a PEM certificate or public key; RS/ES/PS/EdDSA".
+TOKEN_ALGORITHMS = [
+    ("RS256", "rsa"),
+    ("RS384", "rsa"),
+    ("RS512", "rsa"),
+    ("PS256", "rsa"),
+    ("PS384", "rsa"),
+    # PS512 is left out: the registry refuses it ("The specified alg value is not allowed").
+    ("ES256", "p256"),
+    ("ES384", "p384"),
+    ("ES512", "p521"),
+    ("EdDSA", "ed25519"),
+    ("EdDSA", "ed448"),
+]
+
+
+@pytest.mark.parametrize("pem", ["public-key", "certificate"])
+@pytest.mark.parametrize(
+    ("algorithm", "key_type"),
+    TOKEN_ALGORITHMS,
+    ids=[a if a != "EdDSA" else f"{a}-{k}" for a, k in TOKEN_ALGORITHMS],
+)
+async def test_bearer_token_algorithms_and_key_forms(nursery, tmp_path, algorithm, key_type, pem):
+    key = token_service_key(key_type)
+    cert = tmp_path / "token-service.pem"
+    cert.write_bytes(
+        public_key_pem(key) if pem == "public-key" else self_signed_certificate_pem(key)
+    )
+    registry = await start_registry(
+        nursery, make_config(tmp_path, **auth_overrides(tmp_path, (key, cert)))
+    )
+    grant = [{"type": "repository", "name": "team/app", "actions": ["pull", "push"]}]
+
+    good = make_token(key, access=grant, algorithm=algorithm)
+    assert jwt.get_unverified_header(good)["alg"] == algorithm
+    response = await push_as(registry, "team/app", headers={"Authorization": f"Bearer {good}"})
+    assert response.status_code == 201
+
+    forged = make_token(token_service_key(key_type, 1), access=grant, algorithm=algorithm)
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        response = await http.post(
+            "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {forged}"}
+        )
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
 
 
 @pytest.mark.parametrize(("trusted", "expected"), [([], "peer"), (["127.0.0.0/8"], "1.2.3.4")])

@@ -11,12 +11,16 @@ import asyncio
 import base64
 import hashlib
 import json
+import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import nats
 import nkeys
 import pytest
 import trio
@@ -28,7 +32,8 @@ from registry_trio.events.sinks import DELIVERED, Message, Result
 from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from registry_trio.events.sinks.nats import NATSSink
 from tests.conftest import events_config, start_registry
-from tests.nats_server import Received, nats_server, observe
+from tests.nats_server import NATSObserver, Received, nats_server, observe
+from tests.tls_certs import TLSFiles, make_tls_files
 from tests.waiting import eventually
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -627,3 +632,148 @@ async def test_event_over_max_payload_goes_to_dead_letters_and_the_rest_flows(nu
     updates = [i.json()["data"]["digest"] for i in received if i.json()["type"].endswith("updated")]
     assert updates == [small.digest]  # the event after the buried one went out
     assert len(received) == 29
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+class TLSObserver(NATSObserver):
+    """The observer over TLS: trusts the test CA, presents a client certificate if given."""
+
+    def __init__(self, url: str, tls: TLSFiles, *, client_cert: bool = False) -> None:
+        super().__init__(url)
+        self._context = ssl.create_default_context(cafile=str(tls.ca))
+        if client_cert:
+            assert tls.client_cert is not None and tls.client_key is not None
+            self._context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+
+    async def connect(self) -> None:
+        async def connect() -> object:
+            return await nats.connect(self.url, tls=self._context, connect_timeout=5)
+
+        self._nc = await self._thread.run(connect)
+
+
+@asynccontextmanager
+async def observe_tls(url: str, tls: TLSFiles, **options: bool) -> AsyncIterator[TLSObserver]:
+    observer = TLSObserver(url, tls, **options)
+    try:
+        await observer.connect()
+        yield observer
+    finally:
+        with trio.CancelScope(shield=True):
+            await observer.aclose()
+
+
+def tls_server_config(tls: TLSFiles, *, verify_clients: bool = False) -> str:
+    files = f"cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))}"
+    if verify_clients:
+        files += f", ca_file: {json.dumps(str(tls.ca))}, verify: true"
+    return f"tls {{ {files} }}\n"
+
+
+async def sink_statuses(registry) -> dict[str, dict]:
+    # No authentication configured: the admin API answers loopback clients.
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        response = await http.get("/_registry/events/sinks")
+    assert response.status_code == 200, response.text
+    return {status["name"]: status for status in response.json()["sinks"]}
+
+
+async def tls_sinks_settle(
+    registry, observer: NATSObserver, delivering: list[str], failing: list[str]
+) -> dict[str, dict]:
+    """Once each delivering sink has published the 4 events of one push (and the observer has
+    them) and each failing sink has failed at least once: the sinks' statuses."""
+    statuses = await eventually(
+        lambda: sink_statuses(registry),
+        lambda s: (
+            all(s[name]["delivered"] == 4 and s[name]["pending"] == 0 for name in delivering)
+            and all(s[name]["failedAttempts"] >= 1 and s[name]["lastError"] for name in failing)
+        ),
+    )
+
+    def per_sink(got: list[Received]) -> Counter[str]:
+        return Counter(item.subject.removeprefix("events.") for item in got)
+
+    received = await observer.wait_for(
+        lambda got: all(per_sink(got)[name] >= 4 for name in delivering)
+    )
+    assert per_sink(received) == dict.fromkeys(delivering, 4)  # nothing from a failing sink
+    for name in delivering:
+        items = [item for item in received if item.subject == f"events.{name}"]
+        assert [item.event().get_type() for item in items] == expected_types(1), name
+    for name in failing:
+        status = statuses[name]
+        assert (status["delivered"], status["pending"], status["dead"]) == (0, 4, 0), status
+        assert status["lastError"].startswith("cannot reach NATS: "), status
+    return statuses
+
+
+async def test_core_sink_over_tls_trusts_the_ca_file_and_nothing_else(tmp_path):
+    tls = make_tls_files(tmp_path / "tls")
+    async with nats_server(tmp_path / "nats", tls_server_config(tls)) as server:
+        address = f"tls://127.0.0.1:{server.port}"
+        sinks = {
+            # tls:// and the CA file: the server's certificate checks out.
+            "ca-file": {"address": address, "tls": {"caFile": str(tls.ca)}},
+            # The tls option alone is enough: nats:// is upgraded as the server requires.
+            "ca-file-nats-scheme": {"address": server.url, "tls": {"caFile": str(tls.ca)}},
+            "skip-verify": {"address": address, "tls": {"insecureSkipVerify": True}},
+            # The system trust store does not know the test CA.
+            "tls-scheme-no-ca": {"address": address, "timeout": "300ms"},
+            "tls-option-no-ca": {"address": server.url, "tls": {}, "timeout": "300ms"},
+        }
+        config = events_config(
+            tmp_path,
+            *(
+                nats_sink(sink.pop("address"), f"events.{name}", name=name, **sink)
+                for name, sink in sinks.items()
+            ),
+        )
+        async with observe_tls(address, tls) as observer, trio.open_nursery() as serving:
+            await observer.subscribe("events.>")
+            registry = await start_registry(serving, config)
+            await push_all(registry, [("tls/app", "v1", make_image((1024,)))])
+            failing = ["tls-scheme-no-ca", "tls-option-no-ca"]
+            statuses = await tls_sinks_settle(registry, observer, list(sinks)[:3], failing)
+            # Stopped gracefully, while the server is up: cancelled (at the test's end) in the
+            # middle of a failing sink's connect, the sink's asyncio task can ignore the
+            # cancellation, which costs the bridge's CANCEL_GRACE (5 s).
+            registry.shutdown.set()
+
+    for name in failing:
+        assert "CERTIFICATE_VERIFY_FAILED" in statuses[name]["lastError"], statuses[name]
+
+
+async def test_core_sink_presents_its_client_certificate(tmp_path):
+    tls = make_tls_files(tmp_path / "tls", client=True)
+    client = {"certFile": str(tls.client_cert), "keyFile": str(tls.client_key)}
+    server_config = tls_server_config(tls, verify_clients=True)
+    async with nats_server(tmp_path / "nats", server_config) as server:
+        address = f"tls://127.0.0.1:{server.port}"
+        sinks = {
+            "with-cert": {"caFile": str(tls.ca), **client},
+            # Not checking the server is no reason to withhold our certificate from it.
+            "skip-verify-with-cert": {"insecureSkipVerify": True, **client},
+            "without-cert": {"caFile": str(tls.ca)},
+        }
+        config = events_config(
+            tmp_path,
+            *(
+                nats_sink(address, f"events.{name}", name=name, tls=sink_tls, timeout="500ms")
+                for name, sink_tls in sinks.items()
+            ),
+        )
+        observing = observe_tls(address, tls, client_cert=True)
+        async with observing as observer, trio.open_nursery() as serving:
+            await observer.subscribe("events.>")
+            registry = await start_registry(serving, config)
+            await push_all(registry, [("mtls/app", "v1", make_image((1024,)))])
+            statuses = await tls_sinks_settle(
+                registry, observer, ["with-cert", "skip-verify-with-cert"], ["without-cert"]
+            )
+            registry.shutdown.set()  # gracefully, as above
+    # The reason is the server's TLS 1.3 alert "certificate required" or, when the server's
+    # close overtakes it, a reset or broken pipe: only "cannot reach NATS" is certain.
+    assert statuses["without-cert"]["lastError"].startswith("cannot reach NATS: ")
