@@ -326,7 +326,7 @@ TOKEN_ALGORITHMS = [
     ("RS512", "rsa"),
     ("PS256", "rsa"),
     ("PS384", "rsa"),
-    # PS512 is left out: the registry refuses it ("The specified alg value is not allowed").
+    ("PS512", "rsa"),
     ("ES256", "p256"),
     ("ES384", "p384"),
     ("ES512", "p521"),

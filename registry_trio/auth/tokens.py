@@ -15,7 +15,10 @@ from .identity import Identity, Unauthorized
 __all__ = ["TokenVerifier"]
 
 # Asymmetric algorithms only: the registry holds a public key, never a shared secret.
-ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "EdDSA"]
+ALGORITHMS = [
+    *(f"{family}{bits}" for family in ("RS", "ES", "PS") for bits in (256, 384, 512)),
+    "EdDSA",
+]
 
 # Token actions (distribution's vocabulary) -> our access actions.
 _ACTIONS = {
