@@ -38,6 +38,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
+from tests.procs import WatchedProcess
 
 __all__ = ["NATSObserver", "NATSServer", "Received", "nats_server", "observe"]
 
@@ -55,10 +56,13 @@ def _binary() -> str:
     return found
 
 
-class NATSServer:
+class NATSServer(WatchedProcess):
     """One nats-server process at a time on a fixed config, port and store directory."""
 
+    stop_timeout = STOP_TIMEOUT
+
     def __init__(self, directory: Path, nursery: trio.Nursery, extra_config: str = "") -> None:
+        super().__init__(nursery)
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "nats.conf"
@@ -70,78 +74,26 @@ class NATSServer:
             "}\n" + extra_config
         )
         self.port = -1  # random at the first start, then kept
-        self.process: trio.Process | None = None
-        self.output = bytearray()
-        self._mark = 0
-        self._nursery = nursery
-        self._changed = trio.Event()
-        self._drained = trio.Event()
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
     async def start(self) -> str:
-        assert not self.running, "nats-server is already running"
-        self._mark = len(self.output)
-        self._drained = trio.Event()
-        self.process = await trio.lowlevel.open_process(
+        await self._launch(
             [_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            _READY,
+            START_TIMEOUT,
+            stdout=subprocess.DEVNULL,  # it logs to stderr
         )
-        self._nursery.start_soon(self._drain, self.process, self._drained)
-        try:
-            with trio.fail_after(START_TIMEOUT):
-                while not _READY.search(self.output, self._mark):
-                    if self._drained.is_set():
-                        raise AssertionError(f"nats-server exited:\n{self.output.decode()}")
-                    await self._changed.wait()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.kill()
-            raise
         listening = _LISTENING.search(self.output, self._mark)
-        assert listening is not None, self.output.decode()
+        assert listening is not None, self.current_output
         self.port = int(listening[1])
         return self.url
-
-    async def _drain(self, process: trio.Process, drained: trio.Event) -> None:
-        assert process.stderr is not None
-        try:
-            async for chunk in process.stderr:
-                self.output += chunk
-                self._notify()
-        finally:
-            drained.set()
-            self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def kill(self) -> None:
-        """SIGKILL: no shutdown, no final flush; wait until the process is gone."""
-        await self._stop(signal.SIGKILL)
 
     async def stop(self) -> None:
         """SIGTERM (graceful); wait until the process is gone."""
         await self._stop(signal.SIGTERM)
-
-    async def _stop(self, signum: signal.Signals) -> None:
-        process = self.process
-        if process is None:
-            return
-        if process.returncode is None:
-            process.send_signal(signum)
-        with trio.fail_after(STOP_TIMEOUT):
-            await process.wait()
-            await self._drained.wait()
 
 
 @asynccontextmanager

@@ -24,10 +24,11 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
-__all__ = ["ServerProcess", "server_process", "write_config"]
+__all__ = ["ServerProcess", "WatchedProcess", "server_process", "write_config"]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -51,14 +52,18 @@ def write_config(tmp_path: Path, **overrides: object) -> Path:
     return path
 
 
-class ServerProcess:
-    """One ``registry-trio serve`` subprocess at a time on a fixed config file."""
+class WatchedProcess:
+    """One process at a time whose output is drained all the time into ``output``.
 
-    def __init__(self, config: Path, nursery: trio.Nursery, cwd: Path | None = None) -> None:
-        self.config = config
-        self.cwd = cwd or config.parent
+    A chatty process never blocks on a full pipe, a test can wait for a line it prints, and
+    stopping waits until the process is gone and its output is all read. Subclasses say how
+    to start it (:meth:`_launch`) and which line means it is ready.
+    """
+
+    stop_timeout = STOP_TIMEOUT
+
+    def __init__(self, nursery: trio.Nursery) -> None:
         self.process: trio.Process | None = None
-        self.url = ""
         # Everything every process printed, in order; ``_mark`` is where the current one began.
         self.output = bytearray()
         self._mark = 0
@@ -75,34 +80,32 @@ class ServerProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
-    async def start(self, seconds: float = START_TIMEOUT) -> str:
-        """Start a process and wait for its "listening on URL" line; the URL."""
-        assert not self.running, "a server process is already running"
+    async def _launch(
+        self, command: list[str], ready: re.Pattern[bytes], seconds: float, **options: Any
+    ) -> re.Match[bytes]:
+        """Start ``command`` (its output on stdout, or stderr with ``stdout=DEVNULL``) and
+        wait for ``ready``; the match. A process that fails to get there is killed."""
+        assert not self.running, "the process is already running"
         self._mark = len(self.output)
         self._drained = trio.Event()
+        watched = "stderr" if options.get("stdout") == subprocess.DEVNULL else "stdout"
+        options.setdefault("stdout", subprocess.PIPE)
+        options.setdefault("stderr", subprocess.PIPE if watched == "stderr" else subprocess.STDOUT)
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "registry_trio", "serve", "-c", str(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            command, stdin=subprocess.DEVNULL, **options
         )
-        self._nursery.start_soon(self._drain, self.process, self._drained)
+        self._nursery.start_soon(self._drain, getattr(self.process, watched), self._drained)
         try:
-            match = await self.wait_for_output(_LISTENING, seconds)
+            return await self.wait_for_output(ready, seconds)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.kill()
             raise
-        self.url = match[1].decode()
-        return self.url
 
-    async def _drain(self, process: trio.Process, drained: trio.Event) -> None:
-        assert process.stdout is not None
+    async def _drain(self, stream: trio.abc.ReceiveStream, drained: trio.Event) -> None:
         try:
-            async with process.stdout:
-                async for chunk in process.stdout:
+            async with stream:
+                async for chunk in stream:
                     self.output += chunk
                     self._notify()
         finally:
@@ -127,23 +130,17 @@ class ServerProcess:
                     return match
                 if self._drained.is_set():
                     raise AssertionError(
-                        f"server exited ({self.process and self.process.returncode}) before "
+                        f"process exited ({self.process and self.process.returncode}) before "
                         f"printing {regex.pattern!r}:\n{self.current_output}"
                     )
                 await self._changed.wait()
         raise AssertionError(
-            f"no {regex.pattern!r} from the server within {seconds}s:\n{self.current_output}"
+            f"no {regex.pattern!r} from the process within {seconds}s:\n{self.current_output}"
         )
 
     async def kill(self) -> None:
         """``kill -9`` the process and wait until it is gone (and its output drained)."""
         await self._stop(signal.SIGKILL)
-
-    async def terminate(self) -> int:
-        """SIGTERM (graceful shutdown); wait for the process to exit; its exit code."""
-        await self._stop(signal.SIGTERM)
-        assert self.process is not None
-        return self.process.returncode  # type: ignore[return-value]
 
     async def _stop(self, signum: signal.Signals) -> None:
         process = self.process
@@ -151,9 +148,37 @@ class ServerProcess:
             return
         if process.returncode is None:
             process.send_signal(signum)
-        with trio.fail_after(STOP_TIMEOUT):
+        with trio.fail_after(self.stop_timeout):
             await process.wait()
             await self._drained.wait()
+
+
+class ServerProcess(WatchedProcess):
+    """One ``registry-trio serve`` subprocess at a time on a fixed config file."""
+
+    def __init__(self, config: Path, nursery: trio.Nursery, cwd: Path | None = None) -> None:
+        super().__init__(nursery)
+        self.config = config
+        self.cwd = cwd or config.parent
+        self.url = ""
+
+    async def start(self, seconds: float = START_TIMEOUT) -> str:
+        """Start a process and wait for its "listening on URL" line; the URL."""
+        match = await self._launch(
+            [sys.executable, "-m", "registry_trio", "serve", "-c", str(self.config)],
+            _LISTENING,
+            seconds,
+            cwd=self.cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.url = match[1].decode()
+        return self.url
+
+    async def terminate(self) -> int:
+        """SIGTERM (graceful shutdown); wait for the process to exit; its exit code."""
+        await self._stop(signal.SIGTERM)
+        assert self.process is not None
+        return self.process.returncode  # type: ignore[return-value]
 
     async def restart(self) -> str:
         """``kill -9`` the current process, then start a new one on the same config."""
