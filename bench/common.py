@@ -7,6 +7,9 @@ which puts ``bench/`` first on ``sys.path``).
   and the options of the server it may start; scripts that measure only servers they start
   themselves pass ``no_url`` (the reason) and ``--url`` is refused with it.
 * :func:`machine_info` / :func:`print_header` say what the figures were measured on.
+* :class:`ManagedProcess` is the subprocess plumbing every server under test shares (temp
+  root, output drained by a thread, log tail, CPU time, SIGTERM stop); :class:`ServerProcess`
+  and compare.py's ``DistributionProcess`` subclass it.
 * :class:`ServerProcess` starts ``python -m registry_trio serve`` on ``127.0.0.1`` with a
   fresh temporary storage directory, waits (with a deadline) for its ``listening on`` log
   line, drains its log so it can never block on a full pipe, reads its CPU time and memory
@@ -16,6 +19,7 @@ which puts ``bench/`` first on ``sys.path``).
 
 from __future__ import annotations
 
+import abc
 import argparse
 import collections
 import contextlib
@@ -31,9 +35,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import trio
@@ -43,6 +47,7 @@ from registry_trio.client import RegistryClient, make_image
 
 __all__ = [
     "MB",
+    "ManagedProcess",
     "MiB",
     "ServerProcess",
     "base_parser",
@@ -332,7 +337,118 @@ def _clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
+class ManagedProcess(abc.ABC):
+    """A server under test in a subprocess: its temp root, output, CPU time and stop.
+
+    It exists so that every server a script starts (:class:`ServerProcess` here, compare.py's
+    Docker distribution) is run, drained, read and stopped by one piece of code instead of a
+    copy per server. Use as a context manager: it makes a fresh temporary ``root``, calls the
+    subclass's :meth:`_start` (write a config there, :meth:`_spawn_reader`, wait until the
+    server answers), and at the exit (or when the start fails) stops the process with
+    SIGTERM (``kill -9`` after 20 s) and removes ``root``. A reader thread keeps the last
+    lines of the output for :meth:`log_tail`, so the process never blocks on a full pipe.
+    """
+
+    def __init__(
+        self, *, root_prefix: str, data_dir: str | None = None, start_timeout: float = 30.0
+    ) -> None:
+        self._root_prefix = root_prefix
+        self._data_dir = data_dir
+        self._start_timeout = start_timeout
+        self._tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._reader: threading.Thread | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.root: Path | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> Self:
+        self.root = Path(tempfile.mkdtemp(prefix=self._root_prefix, dir=self._data_dir))
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """Write the config in ``root``, start the process, wait until it is ready."""
+
+    def _spawn_reader(self, argv: list[str], thread_name: str) -> None:
+        """Start ``argv`` in ``root``, stdout and stderr into one pipe that a thread drains."""
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
+        self._reader = threading.Thread(
+            target=self._drain, args=(self.proc,), name=thread_name, daemon=True
+        )
+        self._reader.start()
+
+    def _lines(self, proc: subprocess.Popen[bytes]) -> Iterator[str]:
+        """``proc``'s output lines until it ends, each one kept for :meth:`log_tail`."""
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._tail.append(line)
+            yield line
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        """The reader thread: read ``proc``'s output to its end."""
+        for _line in self._lines(proc):
+            pass
+
+    def _not_ready(self, what: str) -> RuntimeError:
+        """The error for a start that failed: ``what`` (did not ...), exit code, log tail."""
+        assert self.proc is not None
+        exit_code = self.proc.poll()
+        return RuntimeError(
+            f"{what} within {self._start_timeout}s"
+            + (f" (exit code {exit_code})" if exit_code is not None else "")
+            + ":\n"
+            + self.log_tail()
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the output (of every process, across restarts)."""
+        return "\n".join(list(self._tail)[-lines:])
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds the server has used so far, all threads."""
+        return cpu_times(self.pid)
+
+    def _reap(self) -> None:
+        """After the process is gone: let the reader finish, close the pipe."""
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reap()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ServerProcess(ManagedProcess):
     """registry-trio in a subprocess, on 127.0.0.1 with an ephemeral port and a temp dir.
 
     Use as a context manager. ``url`` is the base URL it logged; ``pid`` its process id.
@@ -354,7 +470,9 @@ class ServerProcess:
         start_timeout: float = 30.0,
         python: str = sys.executable,
     ) -> None:
-        self._data_dir = data_dir
+        super().__init__(
+            root_prefix="registry-trio-bench-", data_dir=data_dir, start_timeout=start_timeout
+        )
         self._events = events or bool(sinks)
         self._sinks = list(sinks)
         self._http = dict(http or {})
@@ -363,20 +481,9 @@ class ServerProcess:
         # More extensions.events.queue keys (e.g. a JetStream queue's type and address).
         self._queue = dict(queue or {})
         self._log_file = log_file
-        self._start_timeout = start_timeout
         self._python = python
-        self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._listening = threading.Event()
-        self._reader: threading.Thread | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.root: Path | None = None
-        self.url = ""
         self.restarts = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def config(self) -> dict[str, Any]:
         assert self.root is not None
@@ -398,49 +505,30 @@ class ServerProcess:
             }
         return doc
 
-    def __enter__(self) -> ServerProcess:
-        self.root = Path(tempfile.mkdtemp(prefix="registry-trio-bench-", dir=self._data_dir))
-        config_path = self.root / "config.json"
-        config_path.write_text(json.dumps(self.config(), indent=2))
-        try:
-            self._spawn()
-        except BaseException:
-            self._stop()
-            raise
-        return self
+    def _start(self) -> None:
+        assert self.root is not None
+        (self.root / "config.json").write_text(json.dumps(self.config(), indent=2))
+        self._spawn()
 
     def _spawn(self) -> None:
         """Start a process on ``root``'s config and wait for its ``listening on`` line."""
         assert self.root is not None
         self.url = ""
         self._listening = threading.Event()
-        self.proc = subprocess.Popen(
+        self._spawn_reader(
             [self._python, "-m", "registry_trio", "serve", "-c", str(self.root / "config.json")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.root,
+            "server-log",
         )
-        self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
-        self._reader.start()
         # The reader sets the event on the line, or when the output ends (a crash).
         if not self._listening.wait(self._start_timeout) or not self.url:
-            raise RuntimeError(
-                f"registry-trio did not log 'listening on' within {self._start_timeout}s"
-                + (f" (exit code {self.proc.poll()})" if self.proc.poll() is not None else "")
-                + ":\n"
-                + self.log_tail()
-            )
+            raise self._not_ready("registry-trio did not log 'listening on'")
 
     def kill(self) -> None:
         """``kill -9`` the server and wait until it is gone; its directories are kept."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._reap()
         self._tail.append(f"--- killed (SIGKILL), pid {self.proc.pid} ---")
 
     def restart(self) -> str:
@@ -450,19 +538,13 @@ class ServerProcess:
         self._spawn()
         return self.url
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
-
-    def _drain(self) -> None:
-        proc, listening = self.proc, self._listening  # this process's, across restarts
-        assert proc is not None and proc.stdout is not None
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        listening = self._listening  # this process's, across restarts
         # The first process truncates the log file; restarted ones append to it.
         mode = "w" if self.restarts == 0 else "a"
         sink = open(self._log_file, mode) if self._log_file else None  # noqa: SIM115
         try:
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self._tail.append(line)
+            for line in self._lines(proc):
                 if sink:
                     sink.write(line + "\n")
                 if not self.url and (match := re.search(r"listening on (\S+)", line)):
@@ -473,29 +555,7 @@ class ServerProcess:
                 sink.close()
             listening.set()
 
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(list(self._tail)[-lines:])
-
-    def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-
     # -- /proc readings ------------------------------------------------------------------
-
-    def cpu_times(self) -> tuple[float, float]:
-        """(user, system) CPU seconds the server has used so far, all threads."""
-        return cpu_times(self.pid)
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds the server has used so far."""

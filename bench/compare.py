@@ -47,16 +47,12 @@ The servers are always started by the script; --url is not supported.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,9 +60,9 @@ from typing import Any
 import httpx
 import trio
 from common import (
+    ManagedProcess,
     ServerProcess,
     base_parser,
-    cpu_times,
     emit_json,
     machine_info,
     percentiles,
@@ -176,7 +172,7 @@ def distribution_version(binary: str) -> str:
     return (result.stdout or result.stderr).strip()
 
 
-class DistributionProcess:
+class DistributionProcess(ManagedProcess):
     """``docker-registry serve`` on 127.0.0.1, a free port and a temp dir; a context manager."""
 
     def __init__(
@@ -187,20 +183,11 @@ class DistributionProcess:
         data_dir: str | None = None,
         start_timeout: float = 30.0,
     ) -> None:
+        super().__init__(
+            root_prefix="distribution-bench-", data_dir=data_dir, start_timeout=start_timeout
+        )
         self._binary = binary
         self._notify_url = notify_url
-        self._data_dir = data_dir
-        self._start_timeout = start_timeout
-        self._tail: collections.deque[str] = collections.deque(maxlen=60)
-        self._reader: threading.Thread | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.root: Path | None = None
-        self.url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def config(self, port: int) -> dict[str, Any]:
         assert self.root is not None
@@ -228,27 +215,14 @@ class DistributionProcess:
             }
         return doc
 
-    def __enter__(self) -> DistributionProcess:
-        self.root = Path(tempfile.mkdtemp(prefix="distribution-bench-", dir=self._data_dir))
+    def _start(self) -> None:
+        assert self.root is not None
         port = free_port()
         config = self.root / "config.yml"  # JSON is YAML
         config.write_text(json.dumps(self.config(port), indent=2))
-        try:
-            self.proc = subprocess.Popen(
-                [self._binary, "serve", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-            )
-            self._reader = threading.Thread(target=self._drain, name="dist-log", daemon=True)
-            self._reader.start()
-            self.url = f"http://127.0.0.1:{port}"
-            self._wait_ready()
-        except BaseException:
-            self._stop()
-            raise
-        return self
+        self._spawn_reader([self._binary, "serve", str(config)], "dist-log")
+        self.url = f"http://127.0.0.1:{port}"
+        self._wait_ready()
 
     def _wait_ready(self) -> None:
         """Poll ``GET /v2/`` (with a deadline) until it answers; fail if the process exits."""
@@ -263,42 +237,7 @@ class DistributionProcess:
                     return
             time.sleep(pause)  # polling interval while the binary starts, with the deadline
             pause = min(pause * 2, 0.2)
-        exit_code = self.proc.poll()
-        raise RuntimeError(
-            f"docker-registry did not answer on {self.url} within {self._start_timeout}s"
-            + (f" (exit code {exit_code})" if exit_code is not None else "")
-            + ":\n"
-            + self.log_tail()
-        )
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self._tail.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(list(self._tail)[-lines:])
-
-    def cpu_times(self) -> tuple[float, float]:
-        return cpu_times(self.pid)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        raise self._not_ready(f"docker-registry did not answer on {self.url}")
 
 
 # -- one measured run ---------------------------------------------------------------------------
@@ -379,7 +318,11 @@ def wait_for_events(receiver: Receiver, at_least: int, deadline: float) -> tuple
 
 
 def measure(
-    args: argparse.Namespace, target: str, server: Any, receiver: Receiver | None, round_: int
+    args: argparse.Namespace,
+    target: str,
+    server: ManagedProcess,
+    receiver: Receiver | None,
+    round_: int,
 ) -> dict[str, Any]:
     limits = httpx.Limits(
         max_connections=args.concurrency, max_keepalive_connections=args.concurrency
@@ -437,7 +380,7 @@ def run_target(
 ) -> dict[str, Any]:
     notify = target.endswith(("+notify", "+events"))
     if target.startswith("distribution"):
-        server: Any = DistributionProcess(
+        server: ManagedProcess = DistributionProcess(
             args.distribution_binary,
             notify_url=receiver.url if notify else None,
             data_dir=args.data_dir,
