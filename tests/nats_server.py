@@ -24,6 +24,7 @@ import json
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -128,8 +129,9 @@ class Received:
 class NATSObserver:
     """A nats-py client on its own asyncio thread that records what it receives."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url
+        self._tls = tls
         self.received: list[Received] = []
         self._thread = AsyncioThread("nats-observer")
         self._nc: Any = None
@@ -138,7 +140,11 @@ class NATSObserver:
     async def connect(self) -> None:
         async def connect() -> Any:
             return await nats.connect(
-                self.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1, connect_timeout=5
+                self.url,
+                tls=self._tls,
+                reconnect_time_wait=0.1,
+                max_reconnect_attempts=-1,
+                connect_timeout=5,
             )
 
         self._nc = await self._thread.run(connect)
@@ -214,8 +220,8 @@ class NATSObserver:
 
 
 @asynccontextmanager
-async def observe(url: str) -> AsyncIterator[NATSObserver]:
-    observer = NATSObserver(url)
+async def observe(url: str, tls: ssl.SSLContext | None = None) -> AsyncIterator[NATSObserver]:
+    observer = NATSObserver(url, tls)
     try:
         await observer.connect()
         yield observer

@@ -15,12 +15,9 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import nats
 import nkeys
 import pytest
 import trio
@@ -637,32 +634,14 @@ async def test_event_over_max_payload_goes_to_dead_letters_and_the_rest_flows(nu
 # -- TLS --------------------------------------------------------------------------------------
 
 
-class TLSObserver(NATSObserver):
-    """The observer over TLS: trusts the test CA, presents a client certificate if given."""
-
-    def __init__(self, url: str, tls: TLSFiles, *, client_cert: bool = False) -> None:
-        super().__init__(url)
-        self._context = ssl.create_default_context(cafile=str(tls.ca))
-        if client_cert:
-            assert tls.client_cert is not None and tls.client_key is not None
-            self._context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
-
-    async def connect(self) -> None:
-        async def connect() -> object:
-            return await nats.connect(self.url, tls=self._context, connect_timeout=5)
-
-        self._nc = await self._thread.run(connect)
-
-
-@asynccontextmanager
-async def observe_tls(url: str, tls: TLSFiles, **options: bool) -> AsyncIterator[TLSObserver]:
-    observer = TLSObserver(url, tls, **options)
-    try:
-        await observer.connect()
-        yield observer
-    finally:
-        with trio.CancelScope(shield=True):
-            await observer.aclose()
+def observer_tls(tls: TLSFiles, *, client_cert: bool = False) -> ssl.SSLContext:
+    """How the observer connects over TLS: trusts the test CA, presents a client certificate
+    if asked."""
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    if client_cert:
+        assert tls.client_cert is not None and tls.client_key is not None
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+    return context
 
 
 def tls_server_config(tls: TLSFiles, *, verify_clients: bool = False) -> str:
@@ -731,7 +710,7 @@ async def test_core_sink_over_tls_trusts_the_ca_file_and_nothing_else(tmp_path):
                 for name, sink in sinks.items()
             ),
         )
-        async with observe_tls(address, tls) as observer, trio.open_nursery() as serving:
+        async with observe(address, observer_tls(tls)) as observer, trio.open_nursery() as serving:
             await observer.subscribe("events.>")
             registry = await start_registry(serving, config)
             await push_all(registry, [("tls/app", "v1", make_image((1024,)))])
@@ -765,7 +744,7 @@ async def test_core_sink_presents_its_client_certificate(tmp_path):
                 for name, sink_tls in sinks.items()
             ),
         )
-        observing = observe_tls(address, tls, client_cert=True)
+        observing = observe(address, observer_tls(tls, client_cert=True))
         async with observing as observer, trio.open_nursery() as serving:
             await observer.subscribe("events.>")
             registry = await start_registry(serving, config)
