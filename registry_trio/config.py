@@ -407,6 +407,16 @@ class SinkConfig:
         """Whether this sink's format carries several events per request."""
         return self.format in ("cloudevents-batch", "distribution")
 
+    @property
+    def events_per_message(self) -> int:
+        """The most events one request (or NATS message) carries."""
+        return self.batch.max_events if self.batches else 1
+
+    @property
+    def ordered(self) -> bool:
+        """Whether events go out in enqueue order (one delivery loop)."""
+        return self.concurrency == 1
+
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

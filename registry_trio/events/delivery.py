@@ -71,8 +71,8 @@ class SinkWorker:
         self._prefix = type_prefix
         self._stopping = stopping
         self._encode = encoder_for(config.format)
-        self._group = config.batch.max_events if config.batches else 1
-        self._ordered = config.concurrency == 1
+        self._group = config.events_per_message
+        self._ordered = config.ordered
         self._take_limit = take_limit(config)
         self._sink_queue: SinkQueue | None = None
 

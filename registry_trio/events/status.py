@@ -49,13 +49,13 @@ DEAD_PAGE_MAX = 1000
 async def dead_letter_page(
     queue: EventQueue, sink: SinkConfig, limit: int, after: int
 ) -> dict[str, Any]:
-    """One page of a sink's dead letters, as the admin API and the offline CLI both show it.
+    """One page of ``limit`` (1 to DEAD_PAGE_MAX, checked by the callers) of a sink's dead
+    letters, as the admin API and the offline CLI both show it.
 
     ``next`` is the cursor to pass as ``after`` for the next page, and null on the last one:
     one letter more than asked is read to know, so a page that ends exactly at the last
     letter does not promise another.
     """
-    limit = max(1, min(limit, DEAD_PAGE_MAX))
     letters = await queue.dead(str(sink.name), limit + 1, after)
     page = letters[:limit]
     return {

@@ -49,7 +49,7 @@ def take_limit(sink: SinkConfig) -> int:
     """
     if sink.batches:
         return sink.batch.max_events
-    return ORDERED_RUN if sink.concurrency == 1 else 1
+    return ORDERED_RUN if sink.ordered else 1
 
 
 class QueueError(Exception):

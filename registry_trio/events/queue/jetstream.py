@@ -110,8 +110,8 @@ def compare_streams(
     (or by another configuration) may not: memory storage loses everything when the NATS
     server restarts, another retention drops or never drops acknowledged events, subjects
     that miss ours store nothing, limits that discard old messages drop events no sink has
-    seen. Those are *problems* (the queue refuses to start); the
-    duplicate window and the replica count are *edits* (``update_stream`` makes them).
+    seen. Those are *problems* (the queue refuses to start); the duplicate window and the
+    replica count are *edits* (``update_stream`` makes them).
     Only what ``wanted`` sets is compared: for a KV bucket's stream, storage and replicas.
     """
     problems = []
@@ -740,8 +740,8 @@ class JetStreamSinkQueue:
         self._nats = jetstream
         self._subscription = subscription
         self._name = str(sink.name)
-        self._ordered = sink.concurrency == 1
-        self._group = sink.batch.max_events if sink.batches else 1
+        self._ordered = sink.ordered
+        self._group = sink.events_per_message
         self._max_wait = float(sink.batch.max_wait)
         self._take_limit = take_limit(sink)
         self._ack_wait = float(queue.ack_wait)
@@ -932,7 +932,7 @@ class JetStreamSinkQueue:
     async def keep_alive(self) -> None:
         """Every ackWait/3: hold on to the lease (or take it over once it lapsed), and tell
         JetStream that what this instance holds is still being worked on. An instance that
-        dies stops both, and within ackWait another one takes over."""
+        dies stops both; once its lease went ackWait unrenewed, another one takes over."""
         while True:
             if self._ordered:
                 asked = trio.current_time()  # the renewal is no older than this

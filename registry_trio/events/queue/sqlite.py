@@ -417,8 +417,8 @@ class SqliteSinkQueue:
         self._outbox = outbox
         self._reader = reader
         self._name = str(sink.name)
-        self._ordered = sink.concurrency == 1
-        self._group = sink.batch.max_events if sink.batches else 1
+        self._ordered = sink.ordered
+        self._group = sink.events_per_message
         self._max_wait = float(sink.batch.max_wait)
         self._take_limit = take_limit(sink)
         self._stopping = stopping
