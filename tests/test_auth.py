@@ -104,6 +104,23 @@ def auth_overrides(tmp_path, signing_key=None, **http):
     return {"http": {"auth": auth, "accessControl": ACCESS_CONTROL, **http}}
 
 
+def config_with_sink(tmp_path: Path, sink, **overrides: object):
+    """A config with the events extension on and one HTTP sink at ``sink``."""
+    events = {
+        "enable": True,
+        "sinks": [{"type": "http", "address": sink.url}],
+        "queue": {"directory": str(tmp_path / "q")},
+    }
+    return make_config(tmp_path, extensions={"events": events}, **overrides)
+
+
+async def pushed_from(registry, sink, headers: dict[str, str]) -> str:
+    """Push with ``headers``; the ``request.addr`` the manifest event reports."""
+    await push_as(registry, "proxied/app", headers=headers)
+    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
+    return events[-1]["data"]["request"]["addr"]
+
+
 async def push_as(registry, repository, tag="v1", auth=None, headers=None):
     async with httpx.AsyncClient(base_url=registry.url, auth=auth, headers=headers) as http:
         return await RegistryClient(registry.url, client=http).push_image(
@@ -174,17 +191,7 @@ async def test_htpasswd_changes_take_effect_without_a_restart(nursery, tmp_path,
 async def test_policies_groups_and_actor_in_events(nursery, tmp_path, sink):
     registry = await start_registry(
         nursery,
-        make_config(
-            tmp_path,
-            **auth_overrides(tmp_path),
-            extensions={
-                "events": {
-                    "enable": True,
-                    "sinks": [{"type": "http", "address": sink.url}],
-                    "queue": {"directory": str(tmp_path / "q")},
-                }
-            },
-        ),
+        config_with_sink(tmp_path, sink, **auth_overrides(tmp_path)),
     )
     # alice: full rights on team/** -> 201, and the event names her.
     response = await push_as(registry, "team/app", auth=("alice", PASSWORDS["alice"]))
@@ -372,21 +379,9 @@ async def test_forwarded_address_only_from_trusted_proxies(
 ):
     registry = await start_registry(
         nursery,
-        make_config(
-            tmp_path,
-            http={"trustedProxies": trusted},
-            extensions={
-                "events": {
-                    "enable": True,
-                    "sinks": [{"type": "http", "address": sink.url}],
-                    "queue": {"directory": str(tmp_path / "q")},
-                }
-            },
-        ),
+        config_with_sink(tmp_path, sink, http={"trustedProxies": trusted}),
     )
-    await push_as(registry, "spoof/app", headers={"X-Forwarded-For": "9.9.9.9, 1.2.3.4"})
-    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
-    addr = events[-1]["data"]["request"]["addr"]
+    addr = await pushed_from(registry, sink, {"X-Forwarded-For": "9.9.9.9, 1.2.3.4"})
     if expected == "peer":
         assert addr.startswith("127.0.0.1:")
     else:
@@ -608,21 +603,9 @@ async def test_forwarded_header_only_from_trusted_proxies(
 ):
     registry = await start_registry(
         nursery,
-        make_config(
-            tmp_path,
-            http={"trustedProxies": trusted},
-            extensions={
-                "events": {
-                    "enable": True,
-                    "sinks": [{"type": "http", "address": sink.url}],
-                    "queue": {"directory": str(tmp_path / "q")},
-                }
-            },
-        ),
+        config_with_sink(tmp_path, sink, http={"trustedProxies": trusted}),
     )
-    await push_as(registry, "fwd/app", headers={"Forwarded": forwarded})
-    events = await sink.wait_for(lambda evs: any(e["type"].endswith("image.updated") for e in evs))
-    addr = events[-1]["data"]["request"]["addr"]
+    addr = await pushed_from(registry, sink, {"Forwarded": forwarded})
     if expected == "peer":
         assert addr.startswith("127.0.0.1:")
     else:

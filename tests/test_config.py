@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,26 +123,24 @@ def test_errors_name_the_key(doc, key):
     assert str(error.value).startswith(key + ": ")
 
 
-def test_verify_command_reports_the_key(tmp_path):
-    import subprocess
-
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"http": {"port": "eighty"}}))
-    result = subprocess.run(
+def verify(path: Path) -> subprocess.CompletedProcess[str]:
+    """``registry-trio verify -c path``, as an operator runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_verify_command_reports_the_key(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"http": {"port": "eighty"}}))
+    result = verify(path)
     assert result.returncode == 2
     assert "http.port: not a port number: 'eighty'" in result.stderr
     path.write_text(json.dumps({"http": {"port": 5001}}))
-    ok = subprocess.run(
-        [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    ok = verify(path)
     assert ok.returncode == 0 and "configuration is valid" in ok.stdout
 
 
@@ -255,24 +255,15 @@ def test_unknown_keys_wrong_types_and_bad_durations_name_the_key_path(doc, messa
     ids=["unknown-key", "bad-duration", "wrong-type"],
 )
 def test_verify_refuses_a_bad_file_naming_the_key(tmp_path, doc, message):
-    import subprocess
-
     path = tmp_path / "config.json"
     path.write_text(json.dumps(doc))
-    result = subprocess.run(
-        [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = verify(path)
     assert result.returncode == 2, result.stderr
     assert f"registry-trio: configuration error: {message}" in result.stderr
     assert result.stdout == ""
 
 
 def test_verify_accepts_a_full_file(tmp_path):
-    import subprocess
-
     import bcrypt
 
     htpasswd = tmp_path / "htpasswd"
@@ -330,11 +321,6 @@ def test_verify_accepts_a_full_file(tmp_path):
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(doc))
-    result = subprocess.run(
-        [sys.executable, "-m", "registry_trio", "verify", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = verify(path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{path}: configuration is valid"
