@@ -1,52 +1,138 @@
-"""What each request needs: the repository it touches and the access action it takes."""
+"""Who may call a route: each route declares the access it needs, and this module decides.
+
+Authorisation runs on what was routed, never on a re-parsed spelling of the path: the raw
+routes are authorised by the dispatcher with the parameters their pattern matched, the Quart
+routes by a ``before_request`` hook with the rule and the view arguments Werkzeug matched. So a
+path spelled differently (``//v2/...``, ``/v2/a//b/...``) is either routed, and then checked
+for the repository the handler will serve, or not routed at all.
+"""
 
 from __future__ import annotations
 
-import re
+import enum
+import ipaddress
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import Any, TypeVar
 
-__all__ = ["required_access"]
+from ..auth import Identity, Unauthorized
+from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, Registry, header
+from .errors import RegistryError
 
-_REPOSITORY_ROUTE = re.compile(
-    r"^/v2/(?P<name>.+)/(?:manifests/[^/]+|blobs/uploads/?[^/]*|blobs/[^/]+|tags/list"
-    r"|referrers/[^/]+)$"
-)
+__all__ = ["KNOWN_METHODS", "Access", "authorize", "method_label", "repository_action", "requires"]
 
+log = logging.getLogger("registry_trio.api")
 
-_ROUTE_NAMES = [
-    (re.compile(r"^/v2/?$"), "/v2/"),
-    (re.compile(r"^/v2/_catalog$"), "/v2/_catalog"),
-    (re.compile(r"^/v2/.+/blobs/uploads/?$"), "/v2/{name}/blobs/uploads/"),
-    (re.compile(r"^/v2/.+/blobs/uploads/[^/]+$"), "/v2/{name}/blobs/uploads/{id}"),
-    (re.compile(r"^/v2/.+/blobs/[^/]+$"), "/v2/{name}/blobs/{digest}"),
-    (re.compile(r"^/v2/.+/manifests/[^/]+$"), "/v2/{name}/manifests/{reference}"),
-    (re.compile(r"^/v2/.+/tags/list$"), "/v2/{name}/tags/list"),
-    (re.compile(r"^/v2/.+/referrers/[^/]+$"), "/v2/{name}/referrers/{digest}"),
-    (re.compile(r"^/_registry/"), "/_registry/"),
-    (re.compile(r"^/metrics$"), "/metrics"),
-]
+F = TypeVar("F", bound=Callable[..., Any])
 
+# The attribute under which `requires` records a Quart view's access.
+_ACCESS_ATTRIBUTE = "registry_trio_access"
 
-def route_name(path: str) -> str:
-    """The route template of ``path``: a metrics label that does not grow with repositories."""
-    for pattern, name in _ROUTE_NAMES:
-        if pattern.match(path):
-            return name
-    return "other"
+# Methods the API serves; any other method is counted under one metrics label.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 
 
-def required_access(method: str, path: str) -> tuple[str | None, str | None]:
-    """``(repository, action)`` for a repository route, ``(None, None)`` otherwise.
+class Access(enum.Enum):
+    """What a route needs from its caller."""
+
+    #: Anyone (``/metrics``; the catalog, which filters repositories by read access itself).
+    PUBLIC = "public"
+    #: The API root: where clients discover how to log in, so anonymous callers are challenged.
+    LOGIN = "login"
+    #: The route's ``name`` parameter, with the action its method takes.
+    REPOSITORY = "repository"
+    #: ``adminPolicy`` users; without authentication, loopback clients only.
+    ADMIN = "admin"
+
+
+def requires(access: Access) -> Callable[[F], F]:
+    """Declare the access a Quart view needs; a view without one is refused at start-up."""
+
+    def declare(view: F) -> F:
+        setattr(view, _ACCESS_ATTRIBUTE, access)
+        return view
+
+    return declare
+
+
+def declared_access(view: Callable[..., Any]) -> Access | None:
+    return getattr(view, _ACCESS_ATTRIBUTE, None)
+
+
+def repository_action(method: str) -> str:
+    """The access action a repository request takes.
 
     Pushing content needs ``create``; replacing an existing tag additionally needs
     ``update``, which the manifest handler checks once it knows the tag exists.
     """
-    match = _REPOSITORY_ROUTE.match(path)
-    if match is None:
-        return None, None
     if method in ("GET", "HEAD"):
-        action = "read"
-    elif method == "DELETE":
-        action = "delete"
+        return "read"
+    if method == "DELETE":
+        return "delete"
+    return "create"
+
+
+def method_label(method: str) -> str:
+    """``method`` as a metrics label: a client cannot invent new label values."""
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+async def authorize(
+    registry: Registry,
+    scope: MutableMapping[str, Any],
+    access: Access,
+    repository: str | None = None,
+) -> None:
+    """Authenticate the caller and refuse what ``access`` does not let them do.
+
+    Anonymous callers that need to log in get 401 with a challenge naming the scope; known
+    callers without the right get 403. The identity is stored in ``scope`` for the handler,
+    events and the access log.
+    """
+    auth = registry.auth
+    action = repository_action(scope["method"]) if access is Access.REPOSITORY else None
+    try:
+        who = await auth.authenticate(header(scope, b"authorization"))
+    except Unauthorized as exc:
+        log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
+        raise _unauthorized(registry, repository, action, str(exc)) from None
+    scope[IDENTITY_KEY] = who
+    if access is Access.ADMIN:
+        _authorize_admin(registry, scope, who)
+    elif not auth.enabled or access is Access.PUBLIC:
+        return
+    elif access is Access.LOGIN:
+        # `docker login` checks credentials here; anonymous pulls still work where
+        # anonymousPolicy allows them, as in distribution.
+        if who.anonymous:
+            raise _unauthorized(registry, None, None, "authentication required")
     else:
-        action = "create"
-    return match["name"], action
+        assert repository is not None and action is not None
+        if action in auth.policy.allowed(who, repository):
+            return
+        if who.anonymous:
+            raise _unauthorized(registry, repository, action, "authentication required")
+        raise RegistryError(
+            "DENIED", 403, f"{who.name} may not {action} in repository {repository}"
+        )
+
+
+def _authorize_admin(registry: Registry, scope: MutableMapping[str, Any], who: Identity) -> None:
+    auth = registry.auth
+    if auth.enabled:
+        if who.anonymous:
+            raise _unauthorized(registry, None, None, "the admin API needs an admin login")
+        if not auth.policy.is_admin(who):
+            raise RegistryError("DENIED", 403, f"{who.name} is not an administrator")
+        return
+    # No authentication configured: the admin API answers the local machine only.
+    client = scope.get("client")
+    if client is None or not ipaddress.ip_address(client[0]).is_loopback:
+        raise RegistryError("DENIED", 403, "the admin API is only served on loopback")
+
+
+def _unauthorized(
+    registry: Registry, repository: str | None, action: str | None, why: str
+) -> RegistryError:
+    challenge = registry.auth.challenge(repository, action)
+    return RegistryError("UNAUTHORIZED", 401, why, headers=(("WWW-Authenticate", challenge),))

@@ -1,6 +1,6 @@
 """The operator's API under ``/_registry/``: sink status, dead letters and replay.
 
-Who may call it is decided by the dispatcher: ``adminPolicy`` users when authentication is
+Every route requires :attr:`Access.ADMIN`: ``adminPolicy`` users when authentication is
 configured, otherwise only clients on the loopback interface.
 """
 
@@ -12,6 +12,7 @@ from ..config import SinkConfig
 from ..events.delivery import Delivery
 from ..events.queue import EventQueue
 from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
+from .access import Access, requires
 from .context import Registry
 from .errors import RegistryError
 from .quart_app import current_registry
@@ -39,6 +40,7 @@ def _sink(registry: Registry, name: str | None) -> SinkConfig:
 
 
 @blueprint.route("/_registry/events/sinks", methods=["GET"])
+@requires(Access.ADMIN)
 async def sinks() -> Response:
     registry = current_registry()
     queue, delivery = _events(registry)
@@ -58,6 +60,7 @@ def _int_arg(name: str, default: int) -> int:
 
 
 @blueprint.route("/_registry/events/dead", methods=["GET"])
+@requires(Access.ADMIN)
 async def dead() -> Response:
     registry = current_registry()
     queue, _ = _events(registry)
@@ -69,6 +72,7 @@ async def dead() -> Response:
 
 
 @blueprint.route("/_registry/events/dead/replay", methods=["POST"])
+@requires(Access.ADMIN)
 async def replay() -> Response:
     registry = current_registry()
     queue, _ = _events(registry)

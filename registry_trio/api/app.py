@@ -2,12 +2,13 @@
 
 Every request gets an ``X-Request-Id`` (the id events carry as ``request.id``) and the
 ``Docker-Distribution-API-Version`` header here, once, whichever half then serves it: the
-raw routes (:mod:`.blobs`, :mod:`.manifests`) or Quart (everything else).
+raw routes (:mod:`.blobs`, :mod:`.manifests`) or Quart (everything else). Who may call a
+route is decided by :mod:`.access` for what was routed: here for a raw route, in Quart's
+``before_request`` for the rest.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 import uuid
@@ -17,16 +18,9 @@ from typing import Any
 import trio
 
 from .. import oci
-from ..auth import Identity, Unauthorized
 from . import blobs, manifests
-from .access import required_access, route_name
-from .context import (
-    CLIENT_ADDR_KEY,
-    IDENTITY_KEY,
-    REQUEST_ID_KEY,
-    Registry,
-    identity,
-)
+from .access import KNOWN_METHODS, Access, authorize, method_label
+from .context import CLIENT_ADDR_KEY, REQUEST_ID_KEY, ROUTE_KEY, Registry, header, identity
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
 from .raw import ClientDisconnected, RawRequest, Routes, match_route
@@ -144,7 +138,8 @@ class RegistryApp:
     def _log_access(self, scope: Scope, state: dict[str, int], seconds: float) -> None:
         rid, addr = scope[REQUEST_ID_KEY], scope.get(CLIENT_ADDR_KEY, "")
         name = identity(scope).name
-        method, path = scope["method"], scope["path"]
+        # A client chooses the method and the path: neither may make the line unbounded.
+        method, path = scope["method"][:32], scope["path"][:2048]
         status, received, sent = state["status"], state["received"], state["sent"]
         if access_log.isEnabledFor(logging.INFO):
             # What access_log.info() does, less the search of the stack for the caller's
@@ -171,75 +166,34 @@ class RegistryApp:
             )
             access_log.handle(record)
         self.registry.metrics.observe_request(
-            route_name(path), method, status, received, sent, seconds
+            scope.get(ROUTE_KEY, "other"), method_label(method), status, received, sent, seconds
         )
-
-    async def _authorize(self, scope: Scope) -> None:
-        """Resolve the client address and identity, and refuse what the caller may not do.
-
-        Runs before any handler, so no route can forget it: anonymous callers that need to
-        log in get 401 with a challenge naming the scope; known callers without the right
-        get 403.
-        """
-        auth = self.registry.auth
-        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        scope[CLIENT_ADDR_KEY] = auth.proxies.client_address(
-            scope.get("client"), headers.get(b"x-forwarded-for"), headers.get(b"forwarded")
-        )
-        repository, action = required_access(scope["method"], scope["path"])
-        try:
-            who = await auth.authenticate(headers.get(b"authorization"))
-        except Unauthorized as exc:
-            log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
-            raise self._unauthorized(repository, action, str(exc)) from None
-        scope[IDENTITY_KEY] = who
-        if scope["path"].startswith("/_registry/"):
-            self._authorize_admin(scope, who)
-            return
-        if not auth.enabled:
-            return
-        if repository is None:
-            # The API root is where clients discover how to log in (and `docker login` checks
-            # credentials), so it always challenges anonymous callers, as distribution does;
-            # anonymous pulls still work where anonymousPolicy allows them.
-            if scope["path"] in ("/v2", "/v2/") and who.anonymous:
-                raise self._unauthorized(None, None, "authentication required")
-            return
-        if action in auth.policy.allowed(who, repository):
-            return
-        if who.anonymous:
-            raise self._unauthorized(repository, action, "authentication required")
-        raise RegistryError(
-            "DENIED", 403, f"{who.name} may not {action} in repository {repository}"
-        )
-
-    def _authorize_admin(self, scope: Scope, who: Identity) -> None:
-        auth = self.registry.auth
-        if auth.enabled:
-            if who.anonymous:
-                raise self._unauthorized(None, None, "the admin API needs an admin login")
-            if not auth.policy.is_admin(who):
-                raise RegistryError("DENIED", 403, f"{who.name} is not an administrator")
-            return
-        # No authentication configured: the admin API answers the local machine only.
-        client = scope.get("client")
-        if client is None or not ipaddress.ip_address(client[0]).is_loopback:
-            raise RegistryError("DENIED", 403, "the admin API is only served on loopback")
-
-    def _unauthorized(self, repository: str | None, action: str | None, why: str) -> RegistryError:
-        challenge = self.registry.auth.challenge(repository, action)
-        return RegistryError("UNAUTHORIZED", 401, why, headers=(("WWW-Authenticate", challenge),))
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._authorize(scope)
-        route = match_route(_RAW_ROUTES, scope["path"], scope["method"])
-        if route is None:
+        # Resolved before routing: even a request that is refused is logged with its address.
+        scope[CLIENT_ADDR_KEY] = self.registry.auth.proxies.client_address(
+            scope.get("client"),
+            header(scope, b"x-forwarded-for") or None,
+            header(scope, b"forwarded") or None,
+        )
+        if scope["method"] not in KNOWN_METHODS:
+            # One answer for every route, before any of them (or a metrics label) sees it.
+            raise RegistryError(
+                "UNSUPPORTED", 501, f"method {scope['method'][:32]!r} is not implemented"
+            )
+        matched = match_route(_RAW_ROUTES, scope["path"], scope["method"])
+        if matched is None:
+            # Quart authorises what Werkzeug routes (see quart_app.authorize_route).
             scope[QUART_READS_KEY] = True
             await self.quart(scope, receive, send)
             return
-        handler, params = route
+        route, params = matched
+        scope[ROUTE_KEY] = route.template
+        await authorize(self.registry, scope, Access.REPOSITORY, params["name"])
         name = oci.validate_name(params.pop("name"))
-        await handler(RawRequest(self.registry, scope, receive, send, name, params))
+        await route.handlers[scope["method"]](
+            RawRequest(self.registry, scope, receive, send, name, params)
+        )
 
 
 def _body_left(scope: Scope, received: int, body_done: trio.Event) -> int:

@@ -22,7 +22,7 @@ from ..events import Action, Target
 from ..storage import FilesystemStorage, UploadWriter
 from .context import identity
 from .errors import RegistryError
-from .raw import RawRequest, Routes
+from .raw import RawRequest, RawRoute, Routes
 
 __all__ = ["IO_CHUNK", "ROUTES"]
 
@@ -242,26 +242,26 @@ async def start_upload(req: RawRequest) -> None:
 
 
 async def patch_upload(req: RawRequest) -> None:
-    upload_id = req.params["upload_id"]
+    upload_id = req.params["id"]
     offset = await _append(req, upload_id, req.header("content-range"))
     await req.respond(202, _upload_headers(req.name, upload_id, offset))
 
 
 async def put_upload(req: RawRequest) -> None:
-    upload_id = req.params["upload_id"]
+    upload_id = req.params["id"]
     digest = _digest_param(req.query("digest"))
     size = await _append(req, upload_id, req.header("content-range"), digest)
     await _pushed(req, digest, size)
 
 
 async def upload_status(req: RawRequest) -> None:
-    upload_id = req.params["upload_id"]
+    upload_id = req.params["id"]
     offset = await req.registry.io(req.registry.storage.upload_offset, req.name, upload_id)
     await req.respond(204, _upload_headers(req.name, upload_id, offset))
 
 
 async def cancel_upload(req: RawRequest) -> None:
-    upload_id = req.params["upload_id"]
+    upload_id = req.params["id"]
     await req.registry.io(req.registry.storage.cancel_upload, req.name, upload_id)
     await req.respond(204)
 
@@ -358,13 +358,12 @@ async def delete_blob(req: RawRequest) -> None:
 
 
 ROUTES: Routes = [
-    (re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/?$"), {"POST": start_upload}),
-    (
-        re.compile(r"^/v2/(?P<name>.+)/blobs/uploads/(?P<upload_id>[^/]+)$"),
+    RawRoute("/v2/{name}/blobs/uploads/", {"POST": start_upload}),
+    RawRoute(
+        "/v2/{name}/blobs/uploads/{id}",
         {"PATCH": patch_upload, "PUT": put_upload, "GET": upload_status, "DELETE": cancel_upload},
     ),
-    (
-        re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)$"),
-        {"GET": get_blob, "HEAD": get_blob, "DELETE": delete_blob},
+    RawRoute(
+        "/v2/{name}/blobs/{digest}", {"GET": get_blob, "HEAD": get_blob, "DELETE": delete_blob}
     ),
 ]

@@ -17,7 +17,7 @@ from ..events.queue import EventQueue
 from ..metrics import Metrics
 from ..storage import FilesystemStorage
 
-__all__ = ["REQUEST_ID_KEY", "Registry", "identity", "request_id", "request_info"]
+__all__ = ["REQUEST_ID_KEY", "Registry", "header", "identity", "request_id", "request_info"]
 
 T = TypeVar("T")
 
@@ -25,6 +25,8 @@ T = TypeVar("T")
 REQUEST_ID_KEY = "registry_trio.request_id"
 IDENTITY_KEY = "registry_trio.identity"
 CLIENT_ADDR_KEY = "registry_trio.client_addr"
+# The template of the route that served the request: its metrics label.
+ROUTE_KEY = "registry_trio.route"
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:
@@ -35,11 +37,14 @@ def identity(scope: MutableMapping[str, Any]) -> Identity:
     return scope.get(IDENTITY_KEY, ANONYMOUS)
 
 
-def _header(scope: MutableMapping[str, Any], name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""
+def header(scope: MutableMapping[str, Any], name: bytes) -> str:
+    """The request header ``name`` (lower-case), or ``""`` when the request has none.
+
+    Repeated lines are joined with commas, which HTTP defines as the same field (RFC 9110
+    5.3): a proxy that adds its own ``X-Forwarded-For`` line after the client's is read whole.
+    """
+    values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name]
+    return ", ".join(values)
 
 
 def request_info(scope: MutableMapping[str, Any]) -> RequestInfo:
@@ -51,9 +56,9 @@ def request_info(scope: MutableMapping[str, Any]) -> RequestInfo:
     return RequestInfo(
         id=request_id(scope),
         addr=scope.get(CLIENT_ADDR_KEY, ""),
-        host=_header(scope, b"host"),
+        host=header(scope, b"host"),
         method=scope["method"],
-        useragent=_header(scope, b"user-agent"),
+        useragent=header(scope, b"user-agent"),
     )
 
 
@@ -97,5 +102,5 @@ class Registry:
 
     def url(self, scope: MutableMapping[str, Any], path: str) -> str:
         """An absolute URL for ``path`` as the client addressed this registry."""
-        host = _header(scope, b"host") or self.source.addr
+        host = header(scope, b"host") or self.source.addr
         return f"{scope.get('scheme', 'http')}://{host}{path}"

@@ -9,6 +9,7 @@ from quart import Blueprint, Response, request
 
 from .. import oci
 from ..metrics import CONTENT_TYPE
+from .access import Access, requires
 from .context import identity
 from .errors import RegistryError
 from .quart_app import current_registry
@@ -19,12 +20,14 @@ blueprint = Blueprint("listing", __name__)
 
 
 @blueprint.route("/metrics", methods=["GET"])
+@requires(Access.PUBLIC)
 async def metrics() -> Response:
     body = await current_registry().metrics.render()
     return Response(body, 200, {"Content-Type": CONTENT_TYPE})
 
 
-@blueprint.route("/v2/", methods=["GET", "HEAD"])
+@blueprint.route("/v2/", methods=["GET", "HEAD"], strict_slashes=False)
+@requires(Access.LOGIN)
 async def base() -> Response:
     return Response(b"{}", 200, {"Content-Type": "application/json"})
 
@@ -53,6 +56,7 @@ def _paginate(items: list[str], path: str, key: str, extra: dict[str, str]) -> R
 
 
 @blueprint.route("/v2/<path:name>/tags/list", methods=["GET"])
+@requires(Access.REPOSITORY)
 async def tags(name: str) -> Response:
     registry = current_registry()
     oci.validate_name(name)
@@ -61,6 +65,7 @@ async def tags(name: str) -> Response:
 
 
 @blueprint.route("/v2/_catalog", methods=["GET"])
+@requires(Access.PUBLIC)
 async def catalog() -> Response:
     registry = current_registry()
     names = await registry.io(registry.storage.list_repositories)

@@ -7,17 +7,17 @@ refused with 413 once it passes the limit (declared or chunked).
 from __future__ import annotations
 
 import json
-import re
 
 from quart import Blueprint, Response, request
 
 from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
+from .access import Access, requires
 from .context import Registry, identity
 from .errors import RegistryError
 from .quart_app import current_registry
-from .raw import RawRequest, Routes
+from .raw import RawRequest, RawRoute, Routes
 
 __all__ = ["ROUTES", "blueprint"]
 
@@ -159,14 +159,15 @@ async def delete_manifest(req: RawRequest) -> None:
 
 
 ROUTES: Routes = [
-    (
-        re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$"),
+    RawRoute(
+        "/v2/{name}/manifests/{reference}",
         {"GET": get_manifest, "HEAD": get_manifest, "PUT": put_manifest, "DELETE": delete_manifest},
     ),
 ]
 
 
 @blueprint.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
+@requires(Access.REPOSITORY)
 async def referrers(name: str, digest: str) -> Response:
     registry = current_registry()
     oci.validate_name(name)

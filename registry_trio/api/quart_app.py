@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import cast
 
-from quart import Response, current_app
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
-from .context import Registry
+from .access import authorize, declared_access
+from .context import ROUTE_KEY, Registry
 from .errors import RegistryError, error_response, to_registry_error
 
 __all__ = ["create_quart_app", "current_registry"]
@@ -34,16 +36,44 @@ def _http_error(exc: HTTPException) -> RegistryError:
     return RegistryError("UNSUPPORTED", status, exc.description or "request not supported")
 
 
+def _metrics_label(rule: str) -> str:
+    """``/v2/<path:name>/tags/list`` -> ``/v2/{name}/tags/list``, as the raw routes are named."""
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
+
+
 def create_quart_app(registry: Registry) -> QuartTrio:
     from . import admin, listing, manifests
 
-    app = QuartTrio("registry_trio")
+    app = QuartTrio("registry_trio", static_folder=None)
+    # One spelling per route: Werkzeug would otherwise redirect or route `/v2/a/tags//list`
+    # as `/v2/a/tags/list`, a path the raw routes, the access log and the metrics never see.
+    app.url_map.merge_slashes = False
     # Quart rejects a larger Content-Length up front; handlers also count chunked bodies.
     app.config["MAX_CONTENT_LENGTH"] = registry.config.http.max_manifest_size
     app.extensions[_EXTENSION_KEY] = registry
     app.register_blueprint(listing.blueprint)
     app.register_blueprint(manifests.blueprint)
     app.register_blueprint(admin.blueprint)
+    for rule in app.url_map.iter_rules():
+        if declared_access(app.view_functions[rule.endpoint]) is None:
+            raise RuntimeError(f"route {rule.rule} declares no access (api.access.requires)")
+
+    @app.before_request
+    async def authorize_route() -> None:
+        """Authorise the rule Werkzeug matched, for the view arguments the view will get."""
+        if request.scope["path"].startswith("//"):
+            # Werkzeug strips leading slashes before matching; the raw routes do not, and
+            # neither does anything else that reads the path. Such a path is routed nowhere.
+            raise NotFound()
+        rule = request.url_rule
+        if rule is None:
+            return  # not routed (404, 405): Quart answers it and no view runs
+        view = app.view_functions[rule.endpoint]
+        access = declared_access(view)
+        assert access is not None  # checked for every rule above
+        request.scope[ROUTE_KEY] = _metrics_label(rule.rule)
+        name = (request.view_args or {}).get("name")
+        await authorize(registry, request.scope, access, name)
 
     @app.errorhandler(Exception)
     async def render_error(exc: Exception) -> Response:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 from .context import Registry
 from .errors import RegistryError
 
-__all__ = ["ClientDisconnected", "Handler", "RawRequest", "Routes", "match_route"]
+__all__ = ["ClientDisconnected", "Handler", "RawRequest", "RawRoute", "Routes", "match_route"]
 
 
 class ClientDisconnected(Exception):
@@ -87,26 +87,44 @@ class RawRequest:
 
 
 Handler = Callable[[RawRequest], Awaitable[None]]
-Routes = list[tuple[re.Pattern[str], dict[str, Handler]]]
 
 
-def match_route(routes: Routes, path: str, method: str) -> tuple[Handler, dict[str, str]] | None:
-    """The raw handler for ``path``, or None to let Quart serve the request.
+class RawRoute:
+    """One raw route: a path template, the handler per method.
+
+    The template is the route's whole description: its pattern (``{name}`` is a repository
+    name, which may hold slashes; any other ``{param}`` is one path segment; a trailing slash
+    is optional, as clients differ) and its label in the metrics. Every raw route serves a
+    repository, authorised for its ``name`` parameter.
+    """
+
+    def __init__(self, template: str, handlers: dict[str, Handler]) -> None:
+        self.template = template
+        self.handlers = handlers
+        pattern = re.escape(template).replace(r"\{name\}", "(?P<name>.+)")
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", pattern)
+        self.pattern = re.compile(f"^{pattern}?$" if pattern.endswith("/") else f"^{pattern}$")
+
+
+Routes = list[RawRoute]
+
+
+def match_route(routes: Routes, path: str, method: str) -> tuple[RawRoute, dict[str, str]] | None:
+    """The raw route for ``path`` and its parameters, or None to let Quart serve the request.
 
     A known path with a method it does not take answers 405 rather than falling through.
     """
-    for pattern, methods in routes:
-        match = pattern.match(path)
+    for route in routes:
+        match = route.pattern.match(path)
         if match is None:
             continue
-        params = match.groupdict()
-        handler = methods.get(method)
-        if handler is None:
+        if method not in route.handlers:
+            methods = ", ".join(route.handlers)
             raise RegistryError(
                 "UNSUPPORTED",
                 405,
-                f"{method} is not supported here; use {', '.join(methods)}",
-                headers=(("Allow", ", ".join(methods)),),
+                f"this endpoint takes {methods}",
+                headers=(("Allow", methods),),
             )
-        return handler, params
+        return route, match.groupdict()
     return None
