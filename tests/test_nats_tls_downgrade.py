@@ -18,10 +18,11 @@ import pytest
 import trio
 
 from registry_trio.client import make_image
+from registry_trio.config import ConfigError
 from registry_trio.events.queue import QueueError, running_queue
 from registry_trio.events.sinks import DELIVERED, Message, Result
 from registry_trio.events.sinks.nats import NATSSink
-from tests.conftest import events_config, start_registry
+from tests.conftest import events_config, make_config, start_registry
 from tests.nats_server import nats_server
 from tests.tcp_proxy import tcp_proxy
 from tests.test_nats import nats_sink, push_all, sink_config, sink_statuses, tls_server_config
@@ -31,7 +32,10 @@ from tests.waiting import eventually
 PASSWORD = "plain-pw-31"
 TOKEN = "plain-tok-47"
 ADDRESS_PASSWORD = "plain-addr-59"
+SECRETS = (PASSWORD, TOKEN, ADDRESS_PASSWORD)
 REFUSAL = "does not require TLS; refusing to send credentials or events in plain text"
+# The first byte of a TLS record carrying a handshake message (here: the ClientHello).
+TLS_HANDSHAKE = 0x16
 
 
 class PlainNATS:
@@ -102,6 +106,7 @@ async def test_nats_sinks_with_tls_send_nothing_to_a_server_without_it(nursery, 
         ),
         "client-cert": ("nats://{host}", {**ca, "certFile": cert, "keyFile": key}, {}),
         "empty-tls-block": ("nats://{host}", {}, token),
+        "handshake-first": ("tls://{host}", {**ca, "handshakeFirst": True}, token),
     }
     servers = {name: await plain_nats(nursery) for name in [*refusing, "no-tls"]}
     sinks = []
@@ -131,8 +136,13 @@ async def test_nats_sinks_with_tls_send_nothing_to_a_server_without_it(nursery, 
         assert (status["delivered"], status["pending"], status["dead"]) == (0, 4, 0), status
         assert status["lastError"].startswith("cannot reach NATS: "), status
         assert server.connections, name
-        assert server.received == b"", (name, bytes(server.received[:200]))
-        assert f"server at 127.0.0.1:{server.port} {REFUSAL}" in status["lastError"], status
+        if name == "handshake-first":
+            # TLS from the first byte: a ClientHello, which the plain server cannot answer.
+            assert all(data[0] == TLS_HANDSHAKE for data in server.connections if data), name
+            assert not [s for s in SECRETS if s.encode() in server.received], name
+        else:
+            assert server.received == b"", (name, bytes(server.received[:200]))
+            assert f"server at 127.0.0.1:{server.port} {REFUSAL}" in status["lastError"], status
 
 
 async def test_sink_refuses_plain_text_on_reconnection(tmp_path):
@@ -198,3 +208,44 @@ async def test_jetstream_queue_with_tls_sends_nothing_to_a_server_without_it(tmp
     assert server.received == b""
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"NATS server at {where} {REFUSAL}" in warnings
+
+
+async def test_handshake_first_reaches_a_server_that_wants_tls_first(tmp_path):
+    tls = make_tls_files(tmp_path / "tls")
+    files = f"cert_file: {json.dumps(str(tls.cert))}, key_file: {json.dumps(str(tls.key))}"
+    server_config = (
+        f'tls {{ {files}, handshake_first: true }}\nauthorization {{ token: "{TOKEN}" }}\n'
+    )
+    message = Message({}, b"{}", "evt-1")
+    async with nats_server(tmp_path / "nats", server_config) as server:
+        address = f"tls://127.0.0.1:{server.port}"
+        first = {"tls": {"caFile": str(tls.ca), "handshakeFirst": True}}
+        credentials = {"credentials": {"token": TOKEN}}
+        sink = NATSSink(sink_config(tmp_path, address, **first, **credentials))
+        # The server really wants TLS first: a client waiting for its INFO gets nothing.
+        info_first = {"tls": {"caFile": str(tls.ca)}, "timeout": "300ms"}
+        waiting = NATSSink(sink_config(tmp_path, address, **info_first, **credentials))
+        try:
+            assert await sink.send([message]) == (1, DELIVERED)
+            sent, outcome = await waiting.send([message])
+            assert (sent, outcome.result) == (0, Result.RETRY)
+        finally:
+            await sink.aclose()
+            await waiting.aclose()
+        queue = {
+            "type": "jetstream",
+            "address": address,
+            "directory": str(tmp_path / "queue_data"),
+            **first,
+            **credentials,
+        }
+        async with running_queue(events_config(tmp_path, queue=queue).extensions.events) as q:
+            assert q.instance_id  # opened: connected, streams and consumers in place
+
+
+def test_handshake_first_is_for_nats_only(tmp_path):
+    sink = {"type": "http", "address": "https://example.test", "tls": {"handshakeFirst": True}}
+    with pytest.raises(ConfigError) as err:
+        make_config(tmp_path, extensions={"events": {"enable": True, "sinks": [sink]}})
+    assert err.value.path == "extensions.events.sinks[0].tls.handshakeFirst"
+    assert "only NATS" in err.value.reason

@@ -108,6 +108,9 @@ def connect_options(config: NATSEndpoint, name: str) -> dict[str, Any]:
     tls = _tls_context(config)
     if tls is not None:
         options["tls"] = tls
+    if config.tls is not None and config.tls.handshake_first:
+        # TLS before the server's INFO: for a server with `handshake_first` (nats-server 2.10.4+).
+        options["tls_handshake_first"] = True
     creds = config.credentials
     if creds is not None:
         if creds.username is not None:
