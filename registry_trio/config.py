@@ -265,6 +265,8 @@ class TLSConfig:
     cert_file: str | None = None
     key_file: str | None = None
     insecure_skip_verify: bool = False
+    # NATS only: TLS before the server's INFO, for a server configured with `handshake_first`.
+    handshake_first: bool = False
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -370,6 +372,10 @@ class SinkConfig:
             for key, value in (("channel", self.channel), ("mode", self.mode)):
                 if value is not None:
                     raise ConfigError(key, "only nats sinks take this key")
+            if self.tls is not None and self.tls.handshake_first:
+                raise ConfigError(
+                    "tls.handshakeFirst", "only NATS sinks and the JetStream queue take this key"
+                )
         elif self.type == "nats":
             if not self.address.startswith(("nats://", "tls://")):
                 raise ConfigError(

@@ -54,7 +54,7 @@ from nats.js import api
 from ...config import QueueConfig, SinkConfig, redact_address
 from ..failures import describe_failure, secrets
 from ..model import Event
-from ..natsconn import connect_options
+from ..natsconn import connect_options, new_client
 from ..sinks._asyncio_bridge import AsyncioThread
 from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
 
@@ -227,7 +227,7 @@ class _JetStream:
         log.info("jetstream queue: reconnected")
 
     async def open(self) -> None:
-        nc = Client()
+        nc = new_client(self._config)
         await nc.connect(
             **connect_options(self._config, "registry-trio event queue"),
             error_cb=self._on_error,
@@ -606,8 +606,10 @@ class JetStreamQueue:
                     await self._thread.run(jetstream.open)
             except trio.TooSlowError as exc:
                 seconds = OPEN_TIMEOUTS * float(self._config.timeout)
-                why = f" ({jetstream.last_error})" if jetstream.last_error else ""
-                message = f"cannot open {where}: no answer within {seconds:g}s{why}"
+                if jetstream.last_error:
+                    message = f"cannot open {where} within {seconds:g}s: {jetstream.last_error}"
+                else:
+                    message = f"cannot open {where}: no answer within {seconds:g}s"
                 raise QueueError(message) from exc
             except QueueError as exc:  # an existing stream that cannot hold the queue
                 raise QueueError(f"cannot open {where}: {exc}") from exc

@@ -41,7 +41,7 @@ from nats.aio.client import Client
 
 from ...config import SinkConfig
 from ..failures import describe_failure, secrets
-from ..natsconn import connect_options
+from ..natsconn import connect_options, new_client
 from . import DELIVERED, Message, Outcome, Result
 from ._asyncio_bridge import AsyncioThread
 
@@ -65,6 +65,7 @@ class _Publisher:
         self._jetstream = config.mode == "jetstream"
         self._timeout = float(config.timeout)
         self._secrets = secrets
+        self._config = config
         self._options = connect_options(config, f"registry-trio sink {config.name}")
         self._options["reconnect_time_wait"] = RECONNECT_WAIT
         self._nc: Client | None = None
@@ -119,7 +120,7 @@ class _Publisher:
             if self._nc is None or self._nc.is_closed:
                 self._nc = None
                 self._last_error = self._server_error = ""
-                nc = Client()
+                nc = new_client(self._config)
                 try:
                     await nc.connect(
                         **self._options,
