@@ -12,6 +12,7 @@ import trio
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import OutboxReader
 from tests.conftest import events_config, make_config, start_registry
+from tests.test_gc import age
 from tests.waiting import eventually
 
 
@@ -89,13 +90,16 @@ async def test_gc_command_removes_garbage_and_queues_events(nursery, tmp_path, s
 
 
 async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
+    # With gcDelay 0s a run landing between the blob uploads and the manifest PUT collects
+    # the layers and fails the push. The delay protects the push, as it does in production;
+    # the garbage is then made older than the delay.
     config = make_config(
         tmp_path,
         storage={
             "rootDirectory": str(tmp_path / "registry_data"),
             "gc": True,
             "gcInterval": "100ms",
-            "gcDelay": "0s",
+            "gcDelay": "1h",
         },
         extensions={
             "events": {
@@ -111,6 +115,8 @@ async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
         await RegistryClient(registry.url, client=http).push_image("pgc/app", "v1", image)
         assert (await http.delete(f"/v2/pgc/app/manifests/{image.digest}")).status_code == 202
     layer = image.layers[0].digest.split(":")[1]
+    assert layer in blob_files(registry.root)  # young: spared by the runs so far
+    await trio.to_thread.run_sync(age, registry.root, 7200)
     await eventually(
         lambda: trio.to_thread.run_sync(blob_files, registry.root), lambda files: layer not in files
     )
