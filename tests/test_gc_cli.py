@@ -158,7 +158,10 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
         return path
 
     # gcDelay defaults to 1h: garbage made a moment ago is too young to go.
-    assert await gc_cli_text(config()) == ["deleted 0 manifest(s) and 0 blob(s), 0 bytes"]
+    assert await gc_cli_text(config()) == [
+        "deleted 0 manifest(s) and 0 blob(s), 0 bytes",
+        "purged 0 idle upload session(s)",
+    ]
     assert blob_files(registry.root) == before
 
     garbage = [dropped.config, *dropped.layers]
@@ -167,13 +170,17 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
     dry = await gc_cli_text(config(gcDelay="0s"), "--dry-run")
     assert dry[0] == f"would delete 1 manifest(s) and 3 blob(s), {total} bytes"
     assert dry[1] == f"  manifest gc/app@{dropped.digest}"
-    assert sorted(dry[2:]) == sorted(
+    assert sorted(dry[2:-1]) == sorted(
         f"  blob {digest} ({size} bytes)" for digest, size in blob_sizes.items()
     )
+    assert dry[-1] == "would purge 0 idle upload session(s)"
     assert blob_files(registry.root) == before  # a dry run deletes nothing
 
     done = await gc_cli_text(config(gcDelay="0s"))
-    assert done == [line.replace("would delete", "deleted", 1) for line in dry]
+    assert done == [
+        line.replace("would delete", "deleted", 1).replace("would purge", "purged", 1)
+        for line in dry
+    ]
     assert blob_files(registry.root) == before - {d.split(":")[1] for d in blob_sizes}
     assert {b.digest.split(":")[1] for b in (kept.config, *kept.layers)} <= blob_files(
         registry.root
