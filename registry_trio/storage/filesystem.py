@@ -7,7 +7,8 @@ Layout under the root directory (close to distribution's, so operators recognise
     repositories/<name>/_manifests/revisions/<alg>/<hex> holds this manifest (file: media type)
     repositories/<name>/_manifests/tags/<tag>            tag -> digest (file: the digest)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>.json   referrer descriptor
-    uploads/<id>                                         upload session data (survives restarts)
+    uploads/<id>                                         upload session data (survives restarts;
+                                                         purged once idle, see purge_uploads)
     tmp/                                                 staging for atomic writes
 
 Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was

@@ -31,14 +31,15 @@ The rules, per run, with ``cutoff = now - delay`` ("old" means an mtime at or be
    its file would let a manifest push succeed against missing content, a file without links
    is only garbage for the next run.
 3. **Never touched:** upload sessions (their bytes live under ``uploads/`` until the upload
-   finishes), ``tmp/``, and files whose names are not digests.
+   finishes; idle ones are purged apart, see ``FilesystemStorage.purge_uploads``), ``tmp/``,
+   and files whose names are not digests.
 
 Running against a live registry: each batch is re-checked just before it is announced and
 deleted (a tag that appeared, a revision or link that was re-written, a manifest pushed since
 the scan), and the rest of a repository whose state changed under the run is left for the
-next one. That narrows, but
-cannot close, the window in which a client that found old unreferenced content a moment ago
-races the collector; the delay is what makes that window irrelevant in practice, as in zot.
+next one. That narrows, but cannot close, the window in which a client that found old
+unreferenced content a moment ago races the collector; the delay is what makes that window
+irrelevant in practice, as in zot.
 
 Deletions are fsync'd (their directories) at each phase boundary, so the order above holds
 across a power loss, not only across a process crash.
