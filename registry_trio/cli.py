@@ -9,11 +9,15 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
+
+if TYPE_CHECKING:
+    from .storage.gc import GCReport
 
 __all__ = ["main"]
 
@@ -155,12 +159,17 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
         print(f"replayed {result['replayed']} dead letter(s) of sink {result['sink']}")  # type: ignore[index]
 
 
-def _gc_command(config: Config, args: argparse.Namespace) -> None:
-    from .maintenance import collect_once
+async def _maintain_once(config: Config, dry_run: bool) -> tuple[GCReport, list[str] | None]:
+    from .maintenance import collect_once, purge_once
 
-    report = trio.run(functools.partial(collect_once, config, dry_run=args.dry_run))
+    purged = await purge_once(config, dry_run=dry_run)
+    return await collect_once(config, dry_run=dry_run), purged
+
+
+def _gc_command(config: Config, args: argparse.Namespace) -> None:
+    report, purged = trio.run(_maintain_once, config, args.dry_run)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps({**report.to_json(), "purgedUploads": purged}, indent=2))
         return
     verb = "would delete" if args.dry_run else "deleted"
     print(
@@ -173,6 +182,11 @@ def _gc_command(config: Config, args: argparse.Namespace) -> None:
         print(f"  blob {blob.digest} ({blob.size} bytes)")
     if report.skipped_repositories:
         print("skipped (changed during the run): " + ", ".join(report.skipped_repositories))
+    if purged is not None:
+        verb = "would purge" if args.dry_run else "purged"
+        print(f"{verb} {len(purged)} idle upload session(s)")
+        for upload_id in purged:
+            print(f"  upload {upload_id}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -188,9 +202,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_events_parser(commands)
     gc_cmd = commands.add_parser(
         "gc",
-        help="remove untagged manifests and unreferenced blobs older than storage.gcDelay",
+        help="remove untagged manifests and unreferenced blobs older than storage.gcDelay, "
+        "and upload sessions idle for storage.uploadPurging.age",
         description="Safe beside a running server; deletions are recorded as events "
-        "(without actor and request) when the events extension is on.",
+        "(without actor and request) when the events extension is on. Upload sessions are "
+        "purged only while storage.uploadPurging.enable is true (the default).",
     )
     gc_cmd.add_argument("-c", "--config", help="the config the server runs with")
     gc_cmd.add_argument("--dry-run", action="store_true", help="report, delete nothing")

@@ -31,6 +31,7 @@ __all__ = [
     "HTTPConfig",
     "LogConfig",
     "StorageConfig",
+    "UploadPurgingConfig",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -76,6 +77,25 @@ def _camel(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class UploadPurgingConfig:
+    """Removal of abandoned upload sessions (distribution's ``uploadpurging``, same defaults).
+
+    A session goes once nothing was written to it for ``age``: idle, not merely old, so a
+    slow upload that keeps sending is never cut off.
+    """
+
+    enable: bool = True
+    age: Duration = 7 * 86400.0  # type: ignore[assignment]
+    interval: Duration = 86400.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.age <= 0:
+            raise ConfigError("age", "must be greater than zero")
+        if self.interval <= 0:
+            raise ConfigError("interval", "must be greater than zero")
+
+
+@dataclasses.dataclass(frozen=True)
 class StorageConfig:
     root_directory: str = "registry_data"
     # Periodic garbage collection (zot's keys): untagged manifests and unreferenced blobs
@@ -83,6 +103,7 @@ class StorageConfig:
     gc: bool = False
     gc_interval: Duration = 3600.0  # type: ignore[assignment]
     gc_delay: Duration = 3600.0  # type: ignore[assignment]
+    upload_purging: UploadPurgingConfig = dataclasses.field(default_factory=UploadPurgingConfig)
 
     def __post_init__(self) -> None:
         if self.gc_interval <= 0:

@@ -1,21 +1,29 @@
-"""Maintenance the registry does on its own: garbage collection, once or periodically.
+"""Maintenance the registry does on its own: garbage collection and upload purging.
 
-:func:`run_gc` runs :func:`registry_trio.storage.gc.collect` on a worker thread, then records
-what was deleted as events. No request caused these deletions, so the events carry neither
+:func:`run_gc` runs :func:`registry_trio.storage.gc.collect` on a worker thread and records
+what it deletes as events. No request caused these deletions, so the events carry neither
 ``actor`` nor ``request`` (the spec: internally triggered operations emit events without
 them). Manifests are recorded as ``manifest.deleted`` (repository, digest, media type), blobs
 as ``blob.deleted`` once per repository that linked them; a blob linked nowhere (already
 unlinked through the API, or the body of a deleted manifest) gets no event of its own.
 
-Events are recorded after the deletions are on disk: a crash in between loses the events of
-that run but never reports a deletion that did not happen (the next run finds nothing left
-to report). Recording is durable once :meth:`EventRecorder.record` returns.
+Each batch's events are durable (:meth:`EventRecorder.record` returned) before the collector
+deletes the batch, so no deletion goes unreported, whenever the process dies. A crash between
+the commit and the deletion reports content that is still there; the next run deletes it and
+reports it again under the same event id (:func:`gc_event_id`), so a consumer takes the
+repeat for the duplicate it is, as after any other crash.
+
+:func:`purge_uploads` removes upload sessions nobody wrote to for a while. They were never
+content anyone could pull, so their removal is no event.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -25,36 +33,49 @@ from .events.model import Action, Event, Source, Target
 from .events.queue import running_queue
 from .events.recorder import EventRecorder, NullRecorder, QueueRecorder
 from .storage import FilesystemStorage
-from .storage.gc import GCReport, collect
+from .storage.gc import DeletedBlob, DeletedManifest, GCReport, collect
 
-__all__ = ["collect_once", "gc_events", "gc_periodically", "run_gc"]
+__all__ = [
+    "collect_once",
+    "gc_event_id",
+    "gc_events",
+    "gc_periodically",
+    "purge_once",
+    "purge_periodically",
+    "purge_uploads",
+    "run_gc",
+]
 
 log = logging.getLogger("registry_trio.maintenance")
 
+# Fixed, so that every process names a given deletion alike.
+_GC_EVENT_IDS = uuid.UUID("5be0b1a8-3f55-4c6e-9a8e-2f1c1e6d7a40")
 
-def gc_events(report: GCReport, source: Source) -> list[Event]:
-    """The events of a (real) run: manifests first, then blobs, as they were deleted."""
-    events = [
-        Event(
-            Action.MANIFEST_DELETED,
-            Target(repository=m.repository, digest=str(m.digest), media_type=m.media_type),
-            source,
-            actor=None,
-            request=None,
-        )
-        for m in report.manifests
-    ]
-    events.extend(
-        Event(
-            Action.BLOB_DELETED,
-            Target(repository=repository, digest=str(b.digest), size=b.size),
-            source,
-            actor=None,
-            request=None,
-        )
-        for b in report.blobs
-        for repository in b.repositories
-    )
+
+def gc_event_id(action: Action, repository: str, digest: str, linked_at: float) -> str:
+    """The id of the event for one deletion, the same in every run that attempts it.
+
+    The link's mtime tells this deletion from a later one of the same digest in the same
+    repository: a push in between rewrites the link.
+    """
+    return str(uuid.uuid5(_GC_EVENT_IDS, f"{action} {repository} {digest} {linked_at!r}"))
+
+
+def gc_events(deletions: Sequence[DeletedManifest | DeletedBlob], source: Source) -> list[Event]:
+    """The events of deletions, in order: one per manifest, one per repository of a blob."""
+    events = []
+    for deletion in deletions:
+        digest = str(deletion.digest)
+        if isinstance(deletion, DeletedManifest):
+            action, repository = Action.MANIFEST_DELETED, deletion.repository
+            target = Target(repository=repository, digest=digest, media_type=deletion.media_type)
+            event_id = gc_event_id(action, repository, digest, deletion.linked_at)
+            events.append(Event(action, target, source, id=event_id))
+            continue
+        for repository, linked_at in zip(deletion.repositories, deletion.linked_at, strict=True):
+            target = Target(repository=repository, digest=digest, size=deletion.size)
+            event_id = gc_event_id(Action.BLOB_DELETED, repository, digest, linked_at)
+            events.append(Event(Action.BLOB_DELETED, target, source, id=event_id))
     return events
 
 
@@ -68,14 +89,22 @@ async def run_gc(
 ) -> GCReport:
     """Collect garbage older than ``delay`` seconds; record its events unless ``dry_run``.
 
-    Returns once the deletions are on disk and their events are durable. Raises what the
-    collector or the recorder raised (e.g. :class:`registry_trio.events.queue.QueueError`).
+    Returns once the deletions are on disk. Raises what the collector or the recorder raised
+    (e.g. :class:`registry_trio.events.queue.QueueError`); then the batch whose events could
+    not be recorded, and all after it, stay for the next run. A cancel stops the run between
+    two batches.
     """
-    report = await trio.to_thread.run_sync(lambda: collect(storage, delay=delay, dry_run=dry_run))
-    if not dry_run:
-        events = gc_events(report, source)
+
+    def record(batch: Sequence[DeletedManifest | DeletedBlob]) -> None:
+        # On the collector's thread: the commit (or the cancel) happens on the event loop.
+        trio.from_thread.check_cancelled()
+        events = [e for e in gc_events(batch, source) if recorder.wants(e.action)]
         if events:
-            await recorder.record(events)
+            trio.from_thread.run(recorder.record, events)
+
+    report = await trio.to_thread.run_sync(
+        functools.partial(collect, storage, delay=delay, dry_run=dry_run, before_delete=record)
+    )
     _log_report(report)
     return report
 
@@ -96,6 +125,50 @@ def _log_report(report: GCReport) -> None:
         )
 
 
+async def purge_uploads(
+    storage: FilesystemStorage, *, age: float, busy: set[str], dry_run: bool = False
+) -> list[str]:
+    """Remove the upload sessions nothing was written to for ``age`` seconds; their ids.
+
+    ``busy`` holds the sessions a request of this process is writing (the API's
+    ``Registry.busy_uploads``): those stay. The sessions being purged join it meanwhile, so a
+    request arriving for one is refused as for any busy session (409), then finds it gone
+    (404), and never writes into a file being removed.
+    """
+    cutoff = time.time() - age
+    idle = await trio.to_thread.run_sync(storage.idle_uploads, cutoff)
+    if dry_run:
+        return idle
+    claimed = [upload_id for upload_id in idle if upload_id not in busy]
+    busy.update(claimed)
+    try:
+        purged = await trio.to_thread.run_sync(storage.purge_uploads, claimed, cutoff)
+    finally:
+        busy.difference_update(claimed)
+    log.info("uploads: purged %d session(s) idle for %.0fs or more", len(purged), age)
+    return purged
+
+
+async def _every(
+    interval: float,
+    what: str,
+    run: Callable[[], Awaitable[object]],
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """``run()`` now and then every ``interval`` seconds, until cancelled.
+
+    The first run is at once (a registry restarted more often than ``interval`` still gets
+    its maintenance). A failed run is logged and the loop goes on.
+    """
+    task_status.started()
+    while True:
+        try:
+            await run()
+        except Exception:
+            log.exception("%s: run failed; next run in %.0fs", what, interval)
+        await trio.sleep(interval)
+
+
 async def gc_periodically(
     storage: FilesystemStorage,
     recorder: EventRecorder,
@@ -107,17 +180,30 @@ async def gc_periodically(
 ) -> None:
     """Run :func:`run_gc` now and then every ``interval`` seconds, until cancelled.
 
-    The first run is at once (a registry restarted more often than ``interval`` still
-    collects); ``delay`` keeps it away from anything recent. A failed run is logged and the
-    loop goes on. Works with ``nursery.start_soon`` and ``nursery.start`` alike.
+    ``delay`` keeps every run away from anything recent. Works with ``nursery.start_soon``
+    and ``nursery.start`` alike.
     """
-    task_status.started()
-    while True:
-        try:
-            await run_gc(storage, recorder, source, delay=delay)
-        except Exception:
-            log.exception("gc: run failed; next run in %.0fs", interval)
-        await trio.sleep(interval)
+    run = functools.partial(run_gc, storage, recorder, source, delay=delay)
+    await _every(interval, "gc", run, task_status)
+
+
+async def purge_periodically(
+    storage: FilesystemStorage,
+    busy: set[str],
+    *,
+    interval: float,
+    age: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run :func:`purge_uploads` now and then every ``interval`` seconds, until cancelled."""
+    run = functools.partial(purge_uploads, storage, age=age, busy=busy)
+    await _every(interval, "uploads", run, task_status)
+
+
+async def _open_storage(config: Config) -> FilesystemStorage:
+    return await trio.to_thread.run_sync(
+        functools.partial(FilesystemStorage, config.storage.root_directory, clean_tmp=False)
+    )
 
 
 async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
@@ -127,9 +213,7 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
     the two writers and the server's idle delivery workers pick the events up; on JetStream
     they are one more publisher.
     """
-    storage = await trio.to_thread.run_sync(
-        functools.partial(FilesystemStorage, config.storage.root_directory, clean_tmp=False)
-    )
+    storage = await _open_storage(config)
     events = config.extensions.events
     source = Source(f"{config.http.address}:{config.http.port}", "gc")
     if not events.enable:
@@ -142,3 +226,17 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
         return await run_gc(
             storage, recorder, source, delay=config.storage.gc_delay, dry_run=dry_run
         )
+
+
+async def purge_once(config: Config, *, dry_run: bool = False) -> list[str] | None:
+    """``registry-trio gc``'s upload purge; None when ``storage.uploadPurging`` is off.
+
+    Beside a running server it cannot see which sessions that server's requests are writing
+    (see :func:`purge_uploads`); it relies on the age, as the collector relies on its delay,
+    and re-checks each session just before removing it.
+    """
+    purging = config.storage.upload_purging
+    if not purging.enable:
+        return None
+    storage = await _open_storage(config)
+    return await purge_uploads(storage, age=purging.age, busy=set(), dry_run=dry_run)

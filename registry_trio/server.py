@@ -5,7 +5,9 @@ Task tree (every task has an owner, and shutdown runs in reverse order of start)
     serve
     ├── outbox writer          (events on: commits events before requests get their 2xx)
     ├── delivery supervisor    (events on: one task per sink)
-    ├── garbage collector      (storage.gc on: every gcInterval)
+    ├── maintenance
+    │   ├── garbage collector  (storage.gc on: every gcInterval)
+    │   └── upload purger      (storage.uploadPurging on: every interval)
     └── hypercorn              (HTTP)
 
 On ``shutdown`` Hypercorn stops accepting and lets in-flight requests finish for
@@ -16,6 +18,7 @@ What was not delivered stays in the outbox for the next start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import uuid
@@ -32,7 +35,7 @@ from .events.delivery import Delivery
 from .events.filters import SinkFilter
 from .events.queue import EventQueue, open_queue
 from .events.recorder import QueueRecorder
-from .maintenance import gc_periodically
+from .maintenance import gc_periodically, purge_periodically
 from .metrics import Metrics
 from .storage import FilesystemStorage
 
@@ -105,29 +108,44 @@ async def serve(
             if delivery is not None:
                 delivery.stop()
 
-        gc_scope = trio.CancelScope()
-        if config.storage.gc:
+        maintenance_scope = trio.CancelScope()
 
-            async def collect_garbage() -> None:
-                with gc_scope:
-                    await gc_periodically(
-                        storage,
-                        recorder,
-                        registry.source,
-                        interval=config.storage.gc_interval,
-                        delay=config.storage.gc_delay,
-                    )
-
-            nursery.start_soon(collect_garbage)
+        async def maintain() -> None:
+            purging = config.storage.upload_purging
+            with maintenance_scope:
+                async with trio.open_nursery() as tasks:
+                    if config.storage.gc:
+                        tasks.start_soon(
+                            functools.partial(
+                                gc_periodically,
+                                storage,
+                                recorder,
+                                registry.source,
+                                interval=config.storage.gc_interval,
+                                delay=config.storage.gc_delay,
+                            )
+                        )
+                    if purging.enable:
+                        tasks.start_soon(
+                            functools.partial(
+                                purge_periodically,
+                                storage,
+                                registry.busy_uploads,
+                                interval=purging.interval,
+                                age=purging.age,
+                            )
+                        )
 
         binds = await nursery.start(run_http)
         url = binds[0]
         # With port 0 the real port is known only now; events name the address we serve on.
         registry.source = Source(url.split("://", 1)[1], instance_id)
+        # Started only now, so that GC events name the address too.
+        nursery.start_soon(maintain)
         log.info("listening on %s", url)
         task_status.started(url)
         await shutdown.wait()
-        gc_scope.cancel()
+        maintenance_scope.cancel()
         if queue is not None:
             # The queue closes only after delivery has finished acknowledging.
             nursery.start_soon(_close_after, delivery, queue)

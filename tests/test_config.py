@@ -59,6 +59,8 @@ def test_go_durations(text, seconds):
         ({"log": {"level": "loud"}}, "log.level"),
         ({"log": {"format": "xml"}}, "log.format"),
         ({"storage": {"gcDelay": 5}}, "storage.gcDelay"),
+        ({"storage": {"uploadPurging": {"enabled": True}}}, "storage.uploadPurging.enabled"),
+        ({"storage": {"uploadPurging": {"age": 3600}}}, "storage.uploadPurging.age"),
         ({"extensions": {"events": {"enable": "yes"}}}, "extensions.events.enable"),
         (
             {
@@ -150,6 +152,8 @@ def test_documented_defaults():
     storage, http, log = config.storage, config.http, config.log
     assert storage.root_directory == "registry_data"
     assert (storage.gc, storage.gc_interval, storage.gc_delay) == (False, 3600.0, 3600.0)
+    purging = storage.upload_purging
+    assert (purging.enable, purging.age, purging.interval) == (True, 168 * 3600.0, 24 * 3600.0)
     assert (http.address, http.port) == ("127.0.0.1", 5000)
     assert http.max_manifest_size == 4194304
     assert http.graceful_timeout == 10.0
@@ -227,6 +231,15 @@ def test_documented_sink_defaults():
         ({"storage": {"gc": "yes"}}, "storage.gc: expected true or false"),
         ({"storage": {"gcDelay": "1d"}}, "storage.gcDelay: invalid duration '1d'"),
         ({"storage": {"gcInterval": "0s"}}, "storage.gcInterval: must be greater than zero"),
+        (
+            {"storage": {"uploadPurging": {"age": "0s"}}},
+            "storage.uploadPurging.age: must be greater than zero",
+        ),
+        (
+            {"storage": {"uploadPurging": {"interval": "0s"}}},
+            "storage.uploadPurging.interval: must be greater than zero",
+        ),
+        ({"storage": {"uploadPurging": True}}, "storage.uploadPurging: expected an object"),
         ({"http": {"maxManifestSize": 1024}}, "http.maxManifestSize: must be at least 4 MiB"),
         ({"http": {"trustedProxies": "10.0.0.0/8"}}, "http.trustedProxies: expected a list"),
         ({"extensions": {"events": {"typePrefix": 5}}}, "extensions.events.typePrefix: expected"),

@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from registry_trio.client import Blob, Image, RegistryClient, make_image
@@ -500,34 +501,46 @@ async def test_gc_deletes_in_an_order_a_crash_cannot_corrupt(registry, client, h
 
 @dataclass
 class FailingOnce:
-    """A recorder that keeps what it is given and refuses the first call."""
+    """A recorder that refuses its first call and keeps the events of the others, noting at
+    each call whether the manifests it is told about are still on disk."""
 
+    root: Path
     calls: int = 0
-    events: list[Event] | None = None
+    events: list[Event] = field(default_factory=list)
+    still_on_disk: list[bool] = field(default_factory=list)
 
     def wants(self, action: Action) -> bool:
         return True
 
     async def record(self, events: Sequence[Event]) -> None:
         self.calls += 1
+        self.still_on_disk.extend(
+            e.target.digest in revisions(self.root, e.target.repository)
+            for e in events
+            if e.action is Action.MANIFEST_DELETED
+        )
         if self.calls == 1:
             raise RuntimeError("queue unavailable")
-        self.events = [*(self.events or []), *events]
+        self.events.extend(events)
 
 
-async def test_periodic_gc_runs_again_after_a_failed_run(registry, client, http, caplog):
+async def test_periodic_gc_records_before_it_deletes_and_survives_a_failed_run(
+    registry, client, http, caplog
+):
     first, second = make_image(), make_image()
     await client.push_image("app", "first", first)
     await client.push_image("app", "second", second)
     await untag(http, "app", "first")
-    recorder = FailingOnce()
+    recorder = FailingOnce(registry.root)
     storage = FilesystemStorage(registry.root, clean_tmp=False)
 
-    async def calls() -> int:
-        return recorder.calls
-
     async def recorded() -> list[Event]:
-        return recorder.events or []
+        return recorder.events
+
+    def deleted(image: Image) -> Callable[[list[Event]], bool]:
+        return lambda evs: any(
+            e.action is Action.MANIFEST_DELETED and e.target.digest == image.digest for e in evs
+        )
 
     with caplog.at_level(logging.INFO, logger="registry_trio.maintenance"):
         async with trio.open_nursery() as nursery:
@@ -536,18 +549,65 @@ async def test_periodic_gc_runs_again_after_a_failed_run(registry, client, http,
                     storage, recorder, SOURCE, interval=0.01, delay=0, task_status=task_status
                 )
             )
-            # The first run deletes, then fails to record; the loop survives it.
-            await eventually(calls, lambda n: n >= 1)
+            # The first run cannot record, so it deletes nothing; the loop survives it and
+            # a later run deletes and records.
+            await eventually(recorded, deleted(first))
             assert first.digest not in revisions(registry.root, "app")
             await untag(http, "app", "second")
-            got = await eventually(
-                recorded,
-                lambda evs: any(
-                    e.action is Action.MANIFEST_DELETED and e.target.digest == second.digest
-                    for e in evs
-                ),
-            )
+            got = await eventually(recorded, deleted(second))
             nursery.cancel_scope.cancel()
+    # Every event was recorded while its manifest was still there, the refused one included.
+    assert recorder.calls >= 3 and recorder.still_on_disk == [True] * len(recorder.still_on_disk)
     assert all(e.actor is None and e.request is None for e in got)
     assert any("gc: run failed" in r.getMessage() for r in caplog.records)
     assert any("gc: deleted 1 manifests" in r.getMessage() for r in caplog.records)
+
+
+@dataclass
+class DiesAfterFirstCommit:
+    """Keeps every event it is given; its first call then raises, as a process killed right
+    after the commit, before the deletions."""
+
+    calls: int = 0
+    events: list[Event] = field(default_factory=list)
+
+    def wants(self, action: Action) -> bool:
+        return True
+
+    async def record(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        self.events.extend(events)
+        if self.calls == 1:
+            raise RuntimeError("killed after the commit")
+
+
+async def test_a_deletion_reported_twice_keeps_its_event_id(registry, client, http):
+    image = make_image()
+    await client.push_image("app", "v1", image)
+    await untag(http, "app", "v1")
+    recorder = DiesAfterFirstCommit()
+    storage = FilesystemStorage(registry.root, clean_tmp=False)
+
+    with pytest.raises(RuntimeError, match="killed after the commit"):
+        await run_gc(storage, recorder, SOURCE, delay=0)
+    assert image.digest in revisions(registry.root, "app")  # announced, not deleted
+    await run_gc(storage, recorder, SOURCE, delay=0)
+    assert image.digest not in revisions(registry.root, "app")
+    announced, repeated = [e for e in recorder.events if e.action is Action.MANIFEST_DELETED]
+    assert announced.target.digest == repeated.target.digest == image.digest
+    assert announced.id == repeated.id
+    blob_ids = {e.target.digest: e.id for e in recorder.events if e.action is Action.BLOB_DELETED}
+    assert blob_ids.keys() == {image.config.digest, *(layer.digest for layer in image.layers)}
+
+    # The same content pushed and collected again is another deletion, under other ids.
+    await client.push_image("app", "v1", image)
+    await untag(http, "app", "v1")
+    again = DiesAfterFirstCommit(calls=1)
+    await run_gc(storage, again, SOURCE, delay=0)
+    (manifest_again,) = [e for e in again.events if e.action is Action.MANIFEST_DELETED]
+    assert manifest_again.id != announced.id
+    blob_ids_again = {
+        e.target.digest: e.id for e in again.events if e.action is Action.BLOB_DELETED
+    }
+    assert blob_ids_again.keys() == blob_ids.keys()
+    assert set(blob_ids_again.values()).isdisjoint(blob_ids.values())

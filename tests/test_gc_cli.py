@@ -12,6 +12,7 @@ import trio
 from registry_trio.client import RegistryClient, make_image
 from registry_trio.events.queue import OutboxReader
 from tests.conftest import events_config, make_config, start_registry
+from tests.test_gc import age
 from tests.waiting import eventually
 
 
@@ -89,13 +90,16 @@ async def test_gc_command_removes_garbage_and_queues_events(nursery, tmp_path, s
 
 
 async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
+    # With gcDelay 0s a run landing between the blob uploads and the manifest PUT collects
+    # the layers and fails the push. The delay protects the push, as it does in production;
+    # the garbage is then made older than the delay.
     config = make_config(
         tmp_path,
         storage={
             "rootDirectory": str(tmp_path / "registry_data"),
             "gc": True,
             "gcInterval": "100ms",
-            "gcDelay": "0s",
+            "gcDelay": "1h",
         },
         extensions={
             "events": {
@@ -111,6 +115,8 @@ async def test_periodic_gc_runs_in_the_server(nursery, tmp_path, sink):
         await RegistryClient(registry.url, client=http).push_image("pgc/app", "v1", image)
         assert (await http.delete(f"/v2/pgc/app/manifests/{image.digest}")).status_code == 202
     layer = image.layers[0].digest.split(":")[1]
+    assert layer in blob_files(registry.root)  # young: spared by the runs so far
+    await trio.to_thread.run_sync(age, registry.root, 7200)
     await eventually(
         lambda: trio.to_thread.run_sync(blob_files, registry.root), lambda files: layer not in files
     )
@@ -152,7 +158,10 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
         return path
 
     # gcDelay defaults to 1h: garbage made a moment ago is too young to go.
-    assert await gc_cli_text(config()) == ["deleted 0 manifest(s) and 0 blob(s), 0 bytes"]
+    assert await gc_cli_text(config()) == [
+        "deleted 0 manifest(s) and 0 blob(s), 0 bytes",
+        "purged 0 idle upload session(s)",
+    ]
     assert blob_files(registry.root) == before
 
     garbage = [dropped.config, *dropped.layers]
@@ -161,13 +170,17 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
     dry = await gc_cli_text(config(gcDelay="0s"), "--dry-run")
     assert dry[0] == f"would delete 1 manifest(s) and 3 blob(s), {total} bytes"
     assert dry[1] == f"  manifest gc/app@{dropped.digest}"
-    assert sorted(dry[2:]) == sorted(
+    assert sorted(dry[2:-1]) == sorted(
         f"  blob {digest} ({size} bytes)" for digest, size in blob_sizes.items()
     )
+    assert dry[-1] == "would purge 0 idle upload session(s)"
     assert blob_files(registry.root) == before  # a dry run deletes nothing
 
     done = await gc_cli_text(config(gcDelay="0s"))
-    assert done == [line.replace("would delete", "deleted", 1) for line in dry]
+    assert done == [
+        line.replace("would delete", "deleted", 1).replace("would purge", "purged", 1)
+        for line in dry
+    ]
     assert blob_files(registry.root) == before - {d.split(":")[1] for d in blob_sizes}
     assert {b.digest.split(":")[1] for b in (kept.config, *kept.layers)} <= blob_files(
         registry.root

@@ -7,7 +7,8 @@ Layout under the root directory (close to distribution's, so operators recognise
     repositories/<name>/_manifests/revisions/<alg>/<hex> holds this manifest (file: media type)
     repositories/<name>/_manifests/tags/<tag>            tag -> digest (file: the digest)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>.json   referrer descriptor
-    uploads/<id>                                         upload session data (survives restarts)
+    uploads/<id>                                         upload session data (survives restarts;
+                                                         purged once idle, see purge_uploads)
     tmp/                                                 staging for atomic writes
 
 Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was
@@ -27,8 +28,10 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -54,6 +57,12 @@ _UPLOAD_ID = re.compile(r"[0-9a-f]{48}")
 _LEGACY_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
+# How many sessions' hash states are kept in memory; past that the least recently written
+# one's goes, and its digest is computed from the file when it finishes. Bounds what
+# abandoned sessions cost in memory (a few hundred bytes each).
+HASHER_LIMIT = 4096
+
+
 def _repository_tag(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:16]
 
@@ -64,6 +73,32 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Hashers:
+    """sha256 states of upload sessions by id, (bytes covered, state); a bounded cache.
+
+    Shared by the worker threads that write sessions, hence the lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._states: OrderedDict[str, tuple[int, hashlib._Hash]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def put(self, upload_id: str, covered: int, state: hashlib._Hash) -> None:
+        with self._lock:
+            self._states[upload_id] = (covered, state)
+            self._states.move_to_end(upload_id)
+            if len(self._states) > self._limit:
+                self._states.popitem(last=False)
+
+    def take(self, upload_id: str) -> tuple[int, hashlib._Hash] | None:
+        with self._lock:
+            return self._states.pop(upload_id, None)
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,7 @@ class UploadWriter:
         self._file: BinaryIO = open(fd, "ab")  # noqa: SIM115 - closed in close()
         self.start = self._file.tell()
         self.offset = self.start
-        cached = storage._hashers.pop(upload_id, None) if upload_id else None
+        cached = storage._hashers.take(upload_id) if upload_id else None
         # A hasher is only trusted when it covers exactly the bytes on disk; after a restart
         # (or a rolled-back chunk) the digest is recomputed from the file at the end instead.
         self._hasher = cached[1] if cached and cached[0] == self.start else None
@@ -123,7 +158,7 @@ class UploadWriter:
     def close(self) -> None:
         self._file.close()
         if self._hasher is not None and self._upload_id is not None:
-            self._storage._hashers[self._upload_id] = (self.offset, self._hasher)
+            self._storage._hashers.put(self._upload_id, self.offset, self._hasher)
 
     @property
     def sha256(self) -> tuple[int, hashlib._Hash] | None:
@@ -145,8 +180,8 @@ class FilesystemStorage:
         self._tmp = self.root / "tmp"
         for path in (self._blobs, self._repos, self._uploads, self._tmp):
             path.mkdir(parents=True, exist_ok=True)
-        # upload id -> (offset covered, sha256 state). Lost on restart by design.
-        self._hashers: dict[str, tuple[int, hashlib._Hash]] = {}
+        # Lost on restart by design.
+        self._hashers = _Hashers(HASHER_LIMIT)
         # Staged files are never visible; whatever a crash left there is garbage.
         if clean_tmp:
             for leftover in self._tmp.iterdir():
@@ -305,7 +340,7 @@ class FilesystemStorage:
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
         data, legacy = self._session(name, upload_id)
-        self._hashers.pop(upload_id, None)
+        self._hashers.take(upload_id)
         if legacy is not None:
             self._remove_session(data, legacy)
             return
@@ -323,11 +358,58 @@ class FilesystemStorage:
         """
         data, legacy = self._session(name, upload_id)
         try:
-            return self._publish_blob(name, data, expected, self._hashers.pop(upload_id, None))
+            return self._publish_blob(name, data, expected, self._hashers.take(upload_id))
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id) from None
         finally:
             self._remove_session(data, legacy)
+
+    def _last_write(self, upload_id: str) -> float | None:
+        """When session ``upload_id`` was last written (its data's mtime); None if no session.
+
+        A legacy session whose data file never came is as old as its directory. Names that
+        are no session id are none of the registry's doing and are left alone.
+        """
+        entry = self._uploads / upload_id
+        try:
+            if _UPLOAD_ID.fullmatch(upload_id):
+                return entry.stat().st_mtime
+            if _LEGACY_UPLOAD_ID.fullmatch(upload_id) and entry.is_dir():
+                data = entry / "data"
+                return (data if data.exists() else entry).stat().st_mtime
+        except FileNotFoundError:
+            pass
+        return None
+
+    def idle_uploads(self, cutoff: float) -> list[str]:
+        """Ids of the upload sessions last written at or before ``cutoff`` (wall clock)."""
+        return sorted(
+            entry.name
+            for entry in self._uploads.iterdir()
+            if (written := self._last_write(entry.name)) is not None and written <= cutoff
+        )
+
+    def purge_uploads(self, upload_ids: Sequence[str], cutoff: float) -> list[str]:
+        """Remove those of ``upload_ids`` still not written since ``cutoff``; the removed ids.
+
+        The caller keeps its own requests off these sessions meanwhile (see
+        :func:`registry_trio.maintenance.purge_uploads`); the re-check here is for writers
+        in another process.
+        """
+        purged = []
+        for upload_id in upload_ids:
+            written = self._last_write(upload_id)
+            if written is None or written > cutoff:
+                continue
+            self._hashers.take(upload_id)
+            entry = self._uploads / upload_id
+            legacy = entry if entry.is_dir() else None
+            try:
+                self._remove_session(entry / "data" if legacy else entry, legacy)
+            except FileNotFoundError:
+                continue  # cancelled meanwhile
+            purged.append(upload_id)
+        return purged
 
     def open_staged_upload(self) -> UploadWriter:
         """A writer for a monolithic upload (``POST ?digest=``): one file in ``tmp/``.

@@ -1,9 +1,17 @@
 """Garbage collection: untagged manifests and unreferenced blobs older than a delay.
 
 Pure storage logic, synchronous and blocking like the rest of this package; it knows nothing
-of events or HTTP (:mod:`registry_trio.maintenance` runs it off the event loop and turns the
-report into events). It works on the on-disk layout documented in
+of events or HTTP. It works on the on-disk layout documented in
 :mod:`registry_trio.storage.filesystem`, through that module's path helpers.
+
+Deletions happen in batches of at most :data:`BATCH`, and each batch is handed to the
+caller's ``before_delete`` before any of it is deleted; :mod:`registry_trio.maintenance`
+commits the batch's events there. So a deletion is never left without its event, whenever
+the process dies: a crash after the commit but before the deletion leaves an event for content
+still present, which the next run deletes and reports again. Each deletion carries the
+mtime of the link it removes (``linked_at``), so the caller can give the repeated report the
+same identity as the first (a re-push rewrites the link: a later deletion of the same digest
+is another one).
 
 The rules, per run, with ``cutoff = now - delay`` ("old" means an mtime at or before it):
 
@@ -14,7 +22,7 @@ The rules, per run, with ``cutoff = now - delay`` ("old" means an mtime at or be
    manifest is kept). Every other revision is old and is deleted: its referrer entry, then its
    revision link, then its ``_layers`` self-link (unless that link is young). Manifests are
    deleted parents first (an index before its children), so a crash part-way never leaves a
-   manifest that points at a deleted one.
+   manifest that points at a deleted one; the batches keep that order.
 2. **Blobs, across repositories, after every manifest deletion is on disk.** A blob file is
    kept when any remaining manifest in any repository names it (config, layer, index child,
    or the manifest itself), when the file is young, or when any ``_layers`` link to it is
@@ -23,13 +31,15 @@ The rules, per run, with ``cutoff = now - delay`` ("old" means an mtime at or be
    its file would let a manifest push succeed against missing content, a file without links
    is only garbage for the next run.
 3. **Never touched:** upload sessions (their bytes live under ``uploads/`` until the upload
-   finishes), ``tmp/``, and files whose names are not digests.
+   finishes; idle ones are purged apart, see ``FilesystemStorage.purge_uploads``), ``tmp/``,
+   and files whose names are not digests.
 
-Running against a live registry: each deletion is re-checked just before it happens (a tag
-that appeared, a revision or link that was re-written, a manifest pushed since the scan), and
-a repository whose state changed under the run is left for the next one. That narrows, but
-cannot close, the window in which a client that found old unreferenced content a moment ago
-races the collector; the delay is what makes that window irrelevant in practice, as in zot.
+Running against a live registry: each batch is re-checked just before it is announced and
+deleted (a tag that appeared, a revision or link that was re-written, a manifest pushed since
+the scan), and the rest of a repository whose state changed under the run is left for the
+next one. That narrows, but cannot close, the window in which a client that found old
+unreferenced content a moment ago races the collector; the delay is what makes that window
+irrelevant in practice, as in zot.
 
 Deletions are fsync'd (their directories) at each phase boundary, so the order above holds
 across a power loss, not only across a process crash.
@@ -40,17 +50,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ..oci import Digest, InvalidDigest, InvalidManifest, UnsupportedMediaType, parse_digest
 from ..oci import parse_manifest as _parse_manifest
 from .filesystem import FilesystemStorage, _fsync_dir
 
-__all__ = ["DeletedBlob", "DeletedManifest", "GCReport", "collect"]
+__all__ = ["BATCH", "BeforeDelete", "DeletedBlob", "DeletedManifest", "GCReport", "collect"]
 
 log = logging.getLogger("registry_trio.storage.gc")
+
+_T = TypeVar("_T")
+
+# Deletions announced together, then deleted: one commit of events per batch. Small enough
+# that a crash repeats little, large enough that the commits cost little beside the unlinks.
+BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,8 @@ class DeletedManifest:
     repository: str
     digest: Digest
     media_type: str
+    # mtime of the revision link removed.
+    linked_at: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,18 @@ class DeletedBlob:
     # when it was linked nowhere any more: unlinked by ``DELETE /v2/<name>/blobs/<digest>``,
     # or the body of a manifest whose self-link went with the manifest in the first phase.
     repositories: tuple[str, ...]
+    # mtime of each of those links, in the same order.
+    linked_at: tuple[float, ...]
+
+
+# Called on the collecting thread with each batch before any of it is deleted; when it
+# raises, the batch and everything after it stays, and the exception ends the run.
+BeforeDelete = Callable[[Sequence[DeletedManifest | DeletedBlob]], None]
+
+
+def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), BATCH):
+        yield items[start : start + BATCH]
 
 
 @dataclass
@@ -301,20 +332,32 @@ def _sync(touched: set[Path]) -> None:
 def _delete_manifests(
     storage: FilesystemStorage,
     repo: _Repository,
-    doomed: list[Digest],
+    planned: list[DeletedManifest],
     cutoff: float,
     touched: set[Path],
-) -> None:
+    before_delete: BeforeDelete,
+) -> list[DeletedManifest]:
+    """Delete ``planned`` (parents first) batch by batch; what was deleted.
+
+    Stops at the first batch in which the repository changed since the scan.
+    """
     entries = _referrer_entries(repo.path)
-    for digest in doomed:
-        # Referrer entry first: a crash after it leaves an unlisted but whole manifest,
-        # which the next run deletes; never a listed referrer that does not exist.
-        for entry in entries.get(digest, ()):
-            _unlink(entry, touched)
-        _unlink(storage._revision_link(repo.name, digest), touched)
-        link_mtime = repo.links.get(digest)
-        if link_mtime is not None and link_mtime <= cutoff:
-            _unlink(storage._layer_link(repo.name, digest), touched)
+    deleted: list[DeletedManifest] = []
+    for batch in _batches(planned):
+        if _changed(storage, repo, [m.digest for m in batch]):
+            break
+        before_delete(batch)
+        for manifest in batch:
+            # Referrer entry first: a crash after it leaves an unlisted but whole manifest,
+            # which the next run deletes; never a listed referrer that does not exist.
+            for entry in entries.get(manifest.digest, ()):
+                _unlink(entry, touched)
+            _unlink(storage._revision_link(repo.name, manifest.digest), touched)
+            link_mtime = repo.links.get(manifest.digest)
+            if link_mtime is not None and link_mtime <= cutoff:
+                _unlink(storage._layer_link(repo.name, manifest.digest), touched)
+        deleted.extend(batch)
+    return deleted
 
 
 # -- phase 2: blobs ----------------------------------------------------------------------
@@ -370,9 +413,18 @@ def _unreferenced_blobs(
         links = linked.get(digest, [])
         if stat.st_mtime > cutoff or any(mtime > cutoff for _, mtime in links):
             continue
-        repositories = tuple(sorted(name for name, _ in links))
-        out.append((DeletedBlob(digest, stat.st_size, repositories), path))
+        repositories, linked_at = zip(*sorted(links), strict=True) if links else ((), ())
+        out.append((DeletedBlob(digest, stat.st_size, repositories, linked_at), path))
     return out
+
+
+def _links(storage: FilesystemStorage, blob: DeletedBlob) -> list[Path]:
+    return [storage._layer_link(name, blob.digest) for name in blob.repositories]
+
+
+def _relinked(storage: FilesystemStorage, blob: DeletedBlob, cutoff: float) -> bool:
+    """Whether a link of ``blob`` was re-written since the scan: an upload or mount landed."""
+    return any((m := _mtime(link)) is not None and m > cutoff for link in _links(storage, blob))
 
 
 def _delete_blobs(
@@ -380,17 +432,18 @@ def _delete_blobs(
     planned: list[tuple[DeletedBlob, Path]],
     cutoff: float,
     touched: set[Path],
+    before_delete: BeforeDelete,
 ) -> list[DeletedBlob]:
-    # Links first, each re-checked: a link re-written since the scan is an upload or a
-    # mount that just landed, and its blob stays.
+    # Links first, each blob re-checked. Announcing a blob announces its links' removal,
+    # which is what its events (one per repository) report.
     survivors = []
-    for blob, path in planned:
-        links = [storage._layer_link(name, blob.digest) for name in blob.repositories]
-        if any((m := _mtime(link)) is not None and m > cutoff for link in links):
-            continue
-        for link in links:
-            _unlink(link, touched)
-        survivors.append((blob, path))
+    for batch in _batches(planned):
+        fresh = [(blob, path) for blob, path in batch if not _relinked(storage, blob, cutoff)]
+        before_delete([blob for blob, _ in fresh])
+        for blob, _ in fresh:
+            for link in _links(storage, blob):
+                _unlink(link, touched)
+        survivors.extend(fresh)
     _sync(touched)
 
     # A link that appeared anywhere meanwhile (a mount into another repository) keeps the
@@ -416,17 +469,23 @@ def _delete_blobs(
 # -- the run -----------------------------------------------------------------------------
 
 
+def _announce_nothing(batch: Sequence[DeletedManifest | DeletedBlob]) -> None:
+    return None
+
+
 def collect(
     storage: FilesystemStorage,
     *,
     delay: float,
     now: float | None = None,
     dry_run: bool = False,
+    before_delete: BeforeDelete = _announce_nothing,
 ) -> GCReport:
     """Delete untagged manifests and unreferenced blobs older than ``delay`` seconds.
 
     ``now`` defaults to the wall clock (mtimes are wall-clock times). With ``dry_run``
-    nothing is deleted and the report says what a real run would have deleted.
+    nothing is deleted (nor announced) and the report says what a real run would have
+    deleted. ``before_delete`` sees every batch before it is deleted (see the module doc).
     """
     cutoff = (time.time() if now is None else now) - delay
     report = GCReport(dry_run=dry_run)
@@ -436,16 +495,18 @@ def collect(
     # Phase 1: manifests, every repository, all on disk before any blob goes.
     removed: dict[str, set[Digest]] = {}
     for repo in _scan(storage):
-        doomed = _unreachable(repo, manifests, cutoff)
-        if not doomed:
+        planned = [
+            DeletedManifest(repo.name, d, repo.revisions[d][1], repo.revisions[d][0])
+            for d in _unreachable(repo, manifests, cutoff)
+        ]
+        if dry_run:
+            removed[repo.name] = {m.digest for m in planned}
+            report.manifests.extend(planned)
             continue
-        if not dry_run:
-            if _changed(storage, repo, doomed):
-                report.skipped_repositories.append(repo.name)
-                continue
-            _delete_manifests(storage, repo, doomed, cutoff, touched)
-        removed[repo.name] = set(doomed)
-        report.manifests.extend(DeletedManifest(repo.name, d, repo.revisions[d][1]) for d in doomed)
+        deleted = _delete_manifests(storage, repo, planned, cutoff, touched, before_delete)
+        report.manifests.extend(deleted)
+        if len(deleted) < len(planned):
+            report.skipped_repositories.append(repo.name)
     _sync(touched)
 
     # Phase 2: blobs, against a fresh scan, so manifests pushed since phase 1 count.
@@ -458,9 +519,9 @@ def collect(
                 link_mtime = repo.links.get(digest)
                 if link_mtime is not None and link_mtime <= cutoff:
                     del repo.links[digest]
-    planned = _unreferenced_blobs(storage, repos, manifests, cutoff)
+    planned_blobs = _unreferenced_blobs(storage, repos, manifests, cutoff)
     if dry_run:
-        report.blobs = [blob for blob, _ in planned]
+        report.blobs = [blob for blob, _ in planned_blobs]
     else:
-        report.blobs = _delete_blobs(storage, planned, cutoff, touched)
+        report.blobs = _delete_blobs(storage, planned_blobs, cutoff, touched, before_delete)
     return report
