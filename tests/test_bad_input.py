@@ -14,16 +14,24 @@ about names check the server's message quotes the name it actually received.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
+import bcrypt
 import httpx
+import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.api_helpers import (
     DOCKER_MANIFEST,
@@ -40,7 +48,7 @@ from tests.api_helpers import (
     random_blob,
     snapshot,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import RunningRegistry, make_config, start_registry
 
 REPO = "setup"
 SESSION_BYTES = 100
@@ -567,6 +575,101 @@ async def range_past_the_end(ctx: Ctx) -> httpx.Response:
 async def method_not_allowed_on_a_blob(ctx: Ctx) -> httpx.Response:
     target = f"/v2/{REPO}/blobs/{digest_of(ctx.layer)}"
     return await ctx.send("PATCH", target, content=random_blob(1 << 20))
+
+
+# -- credentials -----------------------------------------------------------------------------
+# Each row is the Authorization header of a request to a server with htpasswd users and an
+# RSA token service key. Every one must get 401 UNAUTHORIZED, never a 500. The last three
+# were refused before too (PyJWT's own checks); they stay as guards.
+
+TOKEN_SERVICE = "registry-trio"
+
+
+@functools.cache
+def signing_key(kind: str) -> Any:
+    keys = {
+        "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    }
+    return keys[kind]()
+
+
+def token(kind: str = "rsa", algorithm: str = "RS256", **claims: object) -> str:
+    now = int(time.time())
+    claims = {"sub": "robot", "aud": TOKEN_SERVICE, "exp": now + 300, **claims}
+    return "Bearer " + jwt.encode(claims, signing_key(kind), algorithm=algorithm)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def basic(credentials: bytes) -> str:
+    return "Basic " + base64.b64encode(credentials).decode()
+
+
+CREDENTIAL_CASES: dict[str, Callable[[], str]] = {
+    "es256_token_for_an_rsa_key": lambda: token("p256", "ES256"),
+    "es512_token_for_an_rsa_key": lambda: token("p521", "ES512"),
+    "token_access_claim_not_a_list": lambda: token(access=5),
+    "token_actions_not_strings": lambda: token(
+        access=[{"type": "repository", "name": REPO, "actions": [["pull"]]}]
+    ),
+    "basic_not_ascii": lambda: "Basic dXNlcjpwYXNz\u00e4",
+    "basic_password_over_72_bytes": lambda: basic(b"alice:" + b"p" * 73),
+    # Guards: refused before as well.
+    "token_alg_none": lambda: (
+        "Bearer " + jwt.encode({"sub": "robot", "aud": TOKEN_SERVICE}, None, algorithm="none")
+    ),
+    "token_header_not_an_object": lambda: unsigned(b"[1]"),
+    "token_header_of_deep_nesting": lambda: unsigned(b'{"alg": ' + b"[" * 20_000 + b"]" * 20_000),
+}
+
+
+def unsigned(header: bytes) -> str:
+    """A token whose header is ``header``, with an empty payload and a junk signature."""
+    return f"Bearer {b64url(header)}.{b64url(b'{}')}.AA"
+
+
+@pytest.fixture
+async def guarded_registry(nursery, tmp_path) -> RunningRegistry:
+    key = tmp_path / "token-service.pem"
+    key.write_bytes(
+        signing_key("rsa")
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(b"alice:" + bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(rounds=4)))
+    auth = {
+        "htpasswd": {"path": str(htpasswd)},
+        "bearer": {
+            "realm": "https://auth.example/token",
+            "service": TOKEN_SERVICE,
+            "cert": str(key),
+        },
+    }
+    access = {"repositories": {"**": {"anonymousPolicy": ["read"]}}}
+    config = make_config(tmp_path, http={"auth": auth, "accessControl": access})
+    return await start_registry(nursery, config)
+
+
+@pytest.mark.parametrize("name", list(CREDENTIAL_CASES))
+async def test_bad_credentials(guarded_registry, name, caplog):
+    async with one_connection(guarded_registry) as http:
+        response = await http.get(
+            f"/v2/{REPO}/tags/list",
+            headers={"Authorization": CREDENTIAL_CASES[name]().encode("latin-1")},
+        )
+        assert_oci_error(response, 401, "UNAUTHORIZED")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+        port = local_port(response)
+        # The same keep-alive connection is still served.
+        alive = await http.get("/v2/_catalog")
+        assert alive.status_code == 200
+        assert local_port(alive) == port
+    assert_no_traceback(caplog)
 
 
 # -- running the table -----------------------------------------------------------------------

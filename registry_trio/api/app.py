@@ -188,7 +188,7 @@ class RegistryApp:
         )
         repository, action = required_access(scope["method"], scope["path"])
         try:
-            who = await auth.authenticate(headers.get(b"authorization"))
+            who = await auth.authenticate(headers.get(b"authorization"), scope[CLIENT_ADDR_KEY])
         except Unauthorized as exc:
             log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
             raise self._unauthorized(repository, action, str(exc)) from None

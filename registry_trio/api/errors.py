@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from .. import oci, storage
+from ..auth import TooManyFailedLogins
 from ..events.queue import QueueError, QueueFull
 
 __all__ = ["RegistryError", "error_response", "to_registry_error"]
@@ -76,6 +77,9 @@ def to_registry_error(exc: BaseException) -> RegistryError | None:
     """
     if isinstance(exc, RegistryError):
         return exc
+    if isinstance(exc, TooManyFailedLogins):
+        retry_after = (("Retry-After", str(exc.retry_after)),)
+        return RegistryError("TOOMANYREQUESTS", 429, str(exc), headers=retry_after)
     if isinstance(exc, storage.StorageFull):
         log.error("storage full: %s; pushes fail with 507 until space is freed", exc)
         return RegistryError("UNAVAILABLE", 507, _STORAGE_FULL)
