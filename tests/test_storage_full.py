@@ -108,9 +108,13 @@ async def test_full_storage_answers_507_keeps_nothing_and_recovers(nursery, smal
         # Room for the first part of a streamed body only: it fails half-way.
         await trio.to_thread.run_sync(fill, small_disk, 1280 * 1024)
         await refused("POST", f"/v2/{REPO}/blobs/uploads/", streamed, digest=digest_of(streamed))
-        # Room for part of a chunk: what was written of it is rolled back.
+        # Room for part of a chunk: what was written of it is rolled back, whether the chunk
+        # came in one read or streamed in several.
         await trio.to_thread.run_sync(fill, small_disk, 100 * 1024)
         await refused("PATCH", session, chunk)
+        free(small_disk)
+        await trio.to_thread.run_sync(fill, small_disk, 1280 * 1024)
+        await refused("PATCH", session, streamed)
         await trio.to_thread.run_sync(fill, small_disk)
         await refused("POST", f"/v2/{REPO}/blobs/uploads/", layer, digest=digest_of(layer))
         final = digest_of(first_chunk + last_chunk)
@@ -131,7 +135,7 @@ async def test_full_storage_answers_507_keeps_nothing_and_recovers(nursery, smal
         assert (await http.get(f"/v2/{REPO}/manifests/v1")).status_code == 404
 
         errors = full_errors(caplog)
-        assert len(errors) == 5, errors  # one line per refused request
+        assert len(errors) == 6, errors  # one line per refused request
         for line in errors:
             assert line.startswith("storage full: No space left on device"), line
             assert f"filesystem of {root}" in line and "bytes free" in line, line
