@@ -91,3 +91,14 @@ async def test_offline_commands_work_beside_a_running_server(tmp_path):
             assert result.returncode == 0, (command, result.stderr)
         assert server.running
         await assert_serving(server.url)
+
+
+async def test_an_unusable_queue_directory_stops_start_up_naming_the_key(tmp_path):
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    queue = {"directory": str(not_a_directory / "queue_data")}
+    config = write_config(tmp_path, extensions={"events": {"enable": True, "queue": queue}})
+    result = await registry_trio("serve", "-c", str(config))
+    assert result.returncode == 1, result
+    (line,) = result.stderr.decode().splitlines()
+    assert "extensions.events.queue.directory" in line and str(not_a_directory) in line, line

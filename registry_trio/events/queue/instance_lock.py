@@ -18,6 +18,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from .base import QueueError
+
 __all__ = ["LOCK_NAME", "InstanceLock", "InstanceLocked"]
 
 LOCK_NAME = "serving.lock"
@@ -37,8 +39,13 @@ class InstanceLock:
 
     def acquire(self) -> None:
         """Take the lock without waiting; :class:`InstanceLocked` when another process has it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise QueueError(
+                f"cannot use extensions.events.queue.directory {self.directory}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
