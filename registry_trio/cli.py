@@ -225,12 +225,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     setup_logging(config.log)
     from .events.queue import QueueError
+    from .events.queue.instance_lock import InstanceLocked
 
     try:
         trio.run(_serve_until_signalled, config)
-    except* QueueError as group:
-        # The queue cannot open (unreachable JetStream, unreadable SQLite file): no point
-        # serving pushes that could not be acknowledged.
+    except* (QueueError, InstanceLocked) as group:
+        # The queue cannot open (unreachable JetStream, unreadable SQLite file, another
+        # process serving it): no point serving pushes that could not be acknowledged.
         for exc in _leaves(group):
             print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -145,9 +145,24 @@ class BearerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FailedLoginsConfig:
+    """How many failed basic logins a client may make within ``window``; then it gets 429."""
+
+    limit: int = 10
+    window: Duration = 60.0  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= 1_000_000:
+            raise ConfigError("limit", "must be between 1 and 1000000")
+        if self.window <= 0:
+            raise ConfigError("window", "must be greater than zero")
+
+
+@dataclasses.dataclass(frozen=True)
 class AuthConfig:
     htpasswd: HtpasswdConfig | None = None
     bearer: BearerConfig | None = None
+    failed_logins: FailedLoginsConfig = dataclasses.field(default_factory=FailedLoginsConfig)
 
 
 @dataclasses.dataclass(frozen=True)

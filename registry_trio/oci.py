@@ -12,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
+import orjson
+
 __all__ = [
     "DIGEST_ALGORITHMS",
     "MANIFEST_MEDIA_TYPES",
@@ -39,6 +41,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+# Descriptor sizes are int64 in the OCI spec (and in the Go clients that read them back).
+MAX_DESCRIPTOR_SIZE = 2**63 - 1
 
 
 class InvalidName(ValueError):
@@ -160,7 +164,7 @@ class Manifest:
         return self.media_type in INDEX_MEDIA_TYPES
 
 
-def _descriptor(value: object, where: str) -> Descriptor:
+def _descriptor(value: object, where: str, strict: bool) -> Descriptor:
     if not isinstance(value, dict):
         raise InvalidManifest(f"{where} must be a descriptor object")
     media_type, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
@@ -170,32 +174,89 @@ def _descriptor(value: object, where: str) -> Descriptor:
         raise InvalidManifest(f"{where}.digest must be a string")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidManifest(f"{where}.size must be a non-negative integer")
+    if strict and size > MAX_DESCRIPTOR_SIZE:
+        raise InvalidManifest(f"{where}.size is larger than an int64 ({MAX_DESCRIPTOR_SIZE})")
     try:
         parsed = parse_digest(digest)
     except InvalidDigest as exc:
         raise InvalidManifest(f"{where}.digest: {exc}") from None
-    artifact_type = value.get("artifactType")
-    annotations = value.get("annotations")
     return Descriptor(
         media_type,
         parsed,
         size,
-        artifact_type if isinstance(artifact_type, str) else None,
-        annotations if isinstance(annotations, dict) else None,
+        _artifact_type(value, f"{where}.", strict),
+        _annotations(value, f"{where}.", strict),
         bool(value.get("urls")),
     )
 
 
-def parse_manifest(body: bytes, content_type: str | None) -> Manifest:
+def _artifact_type(doc: dict[str, object], where: str, strict: bool) -> str | None:
+    value = doc.get("artifactType")
+    if strict and value is not None and not isinstance(value, str):
+        raise InvalidManifest(f"{where}artifactType must be a string")
+    return value if isinstance(value, str) else None
+
+
+def _annotations(doc: dict[str, object], where: str, strict: bool) -> dict[str, str] | None:
+    value = doc.get("annotations")
+    strings = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if strict and value is not None and not strings:
+        raise InvalidManifest(f"{where}annotations must be an object of strings")
+    return value if isinstance(value, dict) else None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise InvalidManifest(
+                f"manifest has the key {key[:100]!r} more than once in one object "
+                "(which one counts would depend on the reader)"
+            )
+        seen.add(key)
+    return dict(pairs)
+
+
+def _load_strictly(body: bytes) -> object:
+    """The JSON of a pushed manifest, held to I-JSON (RFC 7493).
+
+    What plain JSON parsers let through (NaN, numbers beyond a double, lone surrogates,
+    duplicate keys) is read differently by different clients, or fails later on: a manifest
+    is refused for it before anything is stored.
+    """
+    try:
+        # orjson refuses invalid UTF-8 (encoded surrogates included), lone surrogate
+        # escapes, NaN and Infinity, numbers that overflow a double and nesting deeper than
+        # 1024, in C, before the standard parser recurses or converts a 100,000-digit int.
+        orjson.loads(body)
+        # The standard parser sees duplicate keys, which orjson silently resolves.
+        return json.loads(body, object_pairs_hook=_unique_keys)
+    except InvalidManifest:
+        raise
+    except ValueError as exc:
+        raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidManifest("manifest is nested too deeply") from None
+
+
+def parse_manifest(body: bytes, content_type: str | None, *, strict: bool = False) -> Manifest:
     """Parse and check a manifest body against the media type it is pushed with.
 
     The media type comes from ``Content-Type``; when a client omits it, from the body's own
     ``mediaType`` field; failing both, from the shape (``manifests`` means an index).
+
+    ``strict`` is for a manifest being pushed: strict JSON, and every field the registry
+    passes on (sizes, annotations, artifact types) of the type the spec gives it. Stored
+    manifests are read as they were accepted: garbage collection must keep following the
+    references of one stored before a rule was added.
     """
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
+    if strict:
+        doc = _load_strictly(body)
+    else:
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidManifest("manifest must be a JSON object")
     declared = doc.get("mediaType")
@@ -211,9 +272,11 @@ def parse_manifest(body: bytes, content_type: str | None) -> Manifest:
         )
     if declared is not None and declared != media_type:
         raise InvalidManifest(
-            f"mediaType {declared!r} in the body does not match Content-Type {media_type!r}"
+            f"mediaType {declared[:100]!r} in the body does not match Content-Type "
+            f"{media_type[:100]!r}"
         )
-    if doc.get("schemaVersion") != 2:
+    version = doc.get("schemaVersion")
+    if version != 2 or (strict and type(version) is not int):
         raise InvalidManifest("schemaVersion must be 2")
 
     blobs: list[Descriptor] = []
@@ -222,24 +285,22 @@ def parse_manifest(body: bytes, content_type: str | None) -> Manifest:
         entries = doc.get("manifests")
         if not isinstance(entries, list):
             raise InvalidManifest("an index needs a 'manifests' list")
-        children = [_descriptor(d, f"manifests[{i}]") for i, d in enumerate(entries)]
+        children = [_descriptor(d, f"manifests[{i}]", strict) for i, d in enumerate(entries)]
     else:
-        blobs.append(_descriptor(doc.get("config"), "config"))
+        blobs.append(_descriptor(doc.get("config"), "config", strict))
         layers = doc.get("layers")
         if not isinstance(layers, list):
             raise InvalidManifest("an image manifest needs a 'layers' list")
-        blobs.extend(_descriptor(d, f"layers[{i}]") for i, d in enumerate(layers))
+        blobs.extend(_descriptor(d, f"layers[{i}]", strict) for i, d in enumerate(layers))
 
     subject = doc.get("subject")
-    artifact_type = doc.get("artifactType")
-    annotations = doc.get("annotations")
     return Manifest(
         media_type=media_type,
         blobs=tuple(blobs),
         manifests=tuple(children),
-        subject=_descriptor(subject, "subject") if subject is not None else None,
-        artifact_type=artifact_type if isinstance(artifact_type, str) else None,
-        annotations=annotations if isinstance(annotations, dict) else None,
+        subject=_descriptor(subject, "subject", strict) if subject is not None else None,
+        artifact_type=_artifact_type(doc, "", strict),
+        annotations=_annotations(doc, "", strict),
     )
 
 

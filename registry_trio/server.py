@@ -14,6 +14,9 @@ On ``shutdown`` Hypercorn stops accepting and lets in-flight requests finish for
 ``http.gracefulTimeout``; then delivery stops taking work and gives sends under way
 ``extensions.events.shutdownTimeout``; then the writer commits what is queued and exits.
 What was not delivered stays in the outbox for the next start.
+
+With events on, the whole run holds the queue directory's serving lock
+(:mod:`~registry_trio.events.queue.instance_lock`): a second server on it refuses to start.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .events import NullRecorder, Source
 from .events.delivery import Delivery
 from .events.filters import SinkFilter
 from .events.queue import EventQueue, open_queue
+from .events.queue.instance_lock import InstanceLock
 from .events.recorder import QueueRecorder
 from .maintenance import gc_periodically, purge_periodically
 from .metrics import Metrics
@@ -62,8 +66,23 @@ async def serve(
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound base URL."""
-    shutdown = shutdown if shutdown is not None else trio.Event()
+    """Serve until ``shutdown`` is set; ``task_status.started`` gets the bound base URL.
+
+    Raises :class:`~registry_trio.events.queue.instance_lock.InstanceLocked` when another
+    process serves the same event queue directory.
+    """
+    lock = None
+    if config.extensions.events.enable:
+        lock = InstanceLock(config.extensions.events.queue.directory)
+        await trio.to_thread.run_sync(lock.acquire)
+    try:
+        await _serve(config, shutdown if shutdown is not None else trio.Event(), task_status)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskStatus[str]) -> None:
     # Disk work (storage, the outbox's commits) runs on worker threads that need the GIL to
     # finish; while the event loop is busy, CPython makes them wait up to the switch interval
     # (5 ms by default) at every step. Measured: an outbox commit took 8.3 ms instead of

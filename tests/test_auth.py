@@ -342,6 +342,18 @@ TOKEN_ALGORITHMS = [
 ]
 
 
+# For each token service key type: a token signed for another type of key, which the
+# registry must refuse as such (PyJWT, handed both, raised a TypeError: a 500).
+MISMATCHED = {
+    "rsa": ("ES256", "p256"),
+    "p256": ("RS256", "rsa"),
+    "p384": ("PS384", "rsa"),
+    "p521": ("RS512", "rsa"),
+    "ed25519": ("ES256", "p256"),
+    "ed448": ("RS256", "rsa"),
+}
+
+
 @pytest.mark.parametrize("pem", ["public-key", "certificate"])
 @pytest.mark.parametrize(
     ("algorithm", "key_type"),
@@ -365,12 +377,21 @@ async def test_bearer_token_algorithms_and_key_forms(nursery, tmp_path, algorith
     assert response.status_code == 201
 
     forged = make_token(token_service_key(key_type, 1), access=grant, algorithm=algorithm)
+    other_algorithm, other_type = MISMATCHED[key_type]
+    mismatched = make_token(token_service_key(other_type), access=grant, algorithm=other_algorithm)
     async with httpx.AsyncClient(base_url=registry.url) as http:
         response = await http.post(
             "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {forged}"}
         )
-    assert response.status_code == 401
-    assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert response.status_code == 401
+        assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        response = await http.post(
+            "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {mismatched}"}
+        )
+    assert response.status_code == 401, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert "not signed with an algorithm the token service's key verifies" in error["message"]
 
 
 @pytest.mark.parametrize(("trusted", "expected"), [([], "peer"), (["127.0.0.0/8"], "1.2.3.4")])
@@ -421,6 +442,17 @@ def test_non_bcrypt_htpasswd_refused_at_start(tmp_path):
     path.write_text("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     config = parse_config({"http": {"auth": {"htpasswd": {"path": str(path)}}}})
     with pytest.raises(ConfigError, match=r"http\.auth\.htpasswd\.path.*bcrypt"):
+        check_files(config)
+
+
+def test_malformed_bcrypt_hash_refused_at_start(tmp_path):
+    # bcrypt itself would raise on it at the first login: a 500 instead of a start-up error.
+    path = tmp_path / "htpasswd"
+    path.write_text(f"alice:{hashed('pw')}\nbob:$2b$12$cut-short\n")
+    config = parse_config({"http": {"auth": {"htpasswd": {"path": str(path)}}}})
+    with pytest.raises(
+        ConfigError, match=r"http\.auth\.htpasswd\.path: .*:2: user 'bob'.*malformed"
+    ):
         check_files(config)
 
 

@@ -14,15 +14,24 @@ about names check the server's message quotes the name it actually received.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
+import bcrypt
 import httpx
+import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.api_helpers import (
     DOCKER_MANIFEST,
@@ -39,7 +48,7 @@ from tests.api_helpers import (
     random_blob,
     snapshot,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import RunningRegistry, make_config, start_registry
 
 REPO = "setup"
 SESSION_BYTES = 100
@@ -373,6 +382,104 @@ async def manifest_unknown_media_type(ctx: Ctx) -> httpx.Response:
     )
 
 
+# Strict JSON: what a lax parser lets through is read differently by other clients, or broke
+# the server (a 500 with a traceback) once parsed.
+
+
+def with_raw_value(ctx: Ctx, put: Callable[[dict], None], raw: bytes) -> bytes:
+    """The setup manifest with one value replaced by ``raw``, JSON that json.dumps cannot write.
+
+    ``put`` stores a placeholder string where ``raw`` goes.
+    """
+    doc = json.loads(ctx.image)
+    put(doc)
+    body = dumps(doc)
+    assert body.count(b'"@RAW@"') == 1
+    return body.replace(b'"@RAW@"', raw)
+
+
+def set_layer_size(doc: dict) -> None:
+    doc["layers"][0]["size"] = "@RAW@"
+
+
+def set_annotation(doc: dict) -> None:
+    doc["annotations"] = {"org.example.note": "@RAW@"}
+
+
+@case(400, "MANIFEST_INVALID", says="depth")
+async def manifest_deeply_nested(ctx: Ctx) -> httpx.Response:
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", b"[" * 100_000)
+
+
+@case(400, "MANIFEST_INVALID", says="depth")
+async def manifest_deeply_nested_inside_an_object(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, set_annotation, b"[" * 100_000 + b"]" * 100_000)
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="not valid JSON")
+async def manifest_size_with_100000_digits(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, set_layer_size, b"1" * 100_000)
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="int64")
+async def manifest_size_beyond_int64(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, set_layer_size, b"9223372036854775808")
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="infinity")
+async def manifest_number_with_a_huge_exponent(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, lambda doc: doc.update(extra="@RAW@"), b"1e999999")
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="not valid JSON")
+async def manifest_nan(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, lambda doc: doc.update(extra="@RAW@"), b"NaN")
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="not valid JSON")
+async def manifest_infinity(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, lambda doc: doc.update(extra="@RAW@"), b"-Infinity")
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="'layers' more than once")
+async def manifest_duplicate_key(ctx: Ctx) -> httpx.Response:
+    # Which list counts depends on the reader: this registry would check one and a client
+    # pull the other.
+    body = with_raw_value(ctx, lambda doc: doc.update(extra="@RAW@"), b'0, "layers": []')
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="surrogate")
+async def manifest_lone_surrogate_escape(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, set_annotation, b'"\\ud800"')
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="UTF-8")
+async def manifest_surrogate_encoded_in_utf8(ctx: Ctx) -> httpx.Response:
+    # CESU-8 / "surrogatepass" bytes: not UTF-8, though Python's json.loads(bytes) takes them.
+    body = with_raw_value(ctx, set_annotation, b'"\xed\xa0\x80"')
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="annotations must be an object of strings")
+async def manifest_annotation_not_a_string(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, set_annotation, b'{"nested": ["deep"]}')
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
+@case(400, "MANIFEST_INVALID", says="schemaVersion")
+async def manifest_schema_version_as_a_float(ctx: Ctx) -> httpx.Response:
+    body = with_raw_value(ctx, lambda doc: doc.update(schemaVersion="@RAW@"), b"2.0")
+    return await ctx.put_manifest(f"/v2/{REPO}/manifests/bad", body)
+
+
 # -- tags ------------------------------------------------------------------------------------
 
 
@@ -470,6 +577,101 @@ async def method_not_allowed_on_a_blob(ctx: Ctx) -> httpx.Response:
     return await ctx.send("PATCH", target, content=random_blob(1 << 20))
 
 
+# -- credentials -----------------------------------------------------------------------------
+# Each row is the Authorization header of a request to a server with htpasswd users and an
+# RSA token service key. Every one must get 401 UNAUTHORIZED, never a 500. The last three
+# were refused before too (PyJWT's own checks); they stay as guards.
+
+TOKEN_SERVICE = "registry-trio"
+
+
+@functools.cache
+def signing_key(kind: str) -> Any:
+    keys = {
+        "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    }
+    return keys[kind]()
+
+
+def token(kind: str = "rsa", algorithm: str = "RS256", **claims: object) -> str:
+    now = int(time.time())
+    claims = {"sub": "robot", "aud": TOKEN_SERVICE, "exp": now + 300, **claims}
+    return "Bearer " + jwt.encode(claims, signing_key(kind), algorithm=algorithm)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def basic(credentials: bytes) -> str:
+    return "Basic " + base64.b64encode(credentials).decode()
+
+
+CREDENTIAL_CASES: dict[str, Callable[[], str]] = {
+    "es256_token_for_an_rsa_key": lambda: token("p256", "ES256"),
+    "es512_token_for_an_rsa_key": lambda: token("p521", "ES512"),
+    "token_access_claim_not_a_list": lambda: token(access=5),
+    "token_actions_not_strings": lambda: token(
+        access=[{"type": "repository", "name": REPO, "actions": [["pull"]]}]
+    ),
+    "basic_not_ascii": lambda: "Basic dXNlcjpwYXNz\u00e4",
+    "basic_password_over_72_bytes": lambda: basic(b"alice:" + b"p" * 73),
+    # Guards: refused before as well.
+    "token_alg_none": lambda: (
+        "Bearer " + jwt.encode({"sub": "robot", "aud": TOKEN_SERVICE}, None, algorithm="none")
+    ),
+    "token_header_not_an_object": lambda: unsigned(b"[1]"),
+    "token_header_of_deep_nesting": lambda: unsigned(b'{"alg": ' + b"[" * 20_000 + b"]" * 20_000),
+}
+
+
+def unsigned(header: bytes) -> str:
+    """A token whose header is ``header``, with an empty payload and a junk signature."""
+    return f"Bearer {b64url(header)}.{b64url(b'{}')}.AA"
+
+
+@pytest.fixture
+async def guarded_registry(nursery, tmp_path) -> RunningRegistry:
+    key = tmp_path / "token-service.pem"
+    key.write_bytes(
+        signing_key("rsa")
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(b"alice:" + bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(rounds=4)))
+    auth = {
+        "htpasswd": {"path": str(htpasswd)},
+        "bearer": {
+            "realm": "https://auth.example/token",
+            "service": TOKEN_SERVICE,
+            "cert": str(key),
+        },
+    }
+    access = {"repositories": {"**": {"anonymousPolicy": ["read"]}}}
+    config = make_config(tmp_path, http={"auth": auth, "accessControl": access})
+    return await start_registry(nursery, config)
+
+
+@pytest.mark.parametrize("name", list(CREDENTIAL_CASES))
+async def test_bad_credentials(guarded_registry, name, caplog):
+    async with one_connection(guarded_registry) as http:
+        response = await http.get(
+            f"/v2/{REPO}/tags/list",
+            headers={"Authorization": CREDENTIAL_CASES[name]().encode("latin-1")},
+        )
+        assert_oci_error(response, 401, "UNAUTHORIZED")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+        port = local_port(response)
+        # The same keep-alive connection is still served.
+        alive = await http.get("/v2/_catalog")
+        assert alive.status_code == 200
+        assert local_port(alive) == port
+    assert_no_traceback(caplog)
+
+
 # -- running the table -----------------------------------------------------------------------
 
 
@@ -538,8 +740,16 @@ def one_connection(registry: RunningRegistry) -> httpx.AsyncClient:
     )
 
 
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Bad input is the client's mistake: nothing in the server log looks like a crash."""
+    for record in caplog.records:
+        assert record.exc_info is None, record.getMessage()
+        assert "unhandled error" not in record.getMessage()
+        assert record.levelno < logging.ERROR, record.getMessage()
+
+
 @pytest.mark.parametrize("name", list(CASES))
-async def test_bad_input(registry, name):
+async def test_bad_input(registry, name, caplog):
     async with one_connection(registry) as http:
         image, layer = await push_setup_image(http)
         ctx = Ctx(http, image, layer, await open_session(http))
@@ -547,9 +757,10 @@ async def test_bad_input(registry, name):
         # What the server held before is still served as it was.
         assert (await http.get(f"/v2/{REPO}/manifests/v1")).content == image
         assert (await http.get(f"/v2/{REPO}/blobs/{digest_of(layer)}")).content == layer
+    assert_no_traceback(caplog)
 
 
-async def test_server_keeps_serving_after_the_whole_table(registry):
+async def test_server_keeps_serving_after_the_whole_table(registry, caplog):
     async with one_connection(registry) as http:
         image, layer = await push_setup_image(http)
         for name in CASES:
@@ -561,6 +772,7 @@ async def test_server_keeps_serving_after_the_whole_table(registry):
         digest = await push_blob(http, "after/table", data)
         assert (await http.get(f"/v2/after/table/blobs/{digest}")).content == data
         assert (await http.get(f"/v2/{REPO}/manifests/v1")).content == image
+    assert_no_traceback(caplog)
 
 
 def test_the_table_covers_every_error_code():

@@ -92,7 +92,7 @@ async def authorize(
     auth = registry.auth
     action = repository_action(scope["method"]) if access is Access.REPOSITORY else None
     try:
-        who = await auth.authenticate(header(scope, b"authorization"))
+        who = await auth.authenticate(header(scope, b"authorization"), scope[CLIENT_ADDR_KEY])
     except Unauthorized as exc:
         log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
         raise _unauthorized(registry, repository, action, str(exc)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -15,7 +16,8 @@ from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, T
 from ..events.delivery import Delivery
 from ..events.queue import EventQueue
 from ..metrics import Metrics
-from ..storage import FilesystemStorage
+from ..storage import FilesystemStorage, StorageFull
+from ..storage.errors import DISK_FULL_ERRNOS
 
 __all__ = ["REQUEST_ID_KEY", "Registry", "header", "identity", "request_id", "request_info"]
 
@@ -84,9 +86,11 @@ class Registry:
         """Run a blocking storage call on a worker thread.
 
         Not abandoned on cancellation: a storage call that has started finishes, so a
-        client hanging up never leaves a half-done rename sequence behind.
+        client hanging up never leaves a half-done rename sequence behind. A write that fails
+        for want of room raises :class:`StorageFull`.
         """
-        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.io_limiter)
+        call = functools.partial(_on_storage, self.storage.root, fn, *args)
+        return await trio.to_thread.run_sync(call, limiter=self.io_limiter)
 
     async def emit(self, scope: MutableMapping[str, Any], *changes: tuple[Action, Target]) -> None:
         """Record this request's events in one commit; returns once they are durable."""
@@ -104,3 +108,13 @@ class Registry:
         """An absolute URL for ``path`` as the client addressed this registry."""
         host = header(scope, b"host") or self.source.addr
         return f"{scope.get('scheme', 'http')}://{host}{path}"
+
+
+def _on_storage(root: Path, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, on a worker thread, where a full disk can be measured without blocking."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise StorageFull(root, exc) from exc
+        raise

@@ -8,10 +8,12 @@ the same problem whichever path served it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from .. import oci, storage
-from ..events.queue import QueueError
+from ..auth import TooManyFailedLogins
+from ..events.queue import QueueError, QueueFull
 
 __all__ = ["RegistryError", "error_response", "to_registry_error"]
 
@@ -53,10 +55,37 @@ _DEFAULT_MESSAGES = {
 }
 
 
+log = logging.getLogger("registry_trio.api")
+
+# 507 Insufficient Storage (RFC 4918): the server cannot store what the request needs. Not a
+# 500 (nothing is broken: freeing space fixes it), not 413 (the request is not too large)
+# nor 503 (pulls still work): clients report it as a server-side error and may retry.
+_STORAGE_FULL = (
+    "the registry's storage is full: this request was not stored; push again once space is freed"
+)
+_QUEUE_FULL = (
+    "the registry's event queue is out of disk space: the change was stored but its event "
+    "was not, so it is not acknowledged; push again once space is freed"
+)
+
+
 def to_registry_error(exc: BaseException) -> RegistryError | None:
-    """The OCI error for a domain exception, or None when it is not one we expect."""
+    """The OCI error for a domain exception, or None when it is not one we expect.
+
+    A full disk is also logged here, in one line for the operator (which path, how much
+    room is left): it is theirs to fix, and a traceback would tell them nothing more.
+    """
     if isinstance(exc, RegistryError):
         return exc
+    if isinstance(exc, TooManyFailedLogins):
+        retry_after = (("Retry-After", str(exc.retry_after)),)
+        return RegistryError("TOOMANYREQUESTS", 429, str(exc), headers=retry_after)
+    if isinstance(exc, storage.StorageFull):
+        log.error("storage full: %s; pushes fail with 507 until space is freed", exc)
+        return RegistryError("UNAVAILABLE", 507, _STORAGE_FULL)
+    if isinstance(exc, QueueFull):
+        log.error("event queue full: %s; pushes fail with 507 until space is freed", exc)
+        return RegistryError("UNAVAILABLE", 507, _QUEUE_FULL)
     for kind, (code, status) in _MAPPING.items():
         if isinstance(exc, kind):
             default = _DEFAULT_MESSAGES.get(code)

@@ -85,7 +85,7 @@ async def put_manifest(req: RawRequest) -> None:
     name = req.name
     tag, expected = _reference(req.params["reference"])
     body = await _read_body(req, registry.config.http.max_manifest_size)
-    manifest = oci.parse_manifest(body, req.header("content-type"))
+    manifest = oci.parse_manifest(body, req.header("content-type"), strict=True)
     digest = oci.Digest.of(body, expected.algorithm if expected else "sha256")
     if expected is not None and digest != expected:
         raise RegistryError(

@@ -8,13 +8,15 @@ request come from. Nothing here knows about routes or events.
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
+import time
+from collections.abc import Callable
 
-from ..config import HTTPConfig
+from ..config import FailedLoginsConfig, HTTPConfig
 from .client_address import TrustedProxies
 from .htpasswd import HtpasswdError, HtpasswdFile
 from .identity import ANONYMOUS, Identity, Unauthorized
+from .login_limits import LoginLimits, TooManyFailedLogins
 from .policy import AccessPolicy
 from .tokens import TokenVerifier
 
@@ -24,6 +26,7 @@ __all__ = [
     "Authenticator",
     "HtpasswdError",
     "Identity",
+    "TooManyFailedLogins",
     "TrustedProxies",
     "Unauthorized",
 ]
@@ -34,20 +37,24 @@ _SCOPE_ACTIONS = {"read": "pull", "create": "pull,push", "update": "pull,push", 
 
 
 class Authenticator:
-    def __init__(self, config: HTTPConfig) -> None:
+    def __init__(self, config: HTTPConfig, clock: Callable[[], float] = time.monotonic) -> None:
         auth = config.auth
         self.htpasswd = HtpasswdFile(auth.htpasswd.path) if auth and auth.htpasswd else None
         self.tokens = TokenVerifier(auth.bearer) if auth and auth.bearer else None
         self.policy = AccessPolicy(config.access_control, self.enabled)
         self.proxies = TrustedProxies(config.trusted_proxies)
+        limits = auth.failed_logins if auth else FailedLoginsConfig()
+        self.logins = LoginLimits(limits.limit, float(limits.window), clock)
 
     @property
     def enabled(self) -> bool:
         return self.htpasswd is not None or self.tokens is not None
 
-    async def authenticate(self, authorization: str | None) -> Identity:
+    async def authenticate(self, authorization: str | None, client: str = "") -> Identity:
         """The identity the header proves; :class:`Unauthorized` if it proves nothing.
 
+        ``client`` is the request's resolved address: failed basic logins are limited per
+        client (:class:`TooManyFailedLogins` past the limit, see :mod:`.login_limits`).
         Without authentication configured, credentials are ignored: nothing was verified,
         so nobody is named.
         """
@@ -56,18 +63,24 @@ class Authenticator:
         scheme, _, credentials = authorization.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.htpasswd is not None:
-            try:
-                user, sep, password = (
-                    base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
-                )
-            except (binascii.Error, UnicodeDecodeError):
-                raise Unauthorized("malformed basic credentials") from None
-            if not sep or not await self.htpasswd.verify(user, password):
-                raise Unauthorized(f"wrong username or password (user {user!r})")
-            return Identity(user, "basic")
+            return await self._basic(credentials, client)
         if scheme == "bearer" and self.tokens is not None:
             return self.tokens.verify(credentials.strip())
         raise Unauthorized(f"authorization scheme {scheme!r} is not accepted here")
+
+    async def _basic(self, credentials: str, client: str) -> Identity:
+        assert self.htpasswd is not None
+        self.logins.check(client)
+        try:
+            user, password = _user_and_password(credentials)
+            if not self.htpasswd.remembers(user, password):
+                async with self.logins.turn(client):
+                    if not await self.htpasswd.verify(user, password):
+                        raise Unauthorized(f"wrong username or password (user {user[:100]!r})")
+        except Unauthorized:
+            self.logins.failed(client)
+            raise
+        return Identity(user, "basic")
 
     def challenge(self, repository: str | None, action: str | None) -> str:
         """The ``WWW-Authenticate`` value, with the scope this request needs."""
@@ -79,3 +92,14 @@ class Authenticator:
                 scope = "registry:catalog:*"
             return f'Bearer realm="{bearer.realm}",service="{bearer.service}",scope="{scope}"'
         return 'Basic realm="registry-trio"'
+
+
+def _user_and_password(credentials: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
+        raise Unauthorized("malformed basic credentials") from None
+    user, sep, password = decoded.partition(":")
+    if not sep:  # never quoted: without a ':' it may well be a password
+        raise Unauthorized("malformed basic credentials: no ':' between user and password")
+    return user, password

@@ -11,14 +11,14 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
-__all__ = ["TrustedProxies"]
+__all__ = ["TrustedProxies", "address_host"]
 
 # A ``for=`` parameter of RFC 7239 ``Forwarded``: a quoted string or a token.
 _FORWARDED_FOR = re.compile(r'for=(?:"([^"]*)"|([^;,\s]*))', re.IGNORECASE)
 
 
-def _node_address(node: str) -> str:
-    """The address in a ``Forwarded`` node: ``[v6]:port``, ``v4:port`` or a bare address."""
+def address_host(node: str) -> str:
+    """The host in ``[v6]:port``, ``v4:port`` or a bare address (a ``Forwarded`` node too)."""
     node = node.strip()
     if node.startswith("["):
         return node[1:].partition("]")[0]
@@ -57,8 +57,7 @@ class TrustedProxies:
             return _format(host, port)
         if forwarded:
             chain = [
-                _node_address(quoted or token)
-                for quoted, token in _FORWARDED_FOR.findall(forwarded)
+                address_host(quoted or token) for quoted, token in _FORWARDED_FOR.findall(forwarded)
             ]
         elif forwarded_for:
             chain = [part.strip() for part in forwarded_for.split(",") if part.strip()]

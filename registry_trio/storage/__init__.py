@@ -8,6 +8,7 @@ from .errors import (
     ManifestUnknown,
     NameUnknown,
     StorageError,
+    StorageFull,
 )
 from .filesystem import FilesystemStorage, ManifestRecord, PutManifestResult, UploadWriter
 
@@ -22,5 +23,6 @@ __all__ = [
     "NameUnknown",
     "PutManifestResult",
     "StorageError",
+    "StorageFull",
     "UploadWriter",
 ]

@@ -67,6 +67,17 @@ def _repository_tag(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """Write all of ``data`` (os.write may write less); a failure names ``path``."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        # os.write's own error names no file; the operator needs to know which one.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -119,7 +130,9 @@ class UploadWriter:
     """Appends to one upload session, hashing as it goes so the final check is cheap.
 
     Not thread-safe: the API serialises requests per upload session. ``rollback`` truncates
-    to the offset at open, so a chunk that fails half-way leaves the session as it was.
+    to the offset at open, so a chunk that fails half-way (a full disk) leaves the session as
+    it was. Writes are unbuffered: a buffered writer would flush, and fail, inside the
+    truncate too.
     """
 
     def __init__(self, storage: FilesystemStorage, upload_id: str | None, data_path: Path) -> None:
@@ -131,11 +144,10 @@ class UploadWriter:
         # session finished or cancelled meanwhile is unknown, not silently recreated).
         flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if upload_id is None else 0)
         try:
-            fd = os.open(data_path, flags, 0o644)
+            self._fd = os.open(data_path, flags, 0o644)
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id or str(data_path)) from None
-        self._file: BinaryIO = open(fd, "ab")  # noqa: SIM115 - closed in close()
-        self.start = self._file.tell()
+        self.start = os.lseek(self._fd, 0, os.SEEK_END)
         self.offset = self.start
         cached = storage._hashers.take(upload_id) if upload_id else None
         # A hasher is only trusted when it covers exactly the bytes on disk; after a restart
@@ -145,18 +157,21 @@ class UploadWriter:
             self._hasher = hashlib.sha256()
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        _write_all(self._fd, chunk, self.path)
         self.offset += len(chunk)
         if self._hasher is not None:
             self._hasher.update(chunk)
 
     def rollback(self) -> None:
-        self._file.truncate(self.start)
+        os.ftruncate(self._fd, self.start)
         self.offset = self.start
         self._hasher = None
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
         if self._hasher is not None and self._upload_id is not None:
             self._storage._hashers.put(self._upload_id, self.offset, self._hasher)
 
@@ -214,13 +229,16 @@ class FilesystemStorage:
         staged = self._tmp / uuid.uuid4().hex
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._publish(staged, path)
+            try:
+                _write_all(fd, data, staged)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish(staged, path)
+        except BaseException:
+            # A full disk (or any failure) must not leave its half-written file behind.
+            staged.unlink(missing_ok=True)
+            raise
 
     def _link(self, path: Path) -> None:
         """Create an empty marker file (a link), or refresh the time of an existing one.

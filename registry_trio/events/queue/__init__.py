@@ -16,7 +16,15 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from ...config import EventsConfig
-from .base import DeadLetter, Delivery, EventQueue, QueueError, SinkCounts, SinkQueue
+from .base import (
+    DeadLetter,
+    Delivery,
+    EventQueue,
+    QueueError,
+    QueueFull,
+    SinkCounts,
+    SinkQueue,
+)
 from .sqlite import Outbox, OutboxReader
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "Outbox",
     "OutboxReader",
     "QueueError",
+    "QueueFull",
     "SinkCounts",
     "SinkQueue",
     "open_queue",

@@ -32,6 +32,7 @@ __all__ = [
     "Delivery",
     "EventQueue",
     "QueueError",
+    "QueueFull",
     "SinkCounts",
     "SinkQueue",
     "take_limit",
@@ -54,6 +55,10 @@ def take_limit(sink: SinkConfig) -> int:
 
 class QueueError(Exception):
     """The queue could not commit; nothing that depended on it may be acknowledged."""
+
+
+class QueueFull(QueueError):
+    """The queue could not commit for want of disk space: the operator must free some."""
 
 
 @dataclass(frozen=True)

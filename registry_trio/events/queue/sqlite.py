@@ -44,7 +44,7 @@ import trio
 
 from ...config import SinkConfig
 from ..model import Event
-from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
+from .base import DeadLetter, Delivery, QueueError, QueueFull, SinkCounts, take_limit
 
 __all__ = ["Outbox", "OutboxReader"]
 
@@ -259,6 +259,8 @@ class Outbox:
         self._queue.put(write)
         await write.done.wait()
         if write.error is not None:
+            if _disk_full(write.error):
+                raise QueueFull(f"cannot commit to {self.path}: {write.error}") from write.error
             raise QueueError(f"the event queue could not commit: {write.error}") from write.error
 
     # -- signals -------------------------------------------------------------------------
@@ -512,6 +514,12 @@ class SqliteSinkQueue:
             await self._outbox.bury(self._name, [d.seq for d in deliveries], error)
         finally:
             self._done(deliveries)
+
+
+def _disk_full(error: BaseException) -> bool:
+    # SQLite reports a write that failed with ENOSPC (or EDQUOT) as SQLITE_FULL.
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 # Rows per multi-row statement. executemany steps SQLite once per row, and the sqlite3 module
