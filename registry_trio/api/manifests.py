@@ -46,6 +46,18 @@ def _reference(reference: str) -> tuple[str | None, oci.Digest | None]:
     return oci.validate_tag(reference), None
 
 
+def _stored_reference(reference: str) -> tuple[str | None, oci.Digest | None]:
+    """:func:`_reference` for a lookup (GET, HEAD, DELETE): an invalid tag names nothing.
+
+    The spec's pull endpoints fail only with 404, and its DELETE keeps 400 for "deletion is
+    disabled"; a tag no push could have created is simply not there.
+    """
+    try:
+        return _reference(reference)
+    except oci.InvalidTag as exc:
+        raise RegistryError("MANIFEST_UNKNOWN", 404, "manifest unknown", str(exc)) from None
+
+
 def _manifest_target(
     req: RawRequest, record: ManifestRecord, tag: str | None, manifest: oci.Manifest
 ) -> Target:
@@ -117,7 +129,7 @@ async def put_manifest(req: RawRequest) -> None:
 
 async def get_manifest(req: RawRequest) -> None:
     registry = req.registry
-    tag, digest = _reference(req.params["reference"])
+    tag, digest = _stored_reference(req.params["reference"])
     record = await registry.io(_lookup, registry.storage, req.name, tag, digest)
     headers = [
         ("Content-Type", record.media_type),
@@ -140,7 +152,7 @@ async def get_manifest(req: RawRequest) -> None:
 async def delete_manifest(req: RawRequest) -> None:
     registry = req.registry
     name = req.name
-    tag, digest = _reference(req.params["reference"])
+    tag, digest = _stored_reference(req.params["reference"])
     if tag is not None:
         # Deleting by tag removes the tag only; the manifest stays reachable by digest.
         digest = await registry.io(registry.storage.delete_tag, name, tag)
