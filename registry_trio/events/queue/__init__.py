@@ -16,15 +16,26 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from ...config import EventsConfig
-from .base import DeadLetter, Delivery, EventQueue, QueueError, SinkCounts, SinkQueue
+from .base import (
+    APPENDED,
+    DeadLetter,
+    Delivery,
+    EventQueue,
+    PendingAppend,
+    QueueError,
+    SinkCounts,
+    SinkQueue,
+)
 from .sqlite import Outbox, OutboxReader
 
 __all__ = [
+    "APPENDED",
     "DeadLetter",
     "Delivery",
     "EventQueue",
     "Outbox",
     "OutboxReader",
+    "PendingAppend",
     "QueueError",
     "SinkCounts",
     "SinkQueue",
