@@ -24,6 +24,8 @@ import httpx
 import pytest
 import trio
 
+from registry_trio.events import Action, Event, Source, Target
+from registry_trio.events.queue import running_queue
 from tests.api_helpers import (
     OCI_MANIFEST,
     assert_oci_error,
@@ -224,3 +226,31 @@ async def test_last_push_event_per_tag_is_what_the_tag_serves(racing, sink):
             )
             assert all(r.status_code == 201 for r in responses)
     await assert_stream_replays_to_state(racing, sink)
+
+
+async def test_appends_keep_the_order_they_were_begun_in(tmp_path, queue):
+    """What the lock relies on: it is released once a change's append is begun, before the
+    append is durable, so appends must be stored in the order begun, however their callers
+    then wait (here: all at once, the last begun first)."""
+    sink = {"type": "http", "address": "http://127.0.0.1:9/events"}
+    config = make_config(
+        tmp_path, extensions={"events": {"enable": True, "queue": queue, "sinks": [sink]}}
+    )
+    (sink_config,) = config.extensions.events.sinks
+    events = [
+        Event(Action.MANIFEST_PUSHED, Target(repository=REPO, tag=f"t{i}"), Source("a", "i"))
+        for i in range(300)
+    ]
+    async with running_queue(config.extensions.events) as events_queue:
+        pending = [events_queue.begin_append([(e, [str(sink_config.name)])]) for e in events]
+        async with trio.open_nursery() as nursery:
+            for append in reversed(pending):
+                nursery.start_soon(append.wait)
+        taken: list[Event] = []
+        async with events_queue.consumer(sink_config, stopping=trio.Event()) as sink_queue:
+            with trio.fail_after(30):
+                while len(taken) < len(events):
+                    deliveries = await sink_queue.take()
+                    await sink_queue.ack(deliveries)
+                    taken += [d.event for d in deliveries]
+    assert [e.id for e in taken] == [e.id for e in events]

@@ -35,8 +35,16 @@ class RepositoryLocks:
         entry = self._entries.setdefault(name, _Entry())
         entry.users += 1
         try:
-            async with entry.lock:
+            # A free lock is taken without a schedule point: on a busy event loop each one
+            # costs a turn behind every runnable task (measured: +3 ms per manifest PUT).
+            try:
+                entry.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await entry.lock.acquire()
+            try:
                 yield
+            finally:
+                entry.lock.release()
         finally:
             entry.users -= 1
             if entry.users == 0:
