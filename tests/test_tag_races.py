@@ -24,6 +24,7 @@ import httpx
 import pytest
 import trio
 
+from registry_trio.config import Config
 from registry_trio.events import Action, Event, Source, Target
 from registry_trio.events.queue import running_queue
 from tests.api_helpers import (
@@ -36,6 +37,7 @@ from tests.api_helpers import (
     random_blob,
 )
 from tests.conftest import RunningRegistry, make_config, start_registry
+from tests.sink import HTTPSinkServer
 
 REPO = "race/app"
 BARRIER_REPO = "race/barrier"
@@ -55,7 +57,7 @@ ACCESS_CONTROL = {
 }
 
 
-def race_config(tmp_path: Path, sink_url: str, queue: dict[str, object]):
+def race_config(tmp_path: Path, sink_url: str, queue: dict[str, object]) -> Config:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text(
         "".join(
@@ -154,7 +156,7 @@ def replay(events: list[dict[str, Any]]) -> dict[str, str]:
     return tags
 
 
-async def assert_stream_replays_to_state(registry: RunningRegistry, sink) -> None:
+async def assert_stream_replays_to_state(registry: RunningRegistry, sink: HTTPSinkServer) -> None:
     async with client(registry, "owner") as http:
         images = Images()
         await images.push_blobs(http, BARRIER_REPO)
