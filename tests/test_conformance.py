@@ -211,6 +211,28 @@ async def test_head_of_missing_content_is_404_without_a_body_and_keeps_the_conne
             assert local_port(after) == local_port(first)
 
 
+async def test_a_reference_that_is_no_valid_tag_is_an_unknown_manifest(http):
+    """Pulling manifests: the suite's "HEAD request to nonexistent manifest should return 404"
+    and "GET nonexistent manifest should return 404" (pull and push workflows) use the
+    reference ``.INVALID_MANIFEST_NAME``; end-3 fails only with 404, so a tag no push could
+    have created is unknown, not invalid. DELETE says the same (its 400 means "deletion is
+    disabled"); only a PUT, which would create the tag, refuses it as invalid."""
+    body = await push_image(http, "refs", "v1")
+    for reference in (".INVALID_MANIFEST_NAME", "-dash", "a+b", "t" * 129):
+        target = f"/v2/refs/manifests/{reference}"
+        entry = assert_oci_error(await http.get(target), 404, "MANIFEST_UNKNOWN")
+        assert repr(reference) in entry["detail"]
+        head = await http.head(target)
+        assert (head.status_code, head.content) == (404, b"")
+        assert_oci_error(await http.delete(target), 404, "MANIFEST_UNKNOWN")
+        put = await http.put(target, content=body, headers={"Content-Type": OCI_MANIFEST})
+        assert_oci_error(put, 400, "MANIFEST_INVALID")
+    # Also where the repository does not exist.
+    missing = await http.get("/v2/no/such/repo/manifests/.INVALID_MANIFEST_NAME")
+    assert_oci_error(missing, 404, "MANIFEST_UNKNOWN")
+    assert (await http.get("/v2/refs/tags/list")).json()["tags"] == ["v1"]
+
+
 async def test_api_version_header_on_401_and_200_of_the_version_check(nursery, tmp_path: Path):
     """API Version Check (Docker Registry HTTP API V2, kept by the OCI spec's end-1): "When a
     200 OK or 401 Unauthorized response is returned, the Docker-Distribution-API-Version

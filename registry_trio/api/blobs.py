@@ -280,8 +280,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
             start = int(match[1])
             end = min(int(match[2]), size - 1) if match[2] else size - 1
     if start < 0 or start > end or start >= size:
+        # BLOB_UPLOAD_INVALID: the spec's codes have no range one (distribution's RANGE_INVALID
+        # is not allowed on a 4xx); the status and Content-Range say what went wrong.
         raise RegistryError(
-            "RANGE_INVALID",
+            "BLOB_UPLOAD_INVALID",
             416,
             f"range {header!r} cannot be satisfied for a blob of {size} bytes",
             headers=(("Content-Range", f"bytes */{size}"),),

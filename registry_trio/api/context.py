@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,10 +15,11 @@ from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import Delivery
-from ..events.queue import EventQueue
+from ..events.queue import APPENDED, EventQueue, PendingAppend
 from ..metrics import Metrics
 from ..storage import FilesystemStorage, StorageFull
 from ..storage.errors import DISK_FULL_ERRNOS
+from .locks import RepositoryLocks
 
 __all__ = ["REQUEST_ID_KEY", "Registry", "header", "identity", "request_id", "request_info"]
 
@@ -81,6 +83,8 @@ class Registry:
     delivery: Delivery | None = None
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)
+    # Held across a manifest or tag change and the queueing of its events.
+    locks: RepositoryLocks = field(default_factory=RepositoryLocks)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking storage call on a worker thread.
@@ -94,15 +98,39 @@ class Registry:
 
     async def emit(self, scope: MutableMapping[str, Any], *changes: tuple[Action, Target]) -> None:
         """Record this request's events in one commit; returns once they are durable."""
+        await self._begin_emit(scope, changes).wait()
+
+    def _begin_emit(
+        self, scope: MutableMapping[str, Any], changes: Sequence[tuple[Action, Target]]
+    ) -> PendingAppend:
         wanted = [(a, t) for a, t in changes if not a.is_pull or self.events.wants(a)]
         if not wanted:
-            return
+            return APPENDED
         request = request_info(scope)
         who = identity(scope)
         actor = None if who.anonymous else Actor(who.name, who.method)
-        await self.events.record(
+        return self.events.begin_record(
             [Event(action, target, self.source, actor, request) for action, target in wanted]
         )
+
+    @contextlib.asynccontextmanager
+    async def repository_change(
+        self, scope: MutableMapping[str, Any], name: str
+    ) -> AsyncIterator[list[tuple[Action, Target]]]:
+        """Change repository ``name``: the block checks and changes the storage, and lists
+        the change's events in the list it is given; returns once they are durable.
+
+        The block runs holding the repository's lock, and the events take their place in
+        the queue before it is released: the event stream has a repository's changes in
+        the order its storage had them, so replaying it gives what the registry serves.
+        Durability is awaited after the release; the queue keeps the order already, so a
+        repository's next change need not wait for this one's fsync.
+        """
+        changes: list[tuple[Action, Target]] = []
+        async with self.locks.hold(name):
+            yield changes
+            pending = self._begin_emit(scope, changes)
+        await pending.wait()
 
     def url(self, scope: MutableMapping[str, Any], path: str) -> str:
         """An absolute URL for ``path`` as the client addressed this registry."""

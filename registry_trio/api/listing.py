@@ -44,8 +44,9 @@ def _paginate(items: list[str], path: str, key: str, extra: dict[str, str]) -> R
     headers = {"Content-Type": "application/json"}
     if raw_n is not None:
         if not raw_n.isdigit():
+            # UNSUPPORTED ("invalid set of parameters"): the spec's codes have no pagination one.
             raise RegistryError(
-                "PAGINATION_NUMBER_INVALID", 400, f"n must be a non-negative integer, not {raw_n!r}"
+                "UNSUPPORTED", 400, f"n must be a non-negative integer, not {raw_n!r}"
             )
         n = int(raw_n)
         if n < len(items) and n > 0:

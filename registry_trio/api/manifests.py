@@ -46,6 +46,18 @@ def _reference(reference: str) -> tuple[str | None, oci.Digest | None]:
     return oci.validate_tag(reference), None
 
 
+def _stored_reference(reference: str) -> tuple[str | None, oci.Digest | None]:
+    """:func:`_reference` for a lookup (GET, HEAD, DELETE): an invalid tag names nothing.
+
+    The spec's pull endpoints fail only with 404, and its DELETE keeps 400 for "deletion is
+    disabled"; a tag no push could have created is simply not there.
+    """
+    try:
+        return _reference(reference)
+    except oci.InvalidTag as exc:
+        raise RegistryError("MANIFEST_UNKNOWN", 404, "manifest unknown", str(exc)) from None
+
+
 def _manifest_target(
     req: RawRequest, record: ManifestRecord, tag: str | None, manifest: oci.Manifest
 ) -> Target:
@@ -80,6 +92,16 @@ def _lookup(
     return storage.get_manifest(name, digest)
 
 
+def _delete_by_digest(
+    storage: FilesystemStorage, name: str, digest: oci.Digest
+) -> tuple[str, list[str]]:
+    """Delete a manifest and the tags that point at it: (its media type, those tags)."""
+    record = storage.get_manifest(name, digest)
+    manifest = oci.parse_manifest(record.body, record.media_type)
+    subject = manifest.subject.digest if manifest.subject else None
+    return record.media_type, storage.delete_manifest(name, digest, subject)
+
+
 async def put_manifest(req: RawRequest) -> None:
     registry = req.registry
     name = req.name
@@ -93,18 +115,17 @@ async def put_manifest(req: RawRequest) -> None:
             400,
             f"manifest body has digest {digest}, not the {expected} it was pushed as",
         )
-    if tag is not None and "update" not in registry.auth.policy.allowed(identity(req.scope), name):
-        # Moving an existing tag is an update, which `create` alone does not allow.
-        existing = await registry.io(_tag_exists, registry, name, tag)
-        if existing:
+    # Moving an existing tag is an update, which `create` alone does not allow.
+    create_only = "update" not in registry.auth.policy.allowed(identity(req.scope), name)
+    async with registry.repository_change(req.scope, name) as events:
+        # Checked under the lock: no racing push can create the tag between check and write.
+        if tag is not None and create_only and await registry.io(_tag_exists, registry, name, tag):
             raise RegistryError("DENIED", 403, f"may not update existing tag {name}:{tag}")
-    result = await registry.io(registry.storage.put_manifest, name, body, manifest, digest, tag)
-    record = ManifestRecord(digest, manifest.media_type, body)
-    changes = []
-    if result.created_repository:
-        changes.append((Action.REPOSITORY_CREATED, Target(repository=name)))
-    changes.append((Action.MANIFEST_PUSHED, _manifest_target(req, record, tag, manifest)))
-    await registry.emit(req.scope, *changes)
+        result = await registry.io(registry.storage.put_manifest, name, body, manifest, digest, tag)
+        if result.created_repository:
+            events.append((Action.REPOSITORY_CREATED, Target(repository=name)))
+        record = ManifestRecord(digest, manifest.media_type, body)
+        events.append((Action.MANIFEST_PUSHED, _manifest_target(req, record, tag, manifest)))
 
     headers = [
         ("Location", f"/v2/{name}/manifests/{digest}"),
@@ -117,7 +138,7 @@ async def put_manifest(req: RawRequest) -> None:
 
 async def get_manifest(req: RawRequest) -> None:
     registry = req.registry
-    tag, digest = _reference(req.params["reference"])
+    tag, digest = _stored_reference(req.params["reference"])
     record = await registry.io(_lookup, registry.storage, req.name, tag, digest)
     headers = [
         ("Content-Type", record.media_type),
@@ -140,21 +161,25 @@ async def get_manifest(req: RawRequest) -> None:
 async def delete_manifest(req: RawRequest) -> None:
     registry = req.registry
     name = req.name
-    tag, digest = _reference(req.params["reference"])
-    if tag is not None:
-        # Deleting by tag removes the tag only; the manifest stays reachable by digest.
-        digest = await registry.io(registry.storage.delete_tag, name, tag)
-        target = Target(repository=name, tag=tag, digest=str(digest))
-        await registry.emit(req.scope, (Action.TAG_DELETED, target))
-        await req.respond(202)
-        return
-    assert digest is not None
-    record = await registry.io(registry.storage.get_manifest, name, digest)
-    manifest = oci.parse_manifest(record.body, record.media_type)
-    subject = manifest.subject.digest if manifest.subject else None
-    await registry.io(registry.storage.delete_manifest, name, digest, subject)
-    target = Target(repository=name, digest=str(digest), media_type=record.media_type)
-    await registry.emit(req.scope, (Action.MANIFEST_DELETED, target))
+    tag, digest = _stored_reference(req.params["reference"])
+    async with registry.repository_change(req.scope, name) as events:
+        if tag is not None:
+            # Deleting by tag removes the tag only; the manifest stays reachable by digest.
+            digest = await registry.io(registry.storage.delete_tag, name, tag)
+            events.append(
+                (Action.TAG_DELETED, Target(repository=name, tag=tag, digest=str(digest)))
+            )
+        else:
+            assert digest is not None
+            media_type, tags = await registry.io(_delete_by_digest, registry.storage, name, digest)
+            # The tags that pointed at it went with it: each gets its tag delete first, as in
+            # distribution, so a consumer replaying the stream drops them too.
+            events.extend(
+                (Action.TAG_DELETED, Target(repository=name, tag=t, digest=str(digest)))
+                for t in tags
+            )
+            target = Target(repository=name, digest=str(digest), media_type=media_type)
+            events.append((Action.MANIFEST_DELETED, target))
     await req.respond(202)
 
 

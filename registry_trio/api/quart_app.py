@@ -30,7 +30,9 @@ def _http_error(exc: HTTPException) -> RegistryError:
     if status == 413:
         return RegistryError("MANIFEST_INVALID", 413, "request body is larger than the limit")
     if status == 404:
-        return RegistryError("NOT_FOUND", 404, "no such endpoint in the registry API")
+        # UNSUPPORTED: the OCI spec allows only its own codes on a 4xx (distribution's
+        # NOT_FOUND is not one of them).
+        return RegistryError("UNSUPPORTED", 404, "no such endpoint in the registry API")
     if status == 405:
         return RegistryError("UNSUPPORTED", 405, "method not allowed on this endpoint")
     return RegistryError("UNSUPPORTED", status, exc.description or "request not supported")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .model import Action, Event
+from .queue.base import APPENDED, PendingAppend
 
 if TYPE_CHECKING:
     from .filters import SinkFilter
@@ -25,6 +26,11 @@ class EventRecorder(Protocol):
         """
         ...
 
+    def begin_record(self, events: Sequence[Event]) -> PendingAppend:
+        """:meth:`record` in two steps: the events' place in the queue is fixed on return,
+        their durability awaited with the result's ``wait``."""
+        ...
+
 
 class NullRecorder:
     """Used when the events extension is off: nothing is wanted, nothing is stored."""
@@ -34,6 +40,9 @@ class NullRecorder:
 
     async def record(self, events: Sequence[Event]) -> None:
         return None
+
+    def begin_record(self, events: Sequence[Event]) -> PendingAppend:
+        return APPENDED
 
 
 class QueueRecorder:
@@ -47,6 +56,9 @@ class QueueRecorder:
         return any(f.wants(action) for f in self._filters)
 
     async def record(self, events: Sequence[Event]) -> None:
-        await self._queue.append(
+        await self.begin_record(events).wait()
+
+    def begin_record(self, events: Sequence[Event]) -> PendingAppend:
+        return self._queue.begin_append(
             [(e, [f.sink for f in self._filters if f.matches(e)]) for e in events]
         )

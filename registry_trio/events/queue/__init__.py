@@ -17,9 +17,11 @@ import trio
 
 from ...config import EventsConfig
 from .base import (
+    APPENDED,
     DeadLetter,
     Delivery,
     EventQueue,
+    PendingAppend,
     QueueError,
     QueueFull,
     SinkCounts,
@@ -28,11 +30,13 @@ from .base import (
 from .sqlite import Outbox, OutboxReader
 
 __all__ = [
+    "APPENDED",
     "DeadLetter",
     "Delivery",
     "EventQueue",
     "Outbox",
     "OutboxReader",
+    "PendingAppend",
     "QueueError",
     "QueueFull",
     "SinkCounts",

@@ -9,6 +9,10 @@ guarantees live behind these calls, so the same tests hold both implementations 
 
 - :meth:`EventQueue.append` returns only once the events are durable; a failure raises
   :class:`QueueError` and nothing may be acknowledged to the client.
+- Appends keep the order in which they were begun, even when their callers wait for them
+  concurrently: :meth:`EventQueue.begin_append` fixes an append's place before it returns
+  (the API begins a change's append while it holds the repository's lock, and waits for
+  durability after releasing it).
 - :meth:`SinkQueue.take` hands out each owed event until it is acknowledged or buried; an
   event taken and never acknowledged (a crash, a stop) is handed out again: at least once.
 - In order (``concurrency: 1``), nothing is handed out past an event that waits for a retry.
@@ -27,10 +31,12 @@ from ...config import SinkConfig
 from ..model import Event
 
 __all__ = [
+    "APPENDED",
     "ORDERED_RUN",
     "DeadLetter",
     "Delivery",
     "EventQueue",
+    "PendingAppend",
     "QueueError",
     "QueueFull",
     "SinkCounts",
@@ -92,6 +98,23 @@ class SinkCounts:
     last_error_at: float | None
 
 
+class PendingAppend(Protocol):
+    """An append whose place in the queue is fixed; it may not be durable yet."""
+
+    async def wait(self) -> None:
+        """Return once the events are durable; raise :class:`QueueError` if they cannot be."""
+        ...
+
+
+class _Appended:
+    async def wait(self) -> None:
+        return None
+
+
+# An append with nothing to store (no sink wants its events): durable already.
+APPENDED: PendingAppend = _Appended()
+
+
 class SinkQueue(Protocol):
     """One sink's view of the queue, owned by that sink's delivery worker."""
 
@@ -141,6 +164,12 @@ class EventQueue(Protocol):
 
     async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
         """Store events, each owed to the named sinks; return once durable."""
+        ...
+
+    def begin_append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> PendingAppend:
+        """:meth:`append` in two steps: the events take their place in the queue's order
+        now (before any later append), and are durable once the result's ``wait`` returns.
+        A queue already shut down raises :class:`QueueError` here."""
         ...
 
     def consumer(

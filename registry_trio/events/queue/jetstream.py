@@ -55,8 +55,16 @@ from ...config import QueueConfig, SinkConfig, redact_address
 from ..failures import describe_failure, secrets
 from ..model import Event
 from ..natsconn import connect_options, new_client
-from ..sinks._asyncio_bridge import AsyncioThread
-from .base import DeadLetter, Delivery, QueueError, SinkCounts, take_limit
+from ..sinks._asyncio_bridge import AsyncioCall, AsyncioThread
+from .base import (
+    APPENDED,
+    DeadLetter,
+    Delivery,
+    PendingAppend,
+    QueueError,
+    SinkCounts,
+    take_limit,
+)
 
 __all__ = ["JetStreamQueue"]
 
@@ -638,16 +646,21 @@ class JetStreamQueue:
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one NATS operation on the queue's thread; NATS failures become QueueError."""
         jetstream = self._jetstream()
-        try:
-            return await self._thread.run(fn, *args, **kwargs)
-        except QueueError:
-            raise
-        except Exception as exc:
-            raise QueueError(f"the JetStream queue failed: {jetstream.describe(exc)}") from exc
+        return await _outcome(jetstream, self._thread.start(fn, *args, **kwargs))
 
     # -- EventQueue ----------------------------------------------------------------------------
 
     async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
+        await self.begin_append(items).wait()
+
+    def begin_append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> PendingAppend:
+        """Start publishing; the stream stores messages in the order they were begun.
+
+        One connection carries every publish, each written to its outgoing buffer without
+        waiting (nats-py's request after its reply subscription exists, which opening made),
+        and the queue's thread starts calls in the order made: so the stream numbers them
+        in that order, whenever their acknowledgements come back.
+        """
         jetstream = self._jetstream()
         messages = []
         for event, sinks in items:
@@ -657,11 +670,13 @@ class JetStreamQueue:
                 headers = {"Nats-Msg-Id": f"{event.id}.{token}"}
                 messages.append((f"{self._config.stream}.sink.{token}", body, headers))
         if not messages:
-            return
-        started = time.perf_counter()
-        await self.call(jetstream.publish, messages)
-        if self._on_commit is not None:
-            self._on_commit(len(messages), time.perf_counter() - started)
+            return APPENDED
+        return _Publishing(
+            jetstream,
+            self._thread.start(jetstream.publish, messages),
+            len(messages),
+            self._on_commit,
+        )
 
     def wake(self, sink: str) -> None:
         if (signal := self._signals.get(sink)) is not None:
@@ -705,6 +720,38 @@ class JetStreamQueue:
 
     async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
         return await self.call(self._jetstream().replay, sink, event_ids)
+
+
+async def _outcome(jetstream: _JetStream, call: AsyncioCall[Any]) -> Any:
+    """The result of a NATS operation; NATS failures become QueueError."""
+    try:
+        return await call.result()
+    except QueueError:
+        raise
+    except Exception as exc:
+        raise QueueError(f"the JetStream queue failed: {jetstream.describe(exc)}") from exc
+
+
+class _Publishing:
+    """An append on its way to the stream (:meth:`JetStreamQueue.begin_append`)."""
+
+    def __init__(
+        self,
+        jetstream: _JetStream,
+        call: AsyncioCall[None],
+        messages: int,
+        on_commit: Callable[[int, float], None] | None,
+    ) -> None:
+        self._jetstream = jetstream
+        self._call = call
+        self._messages = messages
+        self._on_commit = on_commit
+        self._started = time.perf_counter()
+
+    async def wait(self) -> None:
+        await _outcome(self._jetstream, self._call)
+        if self._on_commit is not None:
+            self._on_commit(self._messages, time.perf_counter() - self._started)
 
 
 @dataclass

@@ -44,7 +44,16 @@ import trio
 
 from ...config import SinkConfig
 from ..model import Event
-from .base import DeadLetter, Delivery, QueueError, QueueFull, SinkCounts, take_limit
+from .base import (
+    APPENDED,
+    DeadLetter,
+    Delivery,
+    PendingAppend,
+    QueueError,
+    QueueFull,
+    SinkCounts,
+    take_limit,
+)
 
 __all__ = ["Outbox", "OutboxReader"]
 
@@ -116,8 +125,18 @@ class _Write:
     apply: Callable[[sqlite3.Connection], Any] | None = None
     rows: Sequence[_Row] = ()
     wakes: Sequence[str] = ()
+    # The database file, named when a commit fails for want of space.
+    path: Path | None = None
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+
+    async def wait(self) -> None:
+        """Return once committed; raise :class:`QueueError` if the commit failed."""
+        await self.done.wait()
+        if self.error is not None:
+            if _disk_full(self.error):
+                raise QueueFull(f"cannot commit to {self.path}: {self.error}") from self.error
+            raise QueueError(f"the event queue could not commit: {self.error}") from self.error
 
 
 class Outbox:
@@ -247,21 +266,26 @@ class Outbox:
         for write in group:
             self._commit([write])
 
+    def _begin(
+        self,
+        apply: Callable[[sqlite3.Connection], Any] | None = None,
+        wakes: Sequence[str] = (),
+        rows: Sequence[_Row] = (),
+    ) -> _Write:
+        """Queue a write for the writer thread, which commits writes in the order queued."""
+        if self._closed:
+            raise QueueError("the event queue is shut down")
+        write = _Write(apply, rows, wakes, self.path)
+        self._queue.put(write)
+        return write
+
     async def _write(
         self,
         apply: Callable[[sqlite3.Connection], Any] | None = None,
         wakes: Sequence[str] = (),
         rows: Sequence[_Row] = (),
     ) -> None:
-        if self._closed:
-            raise QueueError("the event queue is shut down")
-        write = _Write(apply, rows, wakes)
-        self._queue.put(write)
-        await write.done.wait()
-        if write.error is not None:
-            if _disk_full(write.error):
-                raise QueueFull(f"cannot commit to {self.path}: {write.error}") from write.error
-            raise QueueError(f"the event queue could not commit: {write.error}") from write.error
+        await self._begin(apply, wakes, rows).wait()
 
     # -- signals -------------------------------------------------------------------------
 
@@ -287,11 +311,19 @@ class Outbox:
 
     async def append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> None:
         """Commit events, each owed to the given sinks; returns once durable on disk."""
+        await self.begin_append(items).wait()
+
+    def begin_append(self, items: Sequence[tuple[Event, Sequence[str]]]) -> PendingAppend:
+        """Queue events for the writer; their ``seq`` follows every append begun before.
+
+        The writer thread takes writes first in, first out, and numbers a group's rows in
+        that order (a group retried write by write keeps it too).
+        """
         rows = [(e.id, e.to_bytes(), e.time.timestamp(), sinks) for e, sinks in items if sinks]
         if not rows:
-            return
+            return APPENDED
         wakes = sorted({s for *_, sinks in rows for s in sinks})
-        await self._write(wakes=wakes, rows=rows)
+        return self._begin(wakes=wakes, rows=rows)
 
     async def ack(self, sink: str, seqs: Sequence[int]) -> None:
         """Mark deliveries done: delete them, and each event nobody else still owes."""

@@ -16,6 +16,9 @@ Contract:
   not leave work running behind the caller's back. A task that ignores cancellation longer
   than that is left to :meth:`~AsyncioThread.aclose`.
 - The coroutine's result is returned, its exception raised, in the Trio caller.
+- Calls begin on the loop in the order they were made. :meth:`~AsyncioThread.start`
+  schedules one at once and returns an :class:`AsyncioCall` to await later, so a caller can
+  fix its place in that order before it waits (the JetStream queue's appends rely on it).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
-__all__ = ["CANCEL_GRACE", "AsyncioThread"]
+__all__ = ["CANCEL_GRACE", "AsyncioCall", "AsyncioThread"]
 
 T = TypeVar("T")
 
@@ -83,49 +86,19 @@ class AsyncioThread:
             asyncio.set_event_loop(None)
             loop.close()
 
+    def start(
+        self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    ) -> AsyncioCall[T]:
+        """Schedule ``fn(*args, **kwargs)`` on the asyncio loop now; await its ``result()``.
+
+        Calls started one after another begin on the loop in that order (the loop runs its
+        callbacks first in, first out), whenever their callers get to wait for them.
+        """
+        return AsyncioCall(self.name, self._start(), fn, args, kwargs)
+
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the asyncio loop; its result in Trio."""
-        loop = self._start()
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        box: dict[str, Any] = {}
-
-        def wake(_: object = None) -> None:  # on the asyncio thread
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        def start() -> None:  # on the asyncio thread
-            try:
-                task = loop.create_task(fn(*args, **kwargs))
-            except BaseException as exc:  # fn raised before returning a coroutine
-                box["error"] = exc
-                wake()
-                return
-            box["task"] = task
-            task.add_done_callback(wake)
-
-        def cancel() -> None:  # on the asyncio thread; always after start() (FIFO)
-            if "task" in box:
-                box["task"].cancel()
-
-        loop.call_soon_threadsafe(start)
-        try:
-            await done.wait()
-        except trio.Cancelled:
-            loop.call_soon_threadsafe(cancel)
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
-                await done.wait()
-            task = box.get("task")
-            if task is not None and task.done() and not task.cancelled():
-                task.exception()  # retrieved: it ended its own way while being cancelled
-            raise
-        if "error" in box:
-            raise box["error"]
-        task: asyncio.Task[T] = box["task"]
-        if task.cancelled():
-            # Cancelled from the asyncio side (by aclose): the caller's call did not happen.
-            raise RuntimeError(f"{self.name}: the call was cancelled by shutdown")
-        return task.result()
+        return await self.start(fn, *args, **kwargs).result()
 
     async def aclose(self) -> None:
         """Stop the loop (cancelling what still runs on it) and join the thread."""
@@ -137,3 +110,63 @@ class AsyncioThread:
             loop.call_soon_threadsafe(loop.stop)
         # Not cancellable: returning before the thread is gone would leave an orphan.
         await trio.to_thread.run_sync(thread.join)
+
+
+class AsyncioCall(Generic[T]):
+    """One coroutine function call scheduled on an :class:`AsyncioThread`'s loop."""
+
+    def __init__(
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._name = name
+        self._loop = loop
+        self._done = trio.Event()
+        self._task: asyncio.Task[T] | None = None
+        self._error: BaseException | None = None
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object = None) -> None:  # on the asyncio thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._done.set)
+
+        def start() -> None:  # on the asyncio thread
+            try:
+                task = loop.create_task(fn(*args, **kwargs))
+            except BaseException as exc:  # fn raised before returning a coroutine
+                self._error = exc
+                wake()
+                return
+            self._task = task
+            task.add_done_callback(wake)
+
+        loop.call_soon_threadsafe(start)
+
+    def _cancel(self) -> None:  # on the asyncio thread; always after start() (FIFO)
+        if self._task is not None:
+            self._task.cancel()
+
+    async def result(self) -> T:
+        """Wait for the call to end: its result, or its exception raised here."""
+        try:
+            await self._done.wait()
+        except trio.Cancelled:
+            self._loop.call_soon_threadsafe(self._cancel)
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE):
+                await self._done.wait()
+            task = self._task
+            if task is not None and task.done() and not task.cancelled():
+                task.exception()  # retrieved: it ended its own way while being cancelled
+            raise
+        if self._error is not None:
+            raise self._error
+        task = self._task
+        assert task is not None
+        if task.cancelled():
+            # Cancelled from the asyncio side (by aclose): the caller's call did not happen.
+            raise RuntimeError(f"{self._name}: the call was cancelled by shutdown")
+        return task.result()
