@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import uuid
 from collections import OrderedDict
@@ -44,9 +45,6 @@ __all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWr
 # name), so the session is one file, ``uploads/<id>``, whose id alone says which repository it
 # belongs to: opening a session reads no bookkeeping file, creating one creates one file.
 _UPLOAD_ID = re.compile(r"[0-9a-f]{48}")
-# Sessions written before that were directories ``uploads/<id>/{data,repository}``; they are
-# still honoured, so an upgrade does not lose uploads in progress.
-_LEGACY_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 # How many sessions' hash states are kept in memory; past that the least recently written
@@ -286,52 +284,28 @@ class FilesystemStorage:
         os.close(os.open(self.layout.upload(upload_id), flags, 0o644))
         return upload_id
 
-    def _session(self, name: str, upload_id: str) -> tuple[Path, Path | None]:
-        """(data file, legacy session directory or None) of ``name``'s session ``upload_id``.
+    def _session(self, name: str, upload_id: str) -> Path:
+        """The data file of ``name``'s session ``upload_id``.
 
         A session of another repository is unknown here. Existence is checked by the caller's
         open or stat of the data file.
         """
-        if _UPLOAD_ID.fullmatch(upload_id):
-            if upload_id[32:] != _repository_tag(name):
-                raise BlobUploadUnknown(upload_id)
-            return self.layout.upload(upload_id), None
-        if not _LEGACY_UPLOAD_ID.fullmatch(upload_id):
+        if not _UPLOAD_ID.fullmatch(upload_id) or upload_id[32:] != _repository_tag(name):
             raise BlobUploadUnknown(upload_id)
-        directory = self.layout.upload(upload_id)
-        try:
-            owner = (directory / "repository").read_text(encoding="utf-8")
-        except (FileNotFoundError, NotADirectoryError):
-            raise BlobUploadUnknown(upload_id) from None
-        if owner != name:
-            raise BlobUploadUnknown(upload_id)
-        return directory / "data", directory
-
-    def _remove_session(self, data: Path, legacy: Path | None) -> None:
-        if legacy is None:
-            data.unlink(missing_ok=True)
-            return
-        for child in legacy.iterdir():
-            child.unlink()
-        legacy.rmdir()
+        return self.layout.upload(upload_id)
 
     def upload_offset(self, name: str, upload_id: str) -> int:
-        data, _ = self._session(name, upload_id)
         try:
-            return data.stat().st_size
+            return self._session(name, upload_id).stat().st_size
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id) from None
 
     def open_upload(self, name: str, upload_id: str) -> UploadWriter:
-        data, _ = self._session(name, upload_id)
-        return UploadWriter(self, upload_id, data)
+        return UploadWriter(self, upload_id, self._session(name, upload_id))
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
-        data, legacy = self._session(name, upload_id)
+        data = self._session(name, upload_id)
         self._hashers.take(upload_id)
-        if legacy is not None:
-            self._remove_session(data, legacy)
-            return
         try:
             data.unlink()
         except FileNotFoundError:
@@ -344,30 +318,27 @@ class FilesystemStorage:
         blob, and keeping them would only leak disk. On success the session's file itself
         becomes the blob (renamed into place), so nothing is copied.
         """
-        data, legacy = self._session(name, upload_id)
+        data = self._session(name, upload_id)
         try:
             return self._publish_blob(name, data, expected, self._hashers.take(upload_id))
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id) from None
         finally:
-            self._remove_session(data, legacy)
+            data.unlink(missing_ok=True)
 
     def _last_write(self, upload_id: str) -> float | None:
         """When session ``upload_id`` was last written (its data's mtime); None if no session.
 
-        A legacy session whose data file never came is as old as its directory. Names that
-        are no session id are none of the registry's doing and are left alone.
+        Entries that are no session (not a file, or not named by a session id) are none of
+        the registry's doing and are left alone.
         """
-        entry = self.layout.upload(upload_id)
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            return None
         try:
-            if _UPLOAD_ID.fullmatch(upload_id):
-                return entry.stat().st_mtime
-            if _LEGACY_UPLOAD_ID.fullmatch(upload_id) and entry.is_dir():
-                data = entry / "data"
-                return (data if data.exists() else entry).stat().st_mtime
+            info = self.layout.upload(upload_id).stat()
         except FileNotFoundError:
-            pass
-        return None
+            return None
+        return info.st_mtime if stat.S_ISREG(info.st_mode) else None
 
     def idle_uploads(self, cutoff: float) -> list[str]:
         """Ids of the upload sessions last written at or before ``cutoff`` (wall clock)."""
@@ -390,10 +361,8 @@ class FilesystemStorage:
             if written is None or written > cutoff:
                 continue
             self._hashers.take(upload_id)
-            entry = self.layout.upload(upload_id)
-            legacy = entry if entry.is_dir() else None
             try:
-                self._remove_session(entry / "data" if legacy else entry, legacy)
+                self.layout.upload(upload_id).unlink()
             except FileNotFoundError:
                 continue  # cancelled meanwhile
             purged.append(upload_id)
