@@ -99,7 +99,7 @@ def check_files(config: Config) -> None:
     """Read what the config points at (htpasswd, token key) and report problems by key.
 
     Kept apart from parsing so that parsing stays free of I/O beyond readability checks;
-    ``registry-trio serve`` and ``verify`` run it before anything starts.
+    every ``registry-trio`` command runs it on its config before doing anything.
     """
     try:
         Authenticator(config.http)
