@@ -3,9 +3,9 @@
 The on-disk layout is :mod:`.layout`'s.
 
 Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was
-written to ``tmp/`` (or an upload directory), verified and fsync'd; the parent directory is
-fsync'd after the rename. A crash therefore leaves at worst an unreferenced file, never a
-partial one under a visible name.
+written to ``tmp/`` (or as an upload session in ``uploads/``), verified and fsync'd; the parent
+directory is fsync'd after the rename. A crash therefore leaves at worst an unreferenced file,
+never a partial one under a visible name.
 
 Every method here blocks on the disk. Callers on the event loop run them through
 ``trio.to_thread`` (see :mod:`registry_trio.api.context`); nothing in this module knows
@@ -371,7 +371,7 @@ class FilesystemStorage:
     def open_staged_upload(self) -> UploadWriter:
         """A writer for a monolithic upload (``POST ?digest=``): one file in ``tmp/``.
 
-        Cheaper than a session (no directory, no bookkeeping files), and just as safe: the
+        No session is opened for it (nothing under ``uploads/``), and it is just as safe: the
         file is invisible until :meth:`finish_staged_upload` verifies and renames it.
         """
         return UploadWriter(self, None, self.layout.tmp / uuid.uuid4().hex)
