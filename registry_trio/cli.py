@@ -38,7 +38,7 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def _load(path: str | None) -> Config:
-    from .config import check_files
+    from .auth import check_files
 
     try:
         config = load_config(path)

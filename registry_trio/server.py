@@ -91,7 +91,7 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
     events = config.extensions.events
     storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
 
-    metrics = Metrics(storage.root / "uploads", [str(s.name) for s in events.sinks])
+    metrics = Metrics(storage.layout.uploads, [str(s.name) for s in events.sinks])
     async with trio.open_nursery() as nursery:
         queue = delivery = None
         if events.enable:

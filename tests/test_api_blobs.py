@@ -424,25 +424,6 @@ async def test_session_belongs_to_its_repository(http):
     assert (await http.get(location)).headers["Range"] == "0-0"
 
 
-async def test_session_in_the_earlier_directory_layout_is_honoured(http, registry):
-    # Sessions written by earlier versions: uploads/<32 hex>/{data,repository}.
-    data = random_blob(700)
-    upload_id = "0123456789abcdef0123456789abcdef"
-    directory = registry.root / "uploads" / upload_id
-    directory.mkdir()
-    (directory / "data").write_bytes(data[:300])
-    (directory / "repository").write_text("legacy/app", encoding="utf-8")
-    location = f"/v2/legacy/app/blobs/uploads/{upload_id}"
-
-    assert (await http.get(location)).headers["Range"] == "0-299"
-    foreign = f"/v2/intruder/blobs/uploads/{upload_id}"
-    assert_oci_error(await http.get(foreign), 404, "BLOB_UPLOAD_UNKNOWN")
-    response = await http.put(location, params={"digest": digest_of(data)}, content=data[300:])
-    assert response.status_code == 201, response.text
-    assert (await http.get(f"/v2/legacy/app/blobs/{digest_of(data)}")).content == data
-    assert not directory.exists()
-
-
 async def test_digest_mismatch_on_put_stores_nothing(http, registry):
     data = random_blob(500)
     claimed = digest_of(b"something else")

@@ -45,15 +45,6 @@ def make_old(path: Path, seconds: float = 7200) -> None:
     os.utime(path, (then, then))
 
 
-def legacy_session(root: Path, upload_id: str, data: bytes) -> Path:
-    """A session in the layout of earlier versions: ``uploads/<32 hex>/{data,repository}``."""
-    directory = root / "uploads" / upload_id
-    directory.mkdir(parents=True)
-    (directory / "data").write_bytes(data)
-    (directory / "repository").write_text(REPO, encoding="utf-8")
-    return directory
-
-
 def session_ids(root: Path) -> set[str]:
     return set(os.listdir(root / "uploads"))
 
@@ -95,15 +86,13 @@ async def test_idle_sessions_are_purged_and_slow_or_young_ones_stay(registry_htt
     root, http = registry_http
     runs = PurgeRuns(caplog)
     data = random_blob(4000)
-    legacy_id = "0123456789abcdef0123456789abcdef"
-    legacy_session(root, legacy_id, data[:300])
     abandoned = await open_session(http, data[:1000])
     slow = await open_session(http, data[:1000])
     opened = trio.current_time()
-    assert value(await scrape(http), "registry_upload_sessions_open") == 3
+    assert value(await scrape(http), "registry_upload_sessions_open") == 2
 
-    # The slow client keeps sending a little, for longer than the age, while the other two
-    # sessions sit idle until they are purged.
+    # The slow client keeps sending a little, for longer than the age, while the other
+    # session sits idle until it is purged.
     sent = 1000
     while session_ids(root) != {slow.rsplit("/", 1)[1]} or trio.current_time() - opened < 2 * AGE:
         assert trio.current_time() - opened < 20, f"not purged: {session_ids(root)}"
@@ -118,8 +107,6 @@ async def test_idle_sessions_are_purged_and_slow_or_young_ones_stay(registry_htt
     finish = {"digest": digest_of(data[:1000])}
     put = await http.put(abandoned, params=finish, content=b"")
     assert_oci_error(put, 404, "BLOB_UPLOAD_UNKNOWN")
-    legacy = f"/v2/{REPO}/blobs/uploads/{legacy_id}"
-    assert_oci_error(await http.get(legacy), 404, "BLOB_UPLOAD_UNKNOWN")
     assert session_ids(root) == {slow.rsplit("/", 1)[1]}  # nothing recreated
 
     # A session opened now is young and stays; the slow one completes whole.
@@ -211,8 +198,14 @@ async def test_gc_command_purges_idle_sessions_unless_purging_is_off(tmp_path):
     storage = FilesystemStorage(root)
     old, young = storage.create_upload(REPO), storage.create_upload(REPO)
     make_old(root / "uploads" / old)
-    legacy_id = "fedcba9876543210fedcba9876543210"
-    make_old(legacy_session(root, legacy_id, b"abc") / "data")
+    # Old entries that are no session are none of the registry's doing: a file not named
+    # by a session id, and a directory that is (the registry only ever makes files there).
+    strangers = {"notes.txt", "f" * 48}
+    (root / "uploads" / "notes.txt").write_text("an operator's")
+    (root / "uploads" / ("f" * 48)).mkdir()
+    (root / "uploads" / ("f" * 48) / "kept").write_text("someone else's")
+    for name in strangers:
+        make_old(root / "uploads" / name)
     config = tmp_path / "gc.json"
 
     def write(**purging: object) -> None:
@@ -223,8 +216,8 @@ async def test_gc_command_purges_idle_sessions_unless_purging_is_off(tmp_path):
     assert (await gc_cli(config))["purgedUploads"] is None
     write()
     dry = await gc_cli(config, "--dry-run")
-    assert dry["purgedUploads"] == sorted([old, legacy_id])
-    assert session_ids(root) == {old, young, legacy_id}
+    assert dry["purgedUploads"] == [old]
+    assert session_ids(root) == {old, young, *strangers}
     done = await gc_cli(config)
     assert done["purgedUploads"] == dry["purgedUploads"]
-    assert session_ids(root) == {young}
+    assert session_ids(root) == {young, *strangers}

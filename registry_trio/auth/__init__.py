@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..config import FailedLoginsConfig, HTTPConfig
+from ..config import Config, ConfigError, FailedLoginsConfig, HTTPConfig
 from .client_address import TrustedProxies
 from .htpasswd import HtpasswdError, HtpasswdFile
 from .identity import ANONYMOUS, Identity, Unauthorized
@@ -29,6 +29,7 @@ __all__ = [
     "TooManyFailedLogins",
     "TrustedProxies",
     "Unauthorized",
+    "check_files",
 ]
 
 log = logging.getLogger("registry_trio.auth")
@@ -92,6 +93,20 @@ class Authenticator:
                 scope = "registry:catalog:*"
             return f'Bearer realm="{bearer.realm}",service="{bearer.service}",scope="{scope}"'
         return 'Basic realm="registry-trio"'
+
+
+def check_files(config: Config) -> None:
+    """Read what the config points at (htpasswd, token key) and report problems by key.
+
+    Kept apart from parsing so that parsing stays free of I/O beyond readability checks;
+    every ``registry-trio`` command runs it on its config before doing anything.
+    """
+    try:
+        Authenticator(config.http)
+    except HtpasswdError as exc:
+        raise ConfigError("http.auth.htpasswd.path", str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError("http.auth.bearer.cert", f"cannot load the key: {exc}") from None
 
 
 def _user_and_password(credentials: str) -> tuple[str, str]:

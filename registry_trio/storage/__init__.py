@@ -11,12 +11,14 @@ from .errors import (
     StorageFull,
 )
 from .filesystem import FilesystemStorage, ManifestRecord, PutManifestResult, UploadWriter
+from .layout import Layout
 
 __all__ = [
     "BlobUnknown",
     "BlobUploadUnknown",
     "DigestMismatch",
     "FilesystemStorage",
+    "Layout",
     "ManifestBlobUnknown",
     "ManifestRecord",
     "ManifestUnknown",

@@ -1,20 +1,11 @@
 """A content-addressed registry store on a local filesystem.
 
-Layout under the root directory (close to distribution's, so operators recognise it)::
-
-    blobs/<alg>/<hex[:2]>/<hex>                          content, shared by all repositories
-    repositories/<name>/_layers/<alg>/<hex>              the repository holds this blob
-    repositories/<name>/_manifests/revisions/<alg>/<hex> holds this manifest (file: media type)
-    repositories/<name>/_manifests/tags/<tag>            tag -> digest (file: the digest)
-    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>.json   referrer descriptor
-    uploads/<id>                                         upload session data (survives restarts;
-                                                         purged once idle, see purge_uploads)
-    tmp/                                                 staging for atomic writes
+The on-disk layout is :mod:`.layout`'s.
 
 Crash safety rests on one rule: content becomes visible only by ``rename`` of a file that was
-written to ``tmp/`` (or an upload directory), verified and fsync'd; the parent directory is
-fsync'd after the rename. A crash therefore leaves at worst an unreferenced file, never a
-partial one under a visible name.
+written to ``tmp/`` (or as an upload session in ``uploads/``), verified and fsync'd; the parent
+directory is fsync'd after the rename. A crash therefore leaves at worst an unreferenced file,
+never a partial one under a visible name.
 
 Every method here blocks on the disk. Callers on the event loop run them through
 ``trio.to_thread`` (see :mod:`registry_trio.api.context`); nothing in this module knows
@@ -28,10 +19,11 @@ import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,16 +37,14 @@ from .errors import (
     ManifestUnknown,
     NameUnknown,
 )
+from .layout import Layout
 
-__all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWriter"]
+__all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWriter", "fsync_dir"]
 
 # An upload id is 32 random hex digits followed by 16 naming the repository (a hash of its
 # name), so the session is one file, ``uploads/<id>``, whose id alone says which repository it
 # belongs to: opening a session reads no bookkeeping file, creating one creates one file.
 _UPLOAD_ID = re.compile(r"[0-9a-f]{48}")
-# Sessions written before that were directories ``uploads/<id>/{data,repository}``; they are
-# still honoured, so an upgrade does not lose uploads in progress.
-_LEGACY_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 # How many sessions' hash states are kept in memory; past that the least recently written
@@ -78,7 +68,8 @@ def _write_all(fd: int, data: bytes, path: Path) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the creation, rename or removal of an entry of ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -189,44 +180,20 @@ class FilesystemStorage:
         ``registry-trio gc``): its staged files are in use, not crash leftovers.
         """
         self.root = Path(root).resolve()
-        self._blobs = self.root / "blobs"
-        self._repos = self.root / "repositories"
-        self._uploads = self.root / "uploads"
-        self._tmp = self.root / "tmp"
-        for path in (self._blobs, self._repos, self._uploads, self._tmp):
+        self.layout = layout = Layout(self.root)
+        for path in (layout.blobs, layout.repositories, layout.uploads, layout.tmp):
             path.mkdir(parents=True, exist_ok=True)
         # Lost on restart by design.
         self._hashers = _Hashers(HASHER_LIMIT)
         # Staged files are never visible; whatever a crash left there is garbage.
         if clean_tmp:
-            for leftover in self._tmp.iterdir():
+            for leftover in layout.tmp.iterdir():
                 leftover.unlink(missing_ok=True)
-
-    # -- paths -----------------------------------------------------------------------------
-
-    def _blob_path(self, digest: Digest) -> Path:
-        return self._blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
-
-    def _repo(self, name: str) -> Path:
-        # ``name`` has passed oci.validate_name: no '..', no leading '_' or '/'.
-        return self._repos / name
-
-    def _layer_link(self, name: str, digest: Digest) -> Path:
-        return self._repo(name) / "_layers" / digest.algorithm / digest.encoded
-
-    def _revision_link(self, name: str, digest: Digest) -> Path:
-        return self._repo(name) / "_manifests" / "revisions" / digest.algorithm / digest.encoded
-
-    def _tag_path(self, name: str, tag: str) -> Path:
-        return self._repo(name) / "_manifests" / "tags" / tag
-
-    def _referrers_dir(self, name: str, subject: Digest) -> Path:
-        return self._repo(name) / "_referrers" / subject.algorithm / subject.encoded
 
     # -- atomic writes ---------------------------------------------------------------------
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        staged = self._tmp / uuid.uuid4().hex
+        staged = self.layout.tmp / uuid.uuid4().hex
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -256,7 +223,7 @@ class FilesystemStorage:
         except FileNotFoundError:  # the first link in its directory
             path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _publish(self, staged: Path, path: Path) -> None:
         try:
@@ -264,25 +231,25 @@ class FilesystemStorage:
         except FileNotFoundError:  # the first file in its directory (or no staged file)
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     # -- blobs -----------------------------------------------------------------------------
 
     def blob_size(self, name: str, digest: Digest) -> int:
         """Size of a blob the repository holds; :class:`BlobUnknown` otherwise."""
-        if not self._layer_link(name, digest).exists():
+        if not self.layout.layer_link(name, digest).exists():
             raise BlobUnknown(str(digest))
         try:
-            return self._blob_path(digest).stat().st_size
+            return self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             raise BlobUnknown(str(digest)) from None
 
     def open_blob(self, name: str, digest: Digest) -> tuple[BinaryIO, int]:
         """Open a blob for reading; the caller closes it."""
-        if not self._layer_link(name, digest).exists():
+        if not self.layout.layer_link(name, digest).exists():
             raise BlobUnknown(str(digest))
         try:
-            f = open(self._blob_path(digest), "rb")  # noqa: SIM115 - caller closes
+            f = open(self.layout.blob(digest), "rb")  # noqa: SIM115 - caller closes
         except FileNotFoundError:
             raise BlobUnknown(str(digest)) from None
         return f, os.fstat(f.fileno()).st_size
@@ -290,7 +257,7 @@ class FilesystemStorage:
     def delete_blob(self, name: str, digest: Digest) -> None:
         """Unlink a blob from a repository; the content stays until garbage collection."""
         try:
-            self._layer_link(name, digest).unlink()
+            self.layout.layer_link(name, digest).unlink()
         except FileNotFoundError:
             raise BlobUnknown(str(digest)) from None
 
@@ -300,68 +267,45 @@ class FilesystemStorage:
         With ``source`` the blob must be held by that repository; without it, any blob
         already stored is mounted (the automatic mount clients rely on).
         """
-        if source is not None and not self._layer_link(source, digest).exists():
+        if source is not None and not self.layout.layer_link(source, digest).exists():
             return None
         try:
-            size = self._blob_path(digest).stat().st_size
+            size = self.layout.blob(digest).stat().st_size
         except FileNotFoundError:
             return None
-        self._link(self._layer_link(name, digest))
+        self._link(self.layout.layer_link(name, digest))
         return size
 
     # -- uploads ---------------------------------------------------------------------------
 
     def create_upload(self, name: str) -> str:
         upload_id = uuid.uuid4().hex + _repository_tag(name)
-        os.close(os.open(self._uploads / upload_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        os.close(os.open(self.layout.upload(upload_id), flags, 0o644))
         return upload_id
 
-    def _session(self, name: str, upload_id: str) -> tuple[Path, Path | None]:
-        """(data file, legacy session directory or None) of ``name``'s session ``upload_id``.
+    def _session(self, name: str, upload_id: str) -> Path:
+        """The data file of ``name``'s session ``upload_id``.
 
         A session of another repository is unknown here. Existence is checked by the caller's
         open or stat of the data file.
         """
-        if _UPLOAD_ID.fullmatch(upload_id):
-            if upload_id[32:] != _repository_tag(name):
-                raise BlobUploadUnknown(upload_id)
-            return self._uploads / upload_id, None
-        if not _LEGACY_UPLOAD_ID.fullmatch(upload_id):
+        if not _UPLOAD_ID.fullmatch(upload_id) or upload_id[32:] != _repository_tag(name):
             raise BlobUploadUnknown(upload_id)
-        directory = self._uploads / upload_id
-        try:
-            owner = (directory / "repository").read_text(encoding="utf-8")
-        except (FileNotFoundError, NotADirectoryError):
-            raise BlobUploadUnknown(upload_id) from None
-        if owner != name:
-            raise BlobUploadUnknown(upload_id)
-        return directory / "data", directory
-
-    def _remove_session(self, data: Path, legacy: Path | None) -> None:
-        if legacy is None:
-            data.unlink(missing_ok=True)
-            return
-        for child in legacy.iterdir():
-            child.unlink()
-        legacy.rmdir()
+        return self.layout.upload(upload_id)
 
     def upload_offset(self, name: str, upload_id: str) -> int:
-        data, _ = self._session(name, upload_id)
         try:
-            return data.stat().st_size
+            return self._session(name, upload_id).stat().st_size
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id) from None
 
     def open_upload(self, name: str, upload_id: str) -> UploadWriter:
-        data, _ = self._session(name, upload_id)
-        return UploadWriter(self, upload_id, data)
+        return UploadWriter(self, upload_id, self._session(name, upload_id))
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
-        data, legacy = self._session(name, upload_id)
+        data = self._session(name, upload_id)
         self._hashers.take(upload_id)
-        if legacy is not None:
-            self._remove_session(data, legacy)
-            return
         try:
             data.unlink()
         except FileNotFoundError:
@@ -374,36 +318,33 @@ class FilesystemStorage:
         blob, and keeping them would only leak disk. On success the session's file itself
         becomes the blob (renamed into place), so nothing is copied.
         """
-        data, legacy = self._session(name, upload_id)
+        data = self._session(name, upload_id)
         try:
             return self._publish_blob(name, data, expected, self._hashers.take(upload_id))
         except FileNotFoundError:
             raise BlobUploadUnknown(upload_id) from None
         finally:
-            self._remove_session(data, legacy)
+            data.unlink(missing_ok=True)
 
     def _last_write(self, upload_id: str) -> float | None:
         """When session ``upload_id`` was last written (its data's mtime); None if no session.
 
-        A legacy session whose data file never came is as old as its directory. Names that
-        are no session id are none of the registry's doing and are left alone.
+        Entries that are no session (not a file, or not named by a session id) are none of
+        the registry's doing and are left alone.
         """
-        entry = self._uploads / upload_id
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            return None
         try:
-            if _UPLOAD_ID.fullmatch(upload_id):
-                return entry.stat().st_mtime
-            if _LEGACY_UPLOAD_ID.fullmatch(upload_id) and entry.is_dir():
-                data = entry / "data"
-                return (data if data.exists() else entry).stat().st_mtime
+            info = self.layout.upload(upload_id).stat()
         except FileNotFoundError:
-            pass
-        return None
+            return None
+        return info.st_mtime if stat.S_ISREG(info.st_mode) else None
 
     def idle_uploads(self, cutoff: float) -> list[str]:
         """Ids of the upload sessions last written at or before ``cutoff`` (wall clock)."""
         return sorted(
             entry.name
-            for entry in self._uploads.iterdir()
+            for entry in self.layout.uploads.iterdir()
             if (written := self._last_write(entry.name)) is not None and written <= cutoff
         )
 
@@ -420,10 +361,8 @@ class FilesystemStorage:
             if written is None or written > cutoff:
                 continue
             self._hashers.take(upload_id)
-            entry = self._uploads / upload_id
-            legacy = entry if entry.is_dir() else None
             try:
-                self._remove_session(entry / "data" if legacy else entry, legacy)
+                self.layout.upload(upload_id).unlink()
             except FileNotFoundError:
                 continue  # cancelled meanwhile
             purged.append(upload_id)
@@ -432,10 +371,10 @@ class FilesystemStorage:
     def open_staged_upload(self) -> UploadWriter:
         """A writer for a monolithic upload (``POST ?digest=``): one file in ``tmp/``.
 
-        Cheaper than a session (no directory, no bookkeeping files), and just as safe: the
+        No session is opened for it (nothing under ``uploads/``), and it is just as safe: the
         file is invisible until :meth:`finish_staged_upload` verifies and renames it.
         """
-        return UploadWriter(self, None, self._tmp / uuid.uuid4().hex)
+        return UploadWriter(self, None, self.layout.tmp / uuid.uuid4().hex)
 
     def finish_staged_upload(self, name: str, writer: UploadWriter, expected: Digest) -> int:
         """Verify and publish a staged upload (the writer must be closed); it is consumed."""
@@ -460,10 +399,10 @@ class FilesystemStorage:
             raise DigestMismatch(
                 f"uploaded content has digest {expected.algorithm}:{actual}, not {expected}"
             )
-        target = self._blob_path(expected)
+        target = self.layout.blob(expected)
         if not target.exists():
             self._atomic_write(target, data)
-        self._link(self._layer_link(name, expected))
+        self._link(self.layout.layer_link(name, expected))
         return len(data)
 
     def _publish_blob(
@@ -491,16 +430,16 @@ class FilesystemStorage:
             os.fsync(fd)
         finally:
             os.close(fd)
-        target = self._blob_path(expected)
+        target = self.layout.blob(expected)
         if not target.exists():
             self._publish(data, target)
-        self._link(self._layer_link(name, expected))
+        self._link(self.layout.layer_link(name, expected))
         return size
 
     # -- manifests -------------------------------------------------------------------------
 
     def _has_manifest(self, name: str, digest: Digest) -> bool:
-        return self._revision_link(name, digest).exists()
+        return self.layout.revision_link(name, digest).exists()
 
     def put_manifest(
         self,
@@ -517,85 +456,82 @@ class FilesystemStorage:
         points at nothing.
         """
         for blob in manifest.blobs:
-            if not blob.has_urls and not self._layer_link(name, blob.digest).exists():
+            if not blob.has_urls and not self.layout.layer_link(name, blob.digest).exists():
                 raise ManifestBlobUnknown(str(blob.digest))
         for child in manifest.manifests:
             if not self._has_manifest(name, child.digest):
                 raise ManifestBlobUnknown(str(child.digest))
 
-        manifests_dir = self._repo(name) / "_manifests"
+        manifests_dir = self.layout.manifests(name)
         try:
             manifests_dir.mkdir(parents=True)
             created = True
         except FileExistsError:
             created = False
 
-        target = self._blob_path(digest)
+        target = self.layout.blob(digest)
         if not target.exists():
             self._atomic_write(target, body)
-        self._link(self._layer_link(name, digest))
-        self._atomic_write(self._revision_link(name, digest), manifest.media_type.encode())
+        self._link(self.layout.layer_link(name, digest))
+        self._atomic_write(self.layout.revision_link(name, digest), manifest.media_type.encode())
         if manifest.subject is not None:
             entry = referrer_descriptor(manifest, digest, len(body))
             self._atomic_write(
-                self._referrers_dir(name, manifest.subject.digest)
-                / f"{digest.algorithm}-{digest.encoded}.json",
+                self.layout.referrer_entry(name, manifest.subject.digest, digest),
                 json.dumps(entry.to_json()).encode(),
             )
         if tag is not None:
-            self._atomic_write(self._tag_path(name, tag), str(digest).encode())
+            self._atomic_write(self.layout.tag(name, tag), str(digest).encode())
         return PutManifestResult(digest, created)
 
     def resolve_tag(self, name: str, tag: str) -> Digest:
         try:
-            return parse_digest(self._tag_path(name, tag).read_text(encoding="ascii").strip())
+            return parse_digest(self.layout.tag(name, tag).read_text(encoding="ascii").strip())
         except FileNotFoundError:
             raise ManifestUnknown(f"{name}:{tag}") from None
 
     def get_manifest(self, name: str, digest: Digest) -> ManifestRecord:
         try:
-            media_type = self._revision_link(name, digest).read_text(encoding="utf-8")
-            body = self._blob_path(digest).read_bytes()
+            media_type = self.layout.revision_link(name, digest).read_text(encoding="utf-8")
+            body = self.layout.blob(digest).read_bytes()
         except FileNotFoundError:
             raise ManifestUnknown(str(digest)) from None
         return ManifestRecord(digest, media_type, body)
 
     def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> list[str]:
         """Remove a manifest from ``name`` with every tag that points at it; those tags."""
-        revision = self._revision_link(name, digest)
+        revision = self.layout.revision_link(name, digest)
         if not revision.exists():
             raise ManifestUnknown(str(digest))
         removed = []
         for tag in self.list_tags(name):
-            tag_path = self._tag_path(name, tag)
+            tag_path = self.layout.tag(name, tag)
             with contextlib.suppress(FileNotFoundError):
                 if tag_path.read_text(encoding="ascii").strip() == str(digest):
                     tag_path.unlink()
                     removed.append(tag)
         if subject is not None:
-            entry = self._referrers_dir(name, subject) / f"{digest.algorithm}-{digest.encoded}.json"
-            entry.unlink(missing_ok=True)
+            self.layout.referrer_entry(name, subject, digest).unlink(missing_ok=True)
         revision.unlink()
-        self._layer_link(name, digest).unlink(missing_ok=True)
+        self.layout.layer_link(name, digest).unlink(missing_ok=True)
         return removed
 
     def delete_tag(self, name: str, tag: str) -> Digest:
         digest = self.resolve_tag(name, tag)
         try:
-            self._tag_path(name, tag).unlink()
+            self.layout.tag(name, tag).unlink()
         except FileNotFoundError:
             raise ManifestUnknown(f"{name}:{tag}") from None
         return digest
 
     def list_tags(self, name: str) -> list[str]:
-        manifests = self._repo(name) / "_manifests"
-        if not manifests.is_dir():
+        if not self.layout.manifests(name).is_dir():
             raise NameUnknown(name)
-        tags = manifests / "tags"
+        tags = self.layout.tags(name)
         return sorted(p.name for p in tags.iterdir()) if tags.is_dir() else []
 
     def referrers(self, name: str, subject: Digest) -> list[Descriptor]:
-        directory = self._referrers_dir(name, subject)
+        directory = self.layout.referrers_of(name, subject)
         if not directory.is_dir():
             return []
         out = []
@@ -613,13 +549,6 @@ class FilesystemStorage:
         return out
 
     def list_repositories(self) -> list[str]:
-        return sorted(self._walk_repositories(self._repos, ""))
-
-    def _walk_repositories(self, directory: Path, prefix: str) -> Iterator[str]:
-        for child in directory.iterdir():
-            if not child.is_dir() or child.name.startswith("_"):
-                continue
-            name = f"{prefix}{child.name}"
-            if (child / "_manifests").is_dir():
-                yield name
-            yield from self._walk_repositories(child, f"{name}/")
+        """Repositories with a manifest (one that was only pushed blobs is not listed yet)."""
+        layout = self.layout
+        return sorted(n for n in layout.repository_names() if layout.manifests(n).is_dir())

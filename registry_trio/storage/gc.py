@@ -1,8 +1,8 @@
 """Garbage collection: untagged manifests and unreferenced blobs older than a delay.
 
 Pure storage logic, synchronous and blocking like the rest of this package; it knows nothing
-of events or HTTP. It works on the on-disk layout documented in
-:mod:`registry_trio.storage.filesystem`, through that module's path helpers.
+of events or HTTP. It works on the on-disk layout of :mod:`registry_trio.storage.layout`,
+through the store's :attr:`~registry_trio.storage.FilesystemStorage.layout`.
 
 Deletions happen in batches of at most :data:`BATCH`, and each batch is handed to the
 caller's ``before_delete`` before any of it is deleted; :mod:`registry_trio.maintenance`
@@ -55,9 +55,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..oci import Digest, InvalidDigest, InvalidManifest, UnsupportedMediaType, parse_digest
-from ..oci import parse_manifest as _parse_manifest
-from .filesystem import FilesystemStorage, _fsync_dir
+from ..oci import (
+    Digest,
+    InvalidDigest,
+    InvalidManifest,
+    UnsupportedMediaType,
+    parse_digest,
+    parse_manifest,
+)
+from .filesystem import FilesystemStorage, fsync_dir
+from .layout import Layout
 
 __all__ = ["BATCH", "BeforeDelete", "DeletedBlob", "DeletedManifest", "GCReport", "collect"]
 
@@ -149,7 +156,6 @@ _NO_REFS = _Refs()
 @dataclass
 class _Repository:
     name: str
-    path: Path
     tags: dict[str, Digest] = field(default_factory=dict)
     # digest -> (mtime, media type) of each revision link
     revisions: dict[Digest, tuple[float, str]] = field(default_factory=dict)
@@ -178,20 +184,9 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def _repository_dirs(root: Path, prefix: str = "") -> Iterator[tuple[str, Path]]:
-    """Every repository directory, including ones that hold blob links but no manifest."""
-    for child in root.iterdir():
-        if not child.is_dir() or child.name.startswith("_"):
-            continue
-        name = f"{prefix}{child.name}"
-        if (child / "_manifests").is_dir() or (child / "_layers").is_dir():
-            yield name, child
-        yield from _repository_dirs(child, f"{name}/")
-
-
-def _read_tags(path: Path) -> dict[str, Digest]:
+def _read_tags(layout: Layout, name: str) -> dict[str, Digest]:
     tags: dict[str, Digest] = {}
-    tags_dir = path / "_manifests" / "tags"
+    tags_dir = layout.tags(name)
     if not tags_dir.is_dir():
         return tags
     for entry in tags_dir.iterdir():
@@ -200,33 +195,30 @@ def _read_tags(path: Path) -> dict[str, Digest]:
     return tags
 
 
-def _scan_repository(name: str, path: Path) -> _Repository:
-    repo = _Repository(name, path, tags=_read_tags(path))
-    for digest, link in _digest_files(path / "_manifests" / "revisions"):
+def _scan_repository(layout: Layout, name: str) -> _Repository:
+    repo = _Repository(name, tags=_read_tags(layout, name))
+    for digest, link in _digest_files(layout.revisions(name)):
         try:
             mtime = link.stat().st_mtime
             media_type = link.read_text(encoding="utf-8").strip()
         except (FileNotFoundError, UnicodeDecodeError):
             continue
         repo.revisions[digest] = (mtime, media_type)
-    for digest, link in _digest_files(path / "_layers"):
+    for digest, link in _digest_files(layout.layers(name)):
         if (mtime := _mtime(link)) is not None:
             repo.links[digest] = mtime
     return repo
 
 
-def _scan(storage: FilesystemStorage) -> list[_Repository]:
-    return sorted(
-        (_scan_repository(name, path) for name, path in _repository_dirs(storage._repos)),
-        key=lambda r: r.name,
-    )
+def _scan(layout: Layout) -> list[_Repository]:
+    return [_scan_repository(layout, name) for name in sorted(layout.repository_names())]
 
 
 class _Manifests:
     """Parsed references of manifest bodies, by digest (a body is the same in every repo)."""
 
-    def __init__(self, storage: FilesystemStorage) -> None:
-        self._storage = storage
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
         self._cache: dict[Digest, _Refs] = {}
 
     def refs(self, digest: Digest, media_type: str) -> _Refs:
@@ -237,8 +229,8 @@ class _Manifests:
 
     def _parse(self, digest: Digest, media_type: str) -> _Refs:
         try:
-            body = self._storage._blob_path(digest).read_bytes()
-            manifest = _parse_manifest(body, media_type)
+            body = self._layout.blob(digest).read_bytes()
+            manifest = parse_manifest(body, media_type)
         except (FileNotFoundError, InvalidManifest, UnsupportedMediaType) as exc:
             # Nothing to follow; the revision itself is still judged by tags and age.
             log.warning("gc: cannot read manifest %s: %s", digest, exc)
@@ -291,10 +283,10 @@ def _unreachable(repo: _Repository, manifests: _Manifests, cutoff: float) -> lis
     return order
 
 
-def _referrer_entries(path: Path) -> dict[Digest, list[Path]]:
+def _referrer_entries(layout: Layout, name: str) -> dict[Digest, list[Path]]:
     """Referrer entry files of a repository, by the referrer's digest."""
     entries: dict[Digest, list[Path]] = {}
-    for _subject, subject_dir in _digest_files(path / "_referrers"):
+    for _subject, subject_dir in _digest_files(layout.referrers(name)):
         if not subject_dir.is_dir():
             continue
         for entry in subject_dir.iterdir():
@@ -305,13 +297,13 @@ def _referrer_entries(path: Path) -> dict[Digest, list[Path]]:
     return entries
 
 
-def _changed(storage: FilesystemStorage, repo: _Repository, doomed: list[Digest]) -> bool:
+def _changed(layout: Layout, repo: _Repository, doomed: list[Digest]) -> bool:
     """Whether ``repo`` moved under us: a doomed revision got tagged or was re-written."""
-    tagged = set(_read_tags(repo.path).values())
+    tagged = set(_read_tags(layout, repo.name).values())
     for digest in doomed:
         if digest in tagged:
             return True
-        if _mtime(storage._revision_link(repo.name, digest)) != repo.revisions[digest][0]:
+        if _mtime(layout.revision_link(repo.name, digest)) != repo.revisions[digest][0]:
             return True
     return False
 
@@ -325,12 +317,12 @@ def _unlink(path: Path, touched: set[Path]) -> None:
 def _sync(touched: set[Path]) -> None:
     for directory in touched:
         with contextlib.suppress(FileNotFoundError):
-            _fsync_dir(directory)
+            fsync_dir(directory)
     touched.clear()
 
 
 def _delete_manifests(
-    storage: FilesystemStorage,
+    layout: Layout,
     repo: _Repository,
     planned: list[DeletedManifest],
     cutoff: float,
@@ -341,10 +333,10 @@ def _delete_manifests(
 
     Stops at the first batch in which the repository changed since the scan.
     """
-    entries = _referrer_entries(repo.path)
+    entries = _referrer_entries(layout, repo.name)
     deleted: list[DeletedManifest] = []
     for batch in _batches(planned):
-        if _changed(storage, repo, [m.digest for m in batch]):
+        if _changed(layout, repo, [m.digest for m in batch]):
             break
         before_delete(batch)
         for manifest in batch:
@@ -352,10 +344,10 @@ def _delete_manifests(
             # which the next run deletes; never a listed referrer that does not exist.
             for entry in entries.get(manifest.digest, ()):
                 _unlink(entry, touched)
-            _unlink(storage._revision_link(repo.name, manifest.digest), touched)
+            _unlink(layout.revision_link(repo.name, manifest.digest), touched)
             link_mtime = repo.links.get(manifest.digest)
             if link_mtime is not None and link_mtime <= cutoff:
-                _unlink(storage._layer_link(repo.name, manifest.digest), touched)
+                _unlink(layout.layer_link(repo.name, manifest.digest), touched)
         deleted.extend(batch)
     return deleted
 
@@ -363,9 +355,9 @@ def _delete_manifests(
 # -- phase 2: blobs ----------------------------------------------------------------------
 
 
-def _blob_files(storage: FilesystemStorage) -> Iterator[tuple[Digest, Path]]:
+def _blob_files(layout: Layout) -> Iterator[tuple[Digest, Path]]:
     """``blobs/<alg>/<hex[:2]>/<hex>`` files whose names form a digest we know."""
-    for alg_dir in storage._blobs.iterdir():
+    for alg_dir in layout.blobs.iterdir():
         if not alg_dir.is_dir():
             continue
         for prefix_dir in alg_dir.iterdir():
@@ -376,7 +368,7 @@ def _blob_files(storage: FilesystemStorage) -> Iterator[tuple[Digest, Path]]:
                     digest = parse_digest(f"{alg_dir.name}:{entry.name}")
                 except InvalidDigest:
                     continue
-                if digest.encoded[:2] == prefix_dir.name:
+                if layout.blob(digest) == entry:
                     yield digest, entry
 
 
@@ -392,7 +384,7 @@ def _referenced(repos: Iterable[_Repository], manifests: _Manifests) -> set[Dige
 
 
 def _unreferenced_blobs(
-    storage: FilesystemStorage,
+    layout: Layout,
     repos: list[_Repository],
     manifests: _Manifests,
     cutoff: float,
@@ -403,7 +395,7 @@ def _unreferenced_blobs(
         for digest, mtime in repo.links.items():
             linked.setdefault(digest, []).append((repo.name, mtime))
     out = []
-    for digest, path in sorted(_blob_files(storage)):
+    for digest, path in sorted(_blob_files(layout)):
         if digest in referenced:
             continue
         try:
@@ -418,17 +410,17 @@ def _unreferenced_blobs(
     return out
 
 
-def _links(storage: FilesystemStorage, blob: DeletedBlob) -> list[Path]:
-    return [storage._layer_link(name, blob.digest) for name in blob.repositories]
+def _links(layout: Layout, blob: DeletedBlob) -> list[Path]:
+    return [layout.layer_link(name, blob.digest) for name in blob.repositories]
 
 
-def _relinked(storage: FilesystemStorage, blob: DeletedBlob, cutoff: float) -> bool:
+def _relinked(layout: Layout, blob: DeletedBlob, cutoff: float) -> bool:
     """Whether a link of ``blob`` was re-written since the scan: an upload or mount landed."""
-    return any((m := _mtime(link)) is not None and m > cutoff for link in _links(storage, blob))
+    return any((m := _mtime(link)) is not None and m > cutoff for link in _links(layout, blob))
 
 
 def _delete_blobs(
-    storage: FilesystemStorage,
+    layout: Layout,
     planned: list[tuple[DeletedBlob, Path]],
     cutoff: float,
     touched: set[Path],
@@ -438,10 +430,10 @@ def _delete_blobs(
     # which is what its events (one per repository) report.
     survivors = []
     for batch in _batches(planned):
-        fresh = [(blob, path) for blob, path in batch if not _relinked(storage, blob, cutoff)]
+        fresh = [(blob, path) for blob, path in batch if not _relinked(layout, blob, cutoff)]
         before_delete([blob for blob, _ in fresh])
         for blob, _ in fresh:
-            for link in _links(storage, blob):
+            for link in _links(layout, blob):
                 _unlink(link, touched)
         survivors.extend(fresh)
     _sync(touched)
@@ -450,8 +442,8 @@ def _delete_blobs(
     # blob; the file must not go from under it.
     relinked = {
         digest
-        for _, path in _repository_dirs(storage._repos)
-        for digest, _ in _digest_files(path / "_layers")
+        for name in layout.repository_names()
+        for digest, _ in _digest_files(layout.layers(name))
     }
     deleted = []
     for blob, path in survivors:
@@ -489,12 +481,13 @@ def collect(
     """
     cutoff = (time.time() if now is None else now) - delay
     report = GCReport(dry_run=dry_run)
-    manifests = _Manifests(storage)
+    layout = storage.layout
+    manifests = _Manifests(layout)
     touched: set[Path] = set()
 
     # Phase 1: manifests, every repository, all on disk before any blob goes.
     removed: dict[str, set[Digest]] = {}
-    for repo in _scan(storage):
+    for repo in _scan(layout):
         planned = [
             DeletedManifest(repo.name, d, repo.revisions[d][1], repo.revisions[d][0])
             for d in _unreachable(repo, manifests, cutoff)
@@ -503,14 +496,14 @@ def collect(
             removed[repo.name] = {m.digest for m in planned}
             report.manifests.extend(planned)
             continue
-        deleted = _delete_manifests(storage, repo, planned, cutoff, touched, before_delete)
+        deleted = _delete_manifests(layout, repo, planned, cutoff, touched, before_delete)
         report.manifests.extend(deleted)
         if len(deleted) < len(planned):
             report.skipped_repositories.append(repo.name)
     _sync(touched)
 
     # Phase 2: blobs, against a fresh scan, so manifests pushed since phase 1 count.
-    repos = _scan(storage)
+    repos = _scan(layout)
     if dry_run:
         # What phase 1 would have removed: the revisions and their old self-links.
         for repo in repos:
@@ -519,9 +512,9 @@ def collect(
                 link_mtime = repo.links.get(digest)
                 if link_mtime is not None and link_mtime <= cutoff:
                     del repo.links[digest]
-    planned_blobs = _unreferenced_blobs(storage, repos, manifests, cutoff)
+    planned_blobs = _unreferenced_blobs(layout, repos, manifests, cutoff)
     if dry_run:
         report.blobs = [blob for blob, _ in planned_blobs]
     else:
-        report.blobs = _delete_blobs(storage, planned_blobs, cutoff, touched, before_delete)
+        report.blobs = _delete_blobs(layout, planned_blobs, cutoff, touched, before_delete)
     return report
