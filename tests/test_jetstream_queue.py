@@ -32,9 +32,9 @@ import trio
 from nats.js import api
 
 from registry_trio.client import RegistryClient, make_image
+from registry_trio.events.asyncio_thread import AsyncioThread
 from registry_trio.events.queue import QueueError, running_queue
 from registry_trio.events.queue.jetstream import _JetStream, compare_streams, subject_covers
-from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
 from tests.procs import ServerProcess, server_process

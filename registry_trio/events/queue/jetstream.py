@@ -52,10 +52,10 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ...config import QueueConfig, SinkConfig, redact_address
-from ..failures import describe_failure, secrets
+from ..asyncio_thread import AsyncioCall, AsyncioThread
+from ..failures import describe_failure, sensitive_values
 from ..model import Event
 from ..natsconn import connect_options, new_client
-from ..sinks._asyncio_bridge import AsyncioCall, AsyncioThread
 from .base import (
     APPENDED,
     DeadLetter,
@@ -201,7 +201,7 @@ class _JetStream:
         self._sinks = list(sinks)
         self._instance = instance_id
         self._timeout = float(config.timeout)
-        self._secrets = secrets(config.address, config.credentials)
+        self._hidden = sensitive_values(config.address, config.credentials)
         self._nc: Client | None = None
         self._js: Any = None
         self._kv: Any = None
@@ -212,7 +212,7 @@ class _JetStream:
         self.clock: Callable[[], float] = time.monotonic
 
     def describe(self, exc: BaseException) -> str:
-        return describe_failure(exc, self._secrets)
+        return describe_failure(exc, self._hidden)
 
     # -- set-up ------------------------------------------------------------------------------
 
