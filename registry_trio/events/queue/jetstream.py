@@ -59,7 +59,7 @@ from ..natsconn import connect_options, new_client
 from .base import (
     APPENDED,
     DeadLetter,
-    Delivery,
+    OwedEvent,
     PendingAppend,
     QueueError,
     SinkCounts,
@@ -415,7 +415,7 @@ class _JetStream:
         await self._kv.put(f"{sink_token(sink)}.{self._instance}", value)
 
     async def bury(
-        self, sink: str, letters: Sequence[tuple[Msg | None, bytes, Delivery]], error: str
+        self, sink: str, letters: Sequence[tuple[Msg | None, bytes, OwedEvent]], error: str
     ) -> None:
         token = sink_token(sink)
         for _, body, owed in letters:
@@ -758,7 +758,7 @@ class _Publishing:
 class _Taken:
     """A message this instance holds: in flight, or waiting here for its retry."""
 
-    owed: Delivery
+    owed: OwedEvent
     data: bytes
     # The handle to acknowledge it with; None for an orphan read from the stream (see
     # JetStreamSinkQueue), until JetStream hands it to us again.
@@ -816,7 +816,7 @@ class JetStreamSinkQueue:
             key=lambda t: t.owed.seq,
         )
 
-    async def _fetch(self, limit: int, expires: float) -> list[Delivery]:
+    async def _fetch(self, limit: int, expires: float) -> list[OwedEvent]:
         """Pull up to ``limit`` messages; the fresh ones, unless they may not go first.
 
         Ordered, a gap in the consumer's delivery sequence means JetStream handed a message
@@ -844,7 +844,7 @@ class JetStreamSinkQueue:
                 event = Event.from_bytes(msg.data)
                 # Deliveries before this one were attempts that did not end in an ack.
                 attempts = max((msg.metadata.num_delivered or 1) - 1, 0)
-                owed = Delivery(seq, event, attempts, event.time.timestamp())
+                owed = OwedEvent(seq, event, attempts, event.time.timestamp())
                 self._taken[seq] = _Taken(owed, msg.data, msg)
                 fresh.append(owed)
         if settled:
@@ -860,11 +860,11 @@ class JetStreamSinkQueue:
             if seq in self._taken:
                 continue
             event = Event.from_bytes(data)
-            owed = Delivery(seq, event, 0, event.time.timestamp())
+            owed = OwedEvent(seq, event, 0, event.time.timestamp())
             self._taken[seq] = _Taken(owed, data, None)
         self._queue.wake(self._name)
 
-    async def take(self, *, wait: bool = True) -> list[Delivery]:
+    async def take(self, *, wait: bool = True) -> list[OwedEvent]:
         while not self._stopping.is_set():
             signal = self._queue.signal(self._name)
             if not self._leading or (self._ordered and trio.current_time() >= self._lease_until):
@@ -916,9 +916,9 @@ class JetStreamSinkQueue:
                 return []
         return []
 
-    async def _fill(self, have: int) -> list[Delivery]:
+    async def _fill(self, have: int) -> list[OwedEvent]:
         """Let a batch fill for the sink's ``batch.maxWait``."""
-        more: list[Delivery] = []
+        more: list[OwedEvent] = []
         until = trio.current_time() + self._max_wait
         while have + len(more) < self._group and not self._stopping.is_set():
             left = until - trio.current_time()
@@ -927,17 +927,17 @@ class JetStreamSinkQueue:
             more += await self._fetch(self._group - have - len(more), left)
         return more
 
-    def _hand_out(self, deliveries: list[Delivery]) -> list[Delivery]:
+    def _hand_out(self, deliveries: list[OwedEvent]) -> list[OwedEvent]:
         self._in_flight.update(d.seq for d in deliveries)
         return deliveries
 
-    def release(self, deliveries: Sequence[Delivery]) -> None:
+    def release(self, deliveries: Sequence[OwedEvent]) -> None:
         for owed in deliveries:
             self._in_flight.discard(owed.seq)
             if (taken := self._taken.get(owed.seq)) is not None:
                 taken.due = 0.0
 
-    def _finish(self, deliveries: Sequence[Delivery]) -> list[_Taken]:
+    def _finish(self, deliveries: Sequence[OwedEvent]) -> list[_Taken]:
         done = []
         for owed in deliveries:
             self._in_flight.discard(owed.seq)
@@ -952,7 +952,7 @@ class JetStreamSinkQueue:
             acks, self._withheld = self._withheld, []
             await self._queue.call(self._nats.settle, ack=acks)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
         # In order, while part of the run is still held here, acknowledging the rest would
         # free slots that fresh events could fill past the held ones: withhold until then.
         self._withheld += [t.msg for t in self._finish(deliveries) if t.msg is not None]
@@ -961,17 +961,17 @@ class JetStreamSinkQueue:
         await self._flush_withheld()
 
     async def retry_later(
-        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
     ) -> None:
         for owed in deliveries:
             self._in_flight.discard(owed.seq)
             if (taken := self._taken.get(owed.seq)) is not None:
                 taken.due = next_attempt
                 # The next take hands it out again with its attempt count.
-                taken.owed = Delivery(owed.seq, owed.event, owed.attempts + 1, owed.created)
+                taken.owed = OwedEvent(owed.seq, owed.event, owed.attempts + 1, owed.created)
         await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
 
-    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
         letters = [(t.msg, t.data, t.owed) for t in self._finish(deliveries)]
         # Counted first: whoever sees a dead letter sees the failure that put it there.
         await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
