@@ -1,9 +1,9 @@
 """The durable event outbox: SQLite on the standard ``sqlite3`` module.
 
 Why our own and not persist-queue: persist-queue fsyncs every put and every get on its own
-and slows to a crawl when acked rows pile up (see ``shared/notes/libs.md``). Here one writer
-task commits *every* waiting write in one transaction (group commit): a request awaits its
-own commit, yet a burst of requests shares one fsync.
+and slows to a crawl when acked rows pile up (``bench/events.py`` compares the enqueue rates).
+Here one writer task commits *every* waiting write in one transaction (group commit): a
+request awaits its own commit, yet a burst of requests shares one fsync.
 
 Schema::
 
