@@ -26,7 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/push.py
 	$(BIN)/python bench/bigblob.py
-	$(BIN)/python bench/nats.py
+	$(BIN)/python bench/nats_sink.py
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/backlog.py
 	$(BIN)/python bench/auth.py

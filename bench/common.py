@@ -1,7 +1,7 @@
 """Shared pieces of the ``bench/`` scripts: options, the machine header, the server process.
 
-Not a benchmark itself. The scripts import it as ``common`` (they run as ``python bench/X.py``,
-which puts ``bench/`` first on ``sys.path``).
+Not a benchmark itself. The scripts import it as ``common`` (they run as
+``python bench/<script>.py``, which puts ``bench/`` first on ``sys.path``).
 
 * :func:`base_parser` gives every script ``--url``, ``--concurrency``, ``--count``, ``--json``
   and the options of the server it may start; scripts that measure only servers they start

@@ -47,7 +47,7 @@ from common import (
 
 from registry_trio.config import parse_config
 from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
-from registry_trio.events.delivery import Delivery
+from registry_trio.events.delivery import DeliverySupervisor
 from registry_trio.events.queue import Outbox
 
 SINK = "bench-sink"
@@ -227,7 +227,7 @@ async def drain(
                 for _ in range(min(1000, backlog - start))
             ]
             await outbox.append(chunk)
-        delivery = Delivery(events_config, outbox, on_delivered=on_delivered)
+        delivery = DeliverySupervisor(events_config, outbox, on_delivered=on_delivered)
         started = time.perf_counter()
         await nursery.start(delivery.run)
         await all_delivered.wait()

@@ -95,16 +95,16 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _events_command(config: Config, args: argparse.Namespace) -> None:
-    from . import operator
+    from . import events_cli
 
     try:
         if args.verb == "status":
-            result: object = operator.status(config)
+            result: object = events_cli.status(config)
         elif args.verb == "dead":
-            result = operator.dead_letters(config, args.sink, args.limit, args.after)
+            result = events_cli.dead_letters(config, args.sink, args.limit, args.after)
         else:
-            result = operator.replay(config, args.sink, args.ids)
-    except operator.OperatorError as exc:
+            result = events_cli.replay(config, args.sink, args.ids)
+    except events_cli.OperatorError as exc:
         print(f"registry-trio: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.json:

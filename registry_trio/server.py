@@ -34,7 +34,7 @@ from .api import Registry, create_app
 from .auth import Authenticator
 from .config import Config
 from .events import NullRecorder, Source
-from .events.delivery import Delivery
+from .events.delivery import DeliverySupervisor
 from .events.filters import SinkFilter
 from .events.queue import EventQueue, open_queue
 from .events.queue.instance_lock import InstanceLock
@@ -98,7 +98,7 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
             queue = open_queue(events, on_commit=metrics.observe_commit)
             await nursery.start(queue.run)
             metrics.watch_queue(queue)
-            delivery = Delivery(events, queue, on_delivered=metrics.observe_delivered)
+            delivery = DeliverySupervisor(events, queue, on_delivered=metrics.observe_delivered)
             await nursery.start(delivery.run)
             recorder = QueueRecorder(queue, [SinkFilter.for_sink(s) for s in events.sinks])
             instance_id = queue.instance_id
@@ -170,7 +170,7 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
             nursery.start_soon(_close_after, delivery, queue)
 
 
-async def _close_after(delivery: Delivery | None, queue: EventQueue) -> None:
+async def _close_after(delivery: DeliverySupervisor | None, queue: EventQueue) -> None:
     if delivery is not None:
         await delivery.stopped.wait()
     queue.close()

@@ -38,7 +38,7 @@ import trio
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
+from registry_trio.events.asyncio_thread import AsyncioThread
 from tests.procs import WatchedProcess
 
 __all__ = ["NATSObserver", "NATSServer", "Received", "nats_server", "observe"]

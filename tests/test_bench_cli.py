@@ -90,7 +90,7 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
             ["--count", "1000000", "--batch", "cloudevents-batch", "--json", "VmHWM", "250 MB"],
         ),
         (
-            "nats.py",
+            "nats_sink.py",
             ["--count", "--js-count", "--hop", "--push-count", "--json", "JetStream queue"],
         ),
     ],
@@ -246,7 +246,7 @@ def test_bigblob_tiny_run(upload: list[str]) -> None:
 
 def test_nats_tiny_run() -> None:
     doc = run_json(
-        "nats.py", "-n", "500", "--js-count", "200", "--hop", "16", "--no-fsync-run",
+        "nats_sink.py", "-n", "500", "--js-count", "200", "--hop", "16", "--no-fsync-run",
         "--push-count", "4", "--goal", "1",
     )  # fmt: skip
     assert doc["benchmark"] == "nats" and doc["goal"]["passed"]

@@ -32,9 +32,13 @@ import trio
 from nats.js import api
 
 from registry_trio.client import RegistryClient, make_image
+from registry_trio.events.asyncio_thread import AsyncioThread
 from registry_trio.events.queue import QueueError, running_queue
-from registry_trio.events.queue.jetstream import _JetStream, compare_streams, subject_covers
-from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
+from registry_trio.events.queue.jetstream import (
+    JetStreamOperations,
+    compare_streams,
+    subject_covers,
+)
 from tests.conftest import counts_until, events_config, start_registry
 from tests.nats_server import nats_server
 from tests.procs import ServerProcess, server_process
@@ -116,8 +120,8 @@ async def test_the_delivery_lease_lapses_by_the_challengers_own_clock(tmp_path, 
             tmp_path, http_sink(sink), queue=jetstream_queue(server.url, tmp_path / "q")
         ).extensions.events
         name, ttl = str(events.sinks[0].name), 5.0
-        holder = _JetStream(events.queue, events.sinks, "holder")
-        challenger = _JetStream(events.queue, events.sinks, "challenger")
+        holder = JetStreamOperations(events.queue, events.sinks, "holder")
+        challenger = JetStreamOperations(events.queue, events.sinks, "challenger")
         now = [0.0]
         challenger.clock = lambda: now[0]
         thread = AsyncioThread("test-lease")
@@ -125,7 +129,7 @@ async def test_the_delivery_lease_lapses_by_the_challengers_own_clock(tmp_path, 
             await thread.run(holder.open)
             await thread.run(challenger.open)
 
-            async def lead(instance: _JetStream) -> bool:
+            async def lead(instance: JetStreamOperations) -> bool:
                 return await thread.run(instance.lead, name, ttl)
 
             assert await lead(holder)

@@ -24,9 +24,9 @@ import trio
 
 from registry_trio.client import Image, RegistryClient, make_image
 from registry_trio.config import SinkConfig
+from registry_trio.events.asyncio_thread import AsyncioThread
 from registry_trio.events.queue import OutboxReader
 from registry_trio.events.sinks import DELIVERED, Message, Result
-from registry_trio.events.sinks._asyncio_bridge import AsyncioThread
 from registry_trio.events.sinks.nats import NATSSink
 from tests.conftest import events_config, start_registry
 from tests.nats_server import NATSObserver, Received, nats_server, observe

@@ -9,7 +9,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, jsonify, request
 
 from ..config import SinkConfig
-from ..events.delivery import Delivery
+from ..events.delivery import DeliverySupervisor
 from ..events.queue import EventQueue
 from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
 from .access import Access, requires
@@ -22,7 +22,7 @@ __all__ = ["blueprint"]
 blueprint = Blueprint("admin", __name__)
 
 
-def _events(registry: Registry) -> tuple[EventQueue, Delivery]:
+def _events(registry: Registry) -> tuple[EventQueue, DeliverySupervisor]:
     if registry.queue is None or registry.delivery is None:
         raise RegistryError("UNSUPPORTED", 404, "the events extension is not enabled")
     return registry.queue, registry.delivery

@@ -3,8 +3,8 @@
 Quart would drain a request body into an unbounded buffer (no backpressure: a slow disk lets
 a 1 GiB upload sit in memory) and cut any response at ``RESPONSE_TIMEOUT`` (a long blob
 download would be truncated). Reading ``receive()`` ourselves bounds memory to one hypercorn
-queue plus one write buffer, and streams downloads for as long as they take. See
-``shared/notes/libs.md`` for the measurements.
+queue plus one write buffer, and streams downloads for as long as they take
+(``bench/bigblob.py`` measures the peak memory of a 1 GiB push and pull).
 
 Every route validates the repository name and digest through :mod:`registry_trio.oci` before
 touching storage, and renders every failure through :mod:`registry_trio.api.errors`.

@@ -14,7 +14,7 @@ import trio
 from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
-from ..events.delivery import Delivery
+from ..events.delivery import DeliverySupervisor
 from ..events.queue import APPENDED, EventQueue, PendingAppend
 from ..metrics import Metrics
 from ..storage import FilesystemStorage, StorageFull
@@ -80,7 +80,7 @@ class Registry:
     metrics: Metrics
     # The event pipeline, when the events extension is on (the admin API reads them).
     queue: EventQueue | None = None
-    delivery: Delivery | None = None
+    delivery: DeliverySupervisor | None = None
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)
     # Held across a manifest or tag change and the queueing of its events.

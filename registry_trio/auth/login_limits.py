@@ -1,8 +1,8 @@
 """Failed basic logins per client: a limit per time window, and one bcrypt check at a time.
 
 An unguarded htpasswd login gives an attacker two things: guesses at passwords as fast as
-bcrypt runs, and bcrypt's CPU, which queues everyone else's first login behind theirs (16
-concurrent bad logins delayed a real first login to 2.2 s). So, per client:
+bcrypt runs, and bcrypt's CPU, which queues everyone else's first login behind theirs (a
+burst of concurrent bad logins delays a real first login by seconds). So, per client:
 
 - after ``limit`` failed logins within ``window``, every login attempt gets 429 with
   ``Retry-After``, without any bcrypt work, until the oldest of them leaves the window;

@@ -3,17 +3,17 @@
 Per sink, a :class:`SinkWorker` loops: take due deliveries from its
 :class:`~registry_trio.events.queue.SinkQueue` (in enqueue order),
 encode them, send them through the sink's transport, then acknowledge, reschedule with
-backoff, or bury in the dead-letter store. :class:`Delivery` runs one worker per sink under a
-supervisor that logs a crash and restarts the worker with backoff, so a broken sink never
-takes the server or another sink down.
+backoff, or bury in the dead-letter store. :class:`DeliverySupervisor` runs one worker per
+sink, logs a crash and restarts the worker with backoff, so a broken sink never takes the
+server or another sink down.
 
 Ordering: with ``concurrency: 1`` (the default) a worker never skips past an event that is
 waiting for its retry, so a sink sees events in enqueue order. ``concurrency: N`` runs N
 loops over one sink and gives up ordering for throughput.
 
-Shutdown (:meth:`Delivery.stop`): workers stop taking new work, sends already under way get
-until the deadline to finish and be acknowledged; anything else stays pending in the queue
-and the next start resumes exactly there.
+Shutdown (:meth:`DeliverySupervisor.stop`): workers stop taking new work, sends already under
+way get until the deadline to finish and be acknowledged; anything else stays pending in the
+queue and the next start resumes exactly there.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import trio
 
 from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
-from .queue import Delivery as Owed
-from .queue import EventQueue, QueueError, SinkQueue
+from .queue import EventQueue, OwedEvent, QueueError, SinkQueue
 from .queue.base import take_limit
 from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
 
-__all__ = ["Delivery", "SinkWorker"]
+__all__ = ["DeliverySupervisor", "SinkWorker"]
 
 log = logging.getLogger("registry_trio.events.delivery")
 
@@ -95,7 +94,7 @@ class SinkWorker:
         await self._transport.aclose()
 
     async def _loop(self, sink_queue: SinkQueue) -> None:
-        ahead: list[Owed] = []
+        ahead: list[OwedEvent] = []
         while not self._stopping.is_set():
             batch = ahead or await sink_queue.take()
             ahead = []
@@ -122,7 +121,7 @@ class SinkWorker:
                 ahead = []
         sink_queue.release(ahead)
 
-    async def _deliver(self, sink_queue: SinkQueue, batch: Sequence[Owed]) -> bool:
+    async def _deliver(self, sink_queue: SinkQueue, batch: Sequence[OwedEvent]) -> bool:
         """Send ``batch``, then acknowledge, reschedule or bury; whether all was delivered."""
         groups = [batch[i : i + self._group] for i in range(0, len(batch), self._group)]
         messages = []
@@ -160,7 +159,9 @@ class SinkWorker:
             await self._fail(sink_queue, failed, outcome)
         return len(delivered) == len(batch)
 
-    async def _fail(self, sink_queue: SinkQueue, group: Sequence[Owed], outcome: Outcome) -> None:
+    async def _fail(
+        self, sink_queue: SinkQueue, group: Sequence[OwedEvent], outcome: Outcome
+    ) -> None:
         retry = self.config.retry
         now = time.time()
         if outcome.result is Result.REJECTED:
@@ -222,7 +223,7 @@ def _transport_for(config: SinkConfig) -> Transport:
     return HTTPSink(config)
 
 
-class Delivery:
+class DeliverySupervisor:
     """Supervises one :class:`SinkWorker` per configured sink."""
 
     def __init__(

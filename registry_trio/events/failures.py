@@ -8,16 +8,17 @@ exception in the chain that has any, under the name of the outermost one.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from ..config import CredentialsConfig
 
-__all__ = ["describe_failure", "secrets"]
+__all__ = ["describe_failure", "sensitive_values"]
 
 
-def secrets(address: str | None, credentials: CredentialsConfig | None, *more: str) -> list[str]:
+def sensitive_values(
+    address: str | None, credentials: CredentialsConfig | None, *more: str
+) -> list[str]:
     """Everything of a sink's or queue's config that must never appear in an error or a log."""
     out = list(more)
     if credentials is not None:
@@ -29,9 +30,9 @@ def secrets(address: str | None, credentials: CredentialsConfig | None, *more: s
 
 def describe_failure(exc: BaseException, hidden: Sequence[str] = ()) -> str:
     """``exc`` in words, with every string in ``hidden`` (secrets) blanked out."""
-    # nats-py's TimeoutError is an asyncio.TimeoutError too. (No nats import here: the bench
-    # scripts sit beside a bench/nats.py that would shadow the package.)
-    if isinstance(exc, asyncio.TimeoutError):
+    # asyncio's timeout has no message and nats-py's says only "nats: timeout"; both are
+    # TimeoutErrors.
+    if isinstance(exc, TimeoutError):
         text = f"timed out ({type(exc).__name__})"
     else:
         text = type(exc).__name__

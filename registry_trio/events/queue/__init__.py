@@ -19,8 +19,8 @@ from ...config import EventsConfig
 from .base import (
     APPENDED,
     DeadLetter,
-    Delivery,
     EventQueue,
+    OwedEvent,
     PendingAppend,
     QueueError,
     QueueFull,
@@ -32,10 +32,10 @@ from .sqlite import Outbox, OutboxReader
 __all__ = [
     "APPENDED",
     "DeadLetter",
-    "Delivery",
     "EventQueue",
     "Outbox",
     "OutboxReader",
+    "OwedEvent",
     "PendingAppend",
     "QueueError",
     "QueueFull",

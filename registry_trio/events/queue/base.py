@@ -34,8 +34,8 @@ __all__ = [
     "APPENDED",
     "ORDERED_RUN",
     "DeadLetter",
-    "Delivery",
     "EventQueue",
+    "OwedEvent",
     "PendingAppend",
     "QueueError",
     "QueueFull",
@@ -68,7 +68,7 @@ class QueueFull(QueueError):
 
 
 @dataclass(frozen=True)
-class Delivery:
+class OwedEvent:
     """One event owed to one sink; ``seq`` is its position in the queue (enqueue order)."""
 
     seq: int
@@ -123,7 +123,7 @@ class SinkQueue(Protocol):
         """Deliveries taken and not yet acknowledged, rescheduled, buried or released."""
         ...
 
-    async def take(self, *, wait: bool = True) -> list[Delivery]:
+    async def take(self, *, wait: bool = True) -> list[OwedEvent]:
         """Due deliveries in enqueue order, up to one take's worth; waits for some to be due.
 
         ``wait=False`` looks once. Returns an empty list when the worker is stopping.
@@ -131,21 +131,21 @@ class SinkQueue(Protocol):
         """
         ...
 
-    def release(self, deliveries: Sequence[Delivery]) -> None:
+    def release(self, deliveries: Sequence[OwedEvent]) -> None:
         """Give back deliveries that were taken but never attempted (read ahead, a stop)."""
         ...
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
         """They reached the sink: never hand them out again."""
         ...
 
     async def retry_later(
-        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
     ) -> None:
         """A failed attempt: due again at ``next_attempt`` (a Unix time)."""
         ...
 
-    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
         """Move them to the dead-letter store, where they wait for a replay."""
         ...
 

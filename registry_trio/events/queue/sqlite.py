@@ -1,9 +1,9 @@
 """The durable event outbox: SQLite on the standard ``sqlite3`` module.
 
 Why our own and not persist-queue: persist-queue fsyncs every put and every get on its own
-and slows to a crawl when acked rows pile up (see ``shared/notes/libs.md``). Here one writer
-task commits *every* waiting write in one transaction (group commit): a request awaits its
-own commit, yet a burst of requests shares one fsync.
+and slows to a crawl when acked rows pile up (``bench/events.py`` compares the enqueue rates).
+Here one writer task commits *every* waiting write in one transaction (group commit): a
+request awaits its own commit, yet a burst of requests shares one fsync.
 
 Schema::
 
@@ -47,7 +47,7 @@ from ..model import Event
 from .base import (
     APPENDED,
     DeadLetter,
-    Delivery,
+    OwedEvent,
     PendingAppend,
     QueueError,
     QueueFull,
@@ -463,7 +463,7 @@ class SqliteSinkQueue:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    async def _read(self) -> list[tuple[Delivery, float]]:
+    async def _read(self) -> list[tuple[OwedEvent, float]]:
         async with self._read_lock:
             if self._ordered:
                 # In order, what is in flight is a prefix of the queue: read past it rather
@@ -472,13 +472,13 @@ class SqliteSinkQueue:
                 return await self._reader.pending(self._name, self._take_limit, after)
             return await self._reader.pending(self._name, READ_AHEAD + len(self._in_flight))
 
-    async def take(self, *, wait: bool = True) -> list[Delivery]:
+    async def take(self, *, wait: bool = True) -> list[OwedEvent]:
         filling_until: float | None = None
         while not self._stopping.is_set():
             # Taken before reading, so a commit that lands after the read still wakes us.
             signal = self._outbox.signal(self._name)
             now = time.time()
-            due: list[Delivery] = []
+            due: list[OwedEvent] = []
             next_due = math.inf
             for owed, due_at in await self._read():
                 if owed.seq in self._in_flight:
@@ -517,22 +517,22 @@ class SqliteSinkQueue:
                 await signal.wait()
         return []
 
-    def _done(self, deliveries: Sequence[Delivery]) -> list[int]:
+    def _done(self, deliveries: Sequence[OwedEvent]) -> list[int]:
         seqs = [d.seq for d in deliveries]
         self._in_flight.difference_update(seqs)
         return seqs
 
-    def release(self, deliveries: Sequence[Delivery]) -> None:
+    def release(self, deliveries: Sequence[OwedEvent]) -> None:
         self._done(deliveries)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
         try:
             await self._outbox.ack(self._name, [d.seq for d in deliveries])
         finally:
             self._done(deliveries)
 
     async def retry_later(
-        self, deliveries: Sequence[Delivery], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
     ) -> None:
         try:
             await self._outbox.retry_later(
@@ -541,7 +541,7 @@ class SqliteSinkQueue:
         finally:
             self._done(deliveries)
 
-    async def bury(self, deliveries: Sequence[Delivery], error: str) -> None:
+    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
         try:
             await self._outbox.bury(self._name, [d.seq for d in deliveries], error)
         finally:
@@ -636,7 +636,7 @@ class OutboxReader:
             self._conn.close()
             self._conn = None
 
-    def _pending(self, sink: str, limit: int, after: int) -> list[tuple[Delivery, float]]:
+    def _pending(self, sink: str, limit: int, after: int) -> list[tuple[OwedEvent, float]]:
         rows = (
             self._connection()
             .execute(
@@ -648,11 +648,11 @@ class OutboxReader:
             .fetchall()
         )
         return [
-            (Delivery(seq, Event.from_bytes(body), attempts, created), next_attempt)
+            (OwedEvent(seq, Event.from_bytes(body), attempts, created), next_attempt)
             for seq, attempts, next_attempt, body, created in rows
         ]
 
-    async def pending(self, sink: str, limit: int, after: int = 0) -> list[tuple[Delivery, float]]:
+    async def pending(self, sink: str, limit: int, after: int = 0) -> list[tuple[OwedEvent, float]]:
         """Up to ``limit`` pending deliveries in enqueue order, each with its due time."""
         return await trio.to_thread.run_sync(self._pending, sink, limit, after)
 

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from ...config import SinkConfig, redact_address
-from ..failures import describe_failure, secrets
+from ..failures import describe_failure, sensitive_values
 from . import DELIVERED, Message, Outcome, Result
 
 __all__ = ["HTTPSink"]
@@ -40,7 +40,7 @@ class HTTPSink:
         self._address = redact_address(config.address)
         address = urlsplit(config.address)
         self._hmac = config.hmac
-        self._hidden = secrets(
+        self._hidden = sensitive_values(
             config.address, config.credentials, config.hmac.secret if config.hmac else ""
         )
         headers = dict(config.headers)

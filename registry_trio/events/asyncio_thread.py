@@ -1,10 +1,11 @@
 """Run asyncio coroutines on one dedicated asyncio thread, awaited from Trio.
 
-nats-py is asyncio-only. Rather than a second event loop inside Trio, a sink owns one
-:class:`AsyncioThread`: an asyncio loop running forever on its own thread. Trio code awaits
-:meth:`AsyncioThread.run`, which schedules a coroutine on that loop and sleeps until it is done.
-No Trio worker thread is held per call; a call ("hop") costs about 100 µs, so callers batch
-work per hop (the NATS sink publishes a whole run of messages in one).
+nats-py is asyncio-only. Rather than a second event loop inside Trio, each NATS user (a NATS
+sink, the JetStream queue) owns one :class:`AsyncioThread`: an asyncio loop running forever on
+its own thread. Trio code awaits :meth:`AsyncioThread.run`, which schedules a coroutine on that
+loop and sleeps until it is done. No Trio worker thread is held per call, but every call
+("hop") crosses threads twice, so callers batch work per hop (the NATS sink publishes a whole
+run of messages in one; ``bench/nats_sink.py`` measures one event per hop against a run).
 
 Contract:
 
@@ -40,7 +41,7 @@ CANCEL_GRACE = 5.0
 
 
 class AsyncioThread:
-    """One asyncio event loop on one thread, for one owner (a sink); see the module doc."""
+    """One asyncio event loop on one thread, for one owner; see the module doc."""
 
     def __init__(self, name: str = "asyncio-bridge") -> None:
         self.name = name

@@ -1,0 +1,399 @@
+"""The NATS side of the JetStream queue: every operation it makes on the server.
+
+:class:`JetStreamOperations` connects, creates or checks the streams (:mod:`.stream`), the
+counters bucket and one durable consumer per sink, then publishes, fetches, settles, counts,
+buries, takes leases and reads orphans and dead letters. Every method runs on the queue's
+asyncio thread; the Trio side (:mod:`.queue`, :mod:`.lease`) calls them through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from ....config import QueueConfig, SinkConfig
+from ...failures import describe_failure, sensitive_values
+from ...model import Event
+from ...natsconn import connect_options, new_client
+from ..base import DeadLetter, OwedEvent, SinkCounts, take_limit
+from .stream import align_stream, ensure_stream
+
+__all__ = ["JetStreamOperations", "sink_token"]
+
+log = logging.getLogger("registry_trio.events.queue.jetstream")
+
+
+def sink_token(sink: str) -> str:
+    """A subject and consumer-name token for a sink name (names may be any URL)."""
+    return hashlib.sha256(sink.encode()).hexdigest()[:16]
+
+
+def _header_text(text: str) -> str:
+    # A NATS header value is one line.
+    return " ".join(text.split())[:1000]
+
+
+@dataclass
+class _Counters:
+    delivered: int = 0
+    failed_attempts: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class JetStreamOperations:
+    """The NATS side of the queue. Every method runs on the queue's asyncio thread."""
+
+    def __init__(self, config: QueueConfig, sinks: Sequence[SinkConfig], instance_id: str) -> None:
+        self._config = config
+        self._stream = config.stream
+        self._dead_stream = f"{config.stream}_DEAD"
+        self._bucket = f"{config.stream}_COUNTERS"
+        self._sinks = list(sinks)
+        self._instance = instance_id
+        self._timeout = float(config.timeout)
+        self._hidden = sensitive_values(config.address, config.credentials)
+        self._nc: Client | None = None
+        self._js: Any = None
+        self._kv: Any = None
+        self._counters: dict[str, _Counters] = {}
+        self.last_error = ""  # the last connection error, for a start-up that gives up
+        # Another holder's lease: the revision last seen, and when (on ``clock``) it was.
+        self._leases_seen: dict[str, tuple[int, float]] = {}
+        self.clock: Callable[[], float] = time.monotonic
+
+    def describe(self, exc: BaseException) -> str:
+        return describe_failure(exc, self._hidden)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        # nats-py would log a traceback per failed (re)connection; keep the reason instead,
+        # preferring what the server said (an authorization violation says more than the
+        # broken pipe that follows it).
+        text = self.describe(exc)
+        if not self.last_error or (
+            isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.TimeoutError)
+        ):
+            self.last_error = text
+        log.debug("jetstream queue: %s", text)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None:
+            log.warning("jetstream queue: disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("jetstream queue: reconnected")
+
+    async def open(self) -> None:
+        nc = new_client(self._config)
+        await nc.connect(
+            **connect_options(self._config, "registry-trio event queue"),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._timeout)
+        storage = api.StorageType.FILE
+        await ensure_stream(
+            self._js,
+            api.StreamConfig(
+                name=self._stream,
+                subjects=[f"{self._stream}.sink.*"],
+                retention=api.RetentionPolicy.INTEREST,
+                storage=storage,
+                num_replicas=self._config.replicas,
+                duplicate_window=float(self._config.duplicate_window),
+            ),
+        )
+        await ensure_stream(
+            self._js,
+            api.StreamConfig(
+                name=self._dead_stream,
+                subjects=[f"{self._stream}.dead.*"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=storage,
+                num_replicas=self._config.replicas,
+            ),
+        )
+        try:
+            self._kv = await self._js.key_value(self._bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=self._bucket, storage=storage, replicas=self._config.replicas
+            )
+        else:
+            # The bucket's own stream: only where it is kept matters (leases, counters).
+            kv_stream = f"KV_{self._bucket}"
+            await align_stream(
+                self._js,
+                (await self._js.stream_info(kv_stream)).config,
+                api.StreamConfig(
+                    name=kv_stream, storage=storage, num_replicas=self._config.replicas
+                ),
+            )
+        # Consumers exist before the first append: with interest retention, a message no
+        # consumer is interested in would not be kept.
+        for sink in self._sinks:
+            await self._ensure_consumer(sink)
+            self._counters[str(sink.name)] = await self._load_counters(str(sink.name))
+
+    async def _ensure_consumer(self, sink: SinkConfig) -> None:
+        token = sink_token(str(sink.name))
+        config = api.ConsumerConfig(
+            durable_name=f"sink_{token}",
+            description=f"registry-trio sink {sink.name}",
+            filter_subject=f"{self._stream}.sink.{token}",
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=float(self._config.ack_wait),
+            max_deliver=-1,
+            max_ack_pending=take_limit(sink) * sink.concurrency,
+        )
+        # Creating an existing durable consumer with the same (or an editable) config is a
+        # no-op or an update; every instance does it at start.
+        await self._js.add_consumer(self._stream, config)
+
+    async def _load_counters(self, sink: str) -> _Counters:
+        try:
+            entry = await self._kv.get(f"{sink_token(sink)}.{self._instance}")
+        except nats.js.errors.KeyNotFoundError:
+            return _Counters()
+        return _Counters(**json.loads(entry.value))
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.close(), self._timeout)
+            except Exception:  # already broken; nothing else to release
+                log.debug("closing the queue's NATS connection failed", exc_info=True)
+
+    # -- appending ---------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish every message and wait for all acks; raise the first failure."""
+        results = await asyncio.gather(
+            *(
+                self._js.publish(subject, body, headers=headers)
+                for subject, body, headers in messages
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # -- a sink's consumer -------------------------------------------------------------------
+
+    async def subscribe(self, sink: str) -> Any:
+        token = sink_token(sink)
+        return await self._js.pull_subscribe_bind(f"sink_{token}", self._stream)
+
+    async def unsubscribe(self, subscription: Any) -> None:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+
+    async def fetch(self, subscription: Any, batch: int, expires: float) -> list[Msg]:
+        try:
+            return await subscription.fetch(batch, timeout=expires)
+        except nats.errors.TimeoutError:
+            return []
+
+    async def settle(
+        self, *, ack: Sequence[Msg] = (), nak: Sequence[Msg] = (), progress: Sequence[Msg] = ()
+    ) -> None:
+        """Hand back, keep (``in_progress``) or acknowledge messages, in that order; pipelined.
+
+        Hand-backs go first so that slots freed by the acks cannot be filled past them.
+        """
+        for msg in nak:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.nak()
+        for msg in progress:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.in_progress()
+        for msg in ack:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.ack()
+        if self._nc is not None:
+            await self._nc.flush(timeout=self._timeout)  # type: ignore[arg-type]
+
+    async def count(
+        self, sink: str, *, delivered: int = 0, failed: int = 0, error: str | None = None
+    ) -> None:
+        counters = self._counters.setdefault(sink, _Counters())
+        counters.delivered += delivered
+        counters.failed_attempts += failed
+        if error is not None:
+            counters.last_error, counters.last_error_at = error, time.time()
+        value = json.dumps(counters.__dict__).encode()
+        await self._kv.put(f"{sink_token(sink)}.{self._instance}", value)
+
+    async def bury(
+        self, sink: str, letters: Sequence[tuple[Msg | None, bytes, OwedEvent]], error: str
+    ) -> None:
+        token = sink_token(sink)
+        for _, body, owed in letters:
+            headers = {
+                "Nats-Msg-Id": f"{owed.event.id}.{token}.dead.{owed.seq}",
+                "Registry-Sink": _header_text(sink),
+                "Registry-Attempts": str(owed.attempts + 1),
+                "Registry-Error": _header_text(error),
+            }
+            await self._js.publish(f"{self._stream}.dead.{token}", body, headers=headers)
+        await self.settle(ack=[msg for msg, _, _ in letters if msg is not None])
+
+    async def lead(self, sink: str, ttl: float) -> bool:
+        """Take or renew the sink's delivery lease; whether this instance now holds it.
+
+        The lease is a KV entry naming its holder, changed only by compare-and-set on its
+        revision, so two instances can never both win it. The holder renews it (a new
+        revision) every ``ttl``/3. Whether it lapsed is judged on this instance's monotonic
+        clock: a revision unchanged for ``ttl`` since this instance first saw it was not
+        renewed. Comparing a time the holder wrote with this host's wall clock would let a
+        clock running ahead take a live lease.
+        """
+        key = f"lease.{sink_token(sink)}"
+        value = json.dumps({"instance": self._instance}).encode()
+        try:
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                await self._kv.create(key, value)
+                return True
+            if json.loads(entry.value)["instance"] != self._instance:
+                now = self.clock()
+                revision, since = self._leases_seen.get(key, (None, now))
+                if revision != entry.revision:
+                    self._leases_seen[key] = (entry.revision, now)
+                    return False
+                if now - since < ttl:
+                    return False
+            await self._kv.update(key, value, last=entry.revision)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # another instance changed it first
+
+    async def orphans(self, sink: str) -> list[tuple[int, bytes]]:
+        """Messages handed out to the sink's consumer and never acknowledged (by a previous
+        lease holder, now gone), in order: the new holder sends them before anything else."""
+        token = sink_token(sink)
+        info = await self._js.consumer_info(self._stream, f"sink_{token}")
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        last = info.delivered.stream_seq if info.delivered else 0
+        subject = f"{self._stream}.sink.{token}"
+        found = []
+        seq = floor + 1
+        while seq <= last:
+            try:
+                raw = await self._js.get_msg(self._stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            if raw.seq > last:
+                break
+            # Interest retention deletes a message once its sink acknowledged it: whatever
+            # is still here was not.
+            found.append((raw.seq, raw.data))
+            seq = raw.seq + 1
+        return found
+
+    # -- operators ---------------------------------------------------------------------------
+
+    async def counts(self, sink: str) -> SinkCounts:
+        token = sink_token(sink)
+        info = await self._js.consumer_info(self._stream, f"sink_{token}")
+        pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        oldest = None
+        if pending:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                raw = await self._js.get_msg(
+                    self._stream, seq=floor + 1, subject=f"{self._stream}.sink.{token}", next=True
+                )
+                oldest = Event.from_bytes(raw.data).time.timestamp()
+        dead_subject = f"{self._stream}.dead.{token}"
+        dead_info = await self._js.stream_info(self._dead_stream, subjects_filter=dead_subject)
+        dead = (dead_info.state.subjects or {}).get(dead_subject, 0)
+        total = _Counters()
+        try:
+            # Unfiltered (nats-py warns about filters on older servers): one key per
+            # instance and sink is few.
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in (k for k in keys if k.startswith(f"{token}.")):
+            entry = await self._kv.get(key)
+            part = _Counters(**json.loads(entry.value))
+            total.delivered += part.delivered
+            total.failed_attempts += part.failed_attempts
+            if part.last_error_at is not None and (
+                total.last_error_at is None or part.last_error_at > total.last_error_at
+            ):
+                total.last_error, total.last_error_at = part.last_error, part.last_error_at
+        return SinkCounts(
+            pending=pending,
+            dead=dead,
+            delivered=total.delivered,
+            failed_attempts=total.failed_attempts,
+            oldest_pending=oldest,
+            last_error=total.last_error,
+            last_error_at=total.last_error_at,
+        )
+
+    async def _dead_messages(self, sink: str, after: int) -> AsyncIterator[api.RawStreamMsg]:
+        subject = f"{self._stream}.dead.{sink_token(sink)}"
+        seq = after + 1
+        while True:
+            try:
+                raw = await self._js.get_msg(self._dead_stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return
+            yield raw
+            seq = raw.seq + 1
+
+    async def dead(self, sink: str, limit: int, after: int) -> list[DeadLetter]:
+        letters = []
+        async for raw in self._dead_messages(sink, after):
+            headers = raw.headers or {}
+            letters.append(
+                DeadLetter(
+                    seq=raw.seq,
+                    sink=sink,
+                    event=Event.from_bytes(raw.data),
+                    attempts=int(headers.get("Registry-Attempts", "0")),
+                    last_error=headers.get("Registry-Error", ""),
+                )
+            )
+            if len(letters) >= limit:
+                break
+        return letters
+
+    async def replay(self, sink: str, event_ids: Sequence[str] | None) -> int:
+        token = sink_token(sink)
+        wanted = None if event_ids is None else set(event_ids)
+        replayed = 0
+        async for raw in self._dead_messages(sink, 0):
+            event = Event.from_bytes(raw.data)
+            if wanted is not None and event.id not in wanted:
+                continue
+            # A new message id: the original is likely still inside the duplicate window.
+            headers = {"Nats-Msg-Id": f"{event.id}.{token}.replay.{raw.seq}"}
+            await self._js.publish(f"{self._stream}.sink.{token}", raw.data, headers=headers)
+            await self._js.delete_msg(self._dead_stream, raw.seq)
+            replayed += 1
+        return replayed
