@@ -37,23 +37,6 @@ FORBIDDEN = {
     "registry_trio.auth": ("registry_trio.storage",),
 }
 
-# Temporary, issue #13: registry_trio/api/ is being rewritten, and events/queue/jetstream.py
-# and events/sinks/_asyncio_bridge.py moved, by other engineers this round. These are the
-# imports (importer, imported) of theirs these tests find; the lead removes the entries after
-# merging their branches (a test fails on an entry that no longer occurs, so none outlives
-# its fix).
-CIRCLES_TEMPORARILY_ALLOWED = {
-    # The circle api.quart_app -> api.manifests -> api.quart_app, dodged by importing in a
-    # function (and api.admin, api.listing likewise).
-    ("registry_trio.api.quart_app", "registry_trio.api.admin"),
-    ("registry_trio.api.quart_app", "registry_trio.api.listing"),
-    ("registry_trio.api.quart_app", "registry_trio.api.manifests"),
-}
-PRIVATE_TEMPORARILY_ALLOWED = {
-    # events.queue takes events.sinks' private asyncio bridge.
-    ("registry_trio.events.queue.jetstream", "registry_trio.events.sinks._asyncio_bridge"),
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -135,11 +118,6 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(f"{package}.")
 
 
-def _stale(allowed: set[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Allowlist entries that no longer occur: fixed, to be removed from the list."""
-    return sorted(allowed - {(i.importer, i.target) for i in internal_imports()})
-
-
 def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
@@ -190,18 +168,14 @@ def test_no_import_circles():
     # imported from their package.
     assert ("registry_trio.cli", "registry_trio.server", "serve") in found
     assert ("registry_trio.storage.gc", "registry_trio.oci", "parse_digest") in found
-    assert ("registry_trio.cli", "registry_trio.operator", None) in found
+    assert ("registry_trio.cli", "registry_trio.events_cli", None) in found
 
-    imports = [
-        i for i in internal_imports() if (i.importer, i.target) not in CIRCLES_TEMPORARILY_ALLOWED
-    ]
+    imports = internal_imports()
     edges: dict[str, set[str]] = {}
     for i in imports:
         edges.setdefault(i.importer, set()).add(i.target)
     circles = _circles(edges)
     assert not circles, "\n".join(_describe(circle, imports) for circle in circles)
-    stale = _stale(CIRCLES_TEMPORARILY_ALLOWED)
-    assert not stale, f"fixed, remove from CIRCLES_TEMPORARILY_ALLOWED: {stale}"
 
 
 def test_lower_layers_do_not_import_higher_ones():
@@ -222,14 +196,11 @@ def test_no_private_module_or_name_is_taken_from_elsewhere():
         private_parts = [part for part in found.target.split(".") if _is_private(part)]
         if private_parts:
             owner = found.target.partition(f".{private_parts[0]}")[0]
-            allowed = (found.importer, found.target) in PRIVATE_TEMPORARILY_ALLOWED
-            if not _within(found.importer, owner) and not allowed:
+            if not _within(found.importer, owner):
                 wrong.append(f"{found}: a private module of {owner}")
         if found.name is not None and _is_private(found.name):
             wrong.append(f"{found}: a private name")
     assert not wrong, "\n".join(wrong)
-    stale = _stale(PRIVATE_TEMPORARILY_ALLOWED)
-    assert not stale, f"fixed, remove from PRIVATE_TEMPORARILY_ALLOWED: {stale}"
 
 
 def test_gc_reads_no_private_field_of_the_store():

@@ -13,9 +13,8 @@ from ..events.delivery import DeliverySupervisor
 from ..events.queue import EventQueue
 from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
 from .access import Access, requires
-from .context import Registry
+from .context import Registry, current_registry
 from .errors import RegistryError
-from .quart_app import current_registry
 
 __all__ = ["blueprint"]
 

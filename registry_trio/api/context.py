@@ -7,9 +7,10 @@ import functools
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
+from quart import current_app
 
 from ..auth import ANONYMOUS, Authenticator, Identity
 from ..config import Config
@@ -21,7 +22,15 @@ from ..storage import FilesystemStorage, StorageFull
 from ..storage.errors import DISK_FULL_ERRNOS
 from .locks import RepositoryLocks
 
-__all__ = ["REQUEST_ID_KEY", "Registry", "header", "identity", "request_id", "request_info"]
+__all__ = [
+    "REQUEST_ID_KEY",
+    "Registry",
+    "current_registry",
+    "header",
+    "identity",
+    "request_id",
+    "request_info",
+]
 
 T = TypeVar("T")
 
@@ -29,8 +38,15 @@ T = TypeVar("T")
 REQUEST_ID_KEY = "registry_trio.request_id"
 IDENTITY_KEY = "registry_trio.identity"
 CLIENT_ADDR_KEY = "registry_trio.client_addr"
+# Where the Quart app keeps the Registry (see current_registry).
+REGISTRY_EXTENSION = "registry_trio"
 # The template of the route that served the request: its metrics label.
 ROUTE_KEY = "registry_trio.route"
+
+
+def current_registry() -> Registry:
+    """The registry, inside a Quart view."""
+    return cast(Registry, current_app.extensions[REGISTRY_EXTENSION])
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:

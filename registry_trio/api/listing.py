@@ -10,9 +10,8 @@ from quart import Blueprint, Response, request
 from .. import oci
 from ..metrics import CONTENT_TYPE
 from .access import Access, requires
-from .context import identity
+from .context import current_registry, identity
 from .errors import RegistryError
-from .quart_app import current_registry
 
 __all__ = ["blueprint"]
 

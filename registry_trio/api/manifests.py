@@ -14,9 +14,8 @@ from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
 from .access import Access, requires
-from .context import Registry, identity
+from .context import Registry, current_registry, identity
 from .errors import RegistryError
-from .quart_app import current_registry
 from .raw import RawRequest, RawRoute, Routes
 
 __all__ = ["ROUTES", "blueprint"]

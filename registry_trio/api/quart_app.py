@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import cast
 
-from quart import Response, current_app, request
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
 
+from . import admin, listing, manifests
 from .access import authorize, declared_access
-from .context import ROUTE_KEY, Registry
+from .context import REGISTRY_EXTENSION, ROUTE_KEY, Registry
 from .errors import RegistryError, error_response, to_registry_error
 
-__all__ = ["create_quart_app", "current_registry"]
+__all__ = ["create_quart_app"]
 
 log = logging.getLogger("registry_trio.api")
-
-_EXTENSION_KEY = "registry_trio"
-
-
-def current_registry() -> Registry:
-    return cast(Registry, current_app.extensions[_EXTENSION_KEY])
 
 
 def _http_error(exc: HTTPException) -> RegistryError:
@@ -44,15 +38,13 @@ def _metrics_label(rule: str) -> str:
 
 
 def create_quart_app(registry: Registry) -> QuartTrio:
-    from . import admin, listing, manifests
-
     app = QuartTrio("registry_trio", static_folder=None)
     # One spelling per route: Werkzeug would otherwise redirect or route `/v2/a/tags//list`
     # as `/v2/a/tags/list`, a path the raw routes, the access log and the metrics never see.
     app.url_map.merge_slashes = False
     # Quart rejects a larger Content-Length up front; handlers also count chunked bodies.
     app.config["MAX_CONTENT_LENGTH"] = registry.config.http.max_manifest_size
-    app.extensions[_EXTENSION_KEY] = registry
+    app.extensions[REGISTRY_EXTENSION] = registry
     app.register_blueprint(listing.blueprint)
     app.register_blueprint(manifests.blueprint)
     app.register_blueprint(admin.blueprint)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from nats.aio.msg import Msg
@@ -22,8 +22,18 @@ from ...model import Event
 from ..base import OwedEvent, QueueError, take_limit
 from .operations import JetStreamOperations
 
-if TYPE_CHECKING:
-    from .queue import JetStreamQueue
+
+class QueueConnection(Protocol):
+    """What a sink's queue needs of the queue it belongs to (``JetStreamQueue``)."""
+
+    ack_wait: float
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
+    def wake(self, sink: str) -> None: ...
+
+    def signal(self, sink: str) -> trio.Event: ...
+
 
 __all__ = ["JetStreamSinkQueue"]
 
@@ -60,7 +70,7 @@ class JetStreamSinkQueue:
 
     def __init__(
         self,
-        queue: JetStreamQueue,
+        queue: QueueConnection,
         jetstream: JetStreamOperations,
         subscription: Any,
         sink: SinkConfig,
