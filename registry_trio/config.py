@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
@@ -85,8 +85,8 @@ class UploadPurgingConfig:
     """
 
     enable: bool = True
-    age: Duration = 7 * 86400.0  # type: ignore[assignment]
-    interval: Duration = 86400.0  # type: ignore[assignment]
+    age: Duration = Duration(7 * 86400.0)
+    interval: Duration = Duration(86400.0)
 
     def __post_init__(self) -> None:
         if self.age <= 0:
@@ -101,8 +101,8 @@ class StorageConfig:
     # Periodic garbage collection (zot's keys): untagged manifests and unreferenced blobs
     # older than gcDelay are removed every gcInterval.
     gc: bool = False
-    gc_interval: Duration = 3600.0  # type: ignore[assignment]
-    gc_delay: Duration = 3600.0  # type: ignore[assignment]
+    gc_interval: Duration = Duration(3600.0)
+    gc_delay: Duration = Duration(3600.0)
     upload_purging: UploadPurgingConfig = dataclasses.field(default_factory=UploadPurgingConfig)
 
     def __post_init__(self) -> None:
@@ -113,7 +113,7 @@ class StorageConfig:
 ACCESS_ACTIONS = ("read", "create", "update", "delete")
 
 
-def _check_actions(actions: list[str] | tuple[str, ...], key: str) -> None:
+def _check_actions(actions: tuple[str, ...], key: str) -> None:
     for i, action in enumerate(actions):
         if action not in ACCESS_ACTIONS:
             raise ConfigError(f"{key}[{i}]", f"unknown action {action!r}; use {ACCESS_ACTIONS}")
@@ -149,7 +149,7 @@ class FailedLoginsConfig:
     """How many failed basic logins a client may make within ``window``; then it gets 429."""
 
     limit: int = 10
-    window: Duration = 60.0  # type: ignore[assignment]
+    window: Duration = Duration(60.0)
 
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= 1_000_000:
@@ -167,9 +167,9 @@ class AuthConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    actions: list[str]
-    users: list[str] = ()  # type: ignore[assignment]
-    groups: list[str] = ()  # type: ignore[assignment]
+    actions: tuple[str, ...]
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_actions(self.actions, "actions")
@@ -177,10 +177,10 @@ class PolicyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RepositoryPolicyConfig:
-    policies: list[PolicyConfig] = ()  # type: ignore[assignment]
+    policies: tuple[PolicyConfig, ...] = ()
     # Actions for any authenticated user; anonymousPolicy for requests without credentials.
-    default_policy: list[str] = ()  # type: ignore[assignment]
-    anonymous_policy: list[str] = ()  # type: ignore[assignment]
+    default_policy: tuple[str, ...] = ()
+    anonymous_policy: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_actions(self.default_policy, "defaultPolicy")
@@ -189,7 +189,7 @@ class RepositoryPolicyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GroupConfig:
-    users: list[str] = ()  # type: ignore[assignment]
+    users: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,11 +207,11 @@ class HTTPConfig:
     # Upper bound of a manifest body; OCI asks registries to accept at least 4 MiB.
     max_manifest_size: int = 4 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests before closing connections.
-    graceful_timeout: Duration = 10.0  # type: ignore[assignment]
+    graceful_timeout: Duration = Duration(10.0)
     auth: AuthConfig | None = None
     access_control: AccessControlConfig | None = None
     # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
-    trusted_proxies: list[str] = ()  # type: ignore[assignment]
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -250,11 +250,11 @@ class LogConfig:
 class RetryConfig:
     """Exponential backoff with full jitter; the budget ends in the dead-letter store."""
 
-    initial_backoff: Duration = 0.5  # type: ignore[assignment]
-    max_backoff: Duration = 60.0  # type: ignore[assignment]
+    initial_backoff: Duration = Duration(0.5)
+    max_backoff: Duration = Duration(60.0)
     # 0 means no limit on attempts; maxAge still bounds how long an event is retried.
     max_attempts: int = 0
-    max_age: Duration = 86400.0  # type: ignore[assignment]
+    max_age: Duration = Duration(86400.0)
 
     def __post_init__(self) -> None:
         if self.initial_backoff <= 0:
@@ -271,7 +271,7 @@ class BatchConfig:
 
     max_events: int = 100
     # How long to wait for a batch to fill once the first event is there; 0 sends at once.
-    max_wait: Duration = 0.0  # type: ignore[assignment]
+    max_wait: Duration = Duration(0.0)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_events <= 10000:
@@ -365,9 +365,9 @@ class FilterConfig:
     """Which events a sink receives (distribution's ``ignore`` semantics, inverted where
     an include list reads better). Pull actions reach a sink only when listed here."""
 
-    actions: list[str] | None = None
-    repositories: list[str] | None = None
-    ignore_media_types: list[str] = ()  # type: ignore[assignment]
+    actions: tuple[str, ...] | None = None
+    repositories: tuple[str, ...] | None = None
+    ignore_media_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for i, action in enumerate(self.actions or ()):
@@ -395,8 +395,9 @@ SINK_FORMATS = ("cloudevents", "cloudevents-binary", "cloudevents-batch", "distr
 class SinkConfig:
     type: str
     address: str
-    name: str | None = None
-    timeout: Duration = 5.0  # type: ignore[assignment]
+    # Empty: derived from the address (see __post_init__).
+    name: str = ""
+    timeout: Duration = Duration(5.0)
     format: str = "cloudevents"
     credentials: CredentialsConfig | None = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -451,7 +452,7 @@ class SinkConfig:
             raise ConfigError("timeout", "must be greater than zero")
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("concurrency", "must be between 1 and 64")
-        if self.name is None:
+        if not self.name:
             # The address (and subject) is what stays stable when sinks are reordered; the
             # name shows in logs, metrics and the admin API, so never with a password in it.
             address = redact_address(self.address)
@@ -489,14 +490,14 @@ class QueueConfig:
     stream: str = "REGISTRY_EVENTS"
     credentials: CredentialsConfig | None = None
     tls: TLSConfig | None = None
-    timeout: Duration = 5.0  # type: ignore[assignment]
+    timeout: Duration = Duration(5.0)
     # Stream settings: a stream is created with them, an existing one brought in line at
     # start (see the README on durability).
     replicas: int = 1
-    duplicate_window: Duration = 120.0  # type: ignore[assignment]
+    duplicate_window: Duration = Duration(120.0)
     # How long a delivery may go unacknowledged before JetStream hands it to another
     # instance: the time to notice an instance that died.
-    ack_wait: Duration = 30.0  # type: ignore[assignment]
+    ack_wait: Duration = Duration(30.0)
 
     def __post_init__(self) -> None:
         if self.type == "sqlite":
@@ -520,24 +521,24 @@ class QueueConfig:
             raise ConfigError("stream", "use letters, digits, '-' and '_' (at most 64)")
         if not 1 <= self.replicas <= 5:
             raise ConfigError("replicas", "must be between 1 and 5")
-        for key, value in (
+        for key, seconds in (
             ("timeout", self.timeout),
             ("duplicateWindow", self.duplicate_window),
             ("ackWait", self.ack_wait),
         ):
-            if value <= 0:
+            if seconds <= 0:
                 raise ConfigError(key, "must be greater than zero")
 
 
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
     enable: bool = False
-    sinks: list[SinkConfig] = ()  # type: ignore[assignment]
+    sinks: tuple[SinkConfig, ...] = ()
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     # CloudEvents types are "<prefix>.image.updated" etc.; zot's prefix by default.
     type_prefix: str = "zotregistry"
     # On SIGTERM, how long in-flight deliveries may take before they are left queued.
-    shutdown_timeout: Duration = 5.0  # type: ignore[assignment]
+    shutdown_timeout: Duration = Duration(5.0)
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -564,6 +565,15 @@ class Config:
     extensions: ExtensionsConfig = dataclasses.field(default_factory=ExtensionsConfig)
 
 
+class _Dataclass(Protocol):
+    """Any dataclass, as ``dataclasses.fields`` takes it (typeshed's own is for checkers only)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+_D = TypeVar("_D", bound=_Dataclass)
+
+
 def _convert(value: Any, annotation: Any, path: str) -> Any:
     """Convert one JSON value to ``annotation``, raising ConfigError that names ``path``."""
     origin = typing.get_origin(annotation)
@@ -587,12 +597,13 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             return parse_duration(value)
         except ValueError as exc:
             raise ConfigError(path, str(exc)) from None
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, path)
-    if origin is list:
+    if origin is tuple:
+        # Only ``tuple[T, ...]``: a JSON list, kept immutable like the frozen config around it.
         if not isinstance(value, list):
             raise ConfigError(path, f"expected a list, got {type(value).__name__}")
-        (item_type,) = typing.get_args(annotation)
+        item_type, _ = typing.get_args(annotation)
         return tuple(_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -618,7 +629,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} at {path}")
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def _build(cls: type[_D], data: Any, path: str) -> _D:
     if not isinstance(data, Mapping):
         raise ConfigError(path, f"expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from registry_trio.config import ConfigError, load_config, parse_config, parse_duration
+from registry_trio.config import (
+    ConfigError,
+    Duration,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 
 
 def test_embedded_default_is_the_spec_one():
@@ -197,6 +206,40 @@ def test_documented_sink_defaults():
     assert sink.filter.actions is None and sink.filter.repositories is None
     assert tuple(sink.filter.ignore_media_types) == ()
     assert sink.hmac is not None and sink.hmac.header == "X-Registry-Signature"
+
+
+def test_an_empty_sink_name_is_the_default_one():
+    (sink,) = parse_config(
+        {"extensions": {"events": {"sinks": [{"type": "http", "address": "http://a", "name": ""}]}}}
+    ).extensions.events.sinks
+    assert sink.name == "http://a"
+
+
+def _durations(node: object, path: str) -> Iterator[tuple[str, object]]:
+    """``(key path, value)`` of every Duration-typed field under ``node``."""
+    if dataclasses.is_dataclass(node):
+        hints = typing.get_type_hints(type(node))
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if hints[field.name] is Duration:
+                yield f"{path}{field.name}", value
+            else:
+                yield from _durations(value, f"{path}{field.name}.")
+    elif isinstance(node, tuple):
+        for i, item in enumerate(node):
+            yield from _durations(item, f"{path[:-1]}[{i}].")
+
+
+def test_duration_defaults_are_durations_as_parsed_values_are():
+    config = parse_config(
+        {
+            "http": {"auth": {}},
+            "extensions": {"events": {"sinks": [{"type": "http", "address": "http://a"}]}},
+        }
+    )
+    durations = dict(_durations(config, ""))
+    assert {"storage.gc_interval", "extensions.events.sinks[0].retry.max_age"} <= set(durations)
+    assert [key for key, value in durations.items() if type(value) is not Duration] == []
 
 
 @pytest.mark.parametrize(

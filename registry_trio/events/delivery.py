@@ -64,7 +64,7 @@ class SinkWorker:
         self.config = config
         # Called with (sink, seconds from each event's time to its acknowledgement): metrics.
         self._on_delivered = on_delivered
-        self.name = str(config.name)
+        self.name = config.name
         self._queue = queue
         self._transport = transport
         self._prefix = type_prefix

@@ -31,7 +31,7 @@ class SinkFilter:
         f = config.filter
         actions = frozenset(Action(a) for a in f.actions) if f.actions else DEFAULT_ACTIONS
         return cls(
-            sink=str(config.name),
+            sink=config.name,
             format=config.format,
             # Pull events are opt-in: a sink gets them only by listing them.
             actions=actions,

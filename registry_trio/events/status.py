@@ -12,7 +12,7 @@ __all__ = ["DEAD_PAGE_MAX", "dead_letter_json", "dead_letter_page", "sink_status
 
 
 async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
-    counts = await queue.counts(str(sink.name))
+    counts = await queue.counts(sink.name)
     now = time.time()
     return {
         "name": sink.name,
@@ -56,7 +56,7 @@ async def dead_letter_page(
     one letter more than asked is read to know, so a page that ends exactly at the last
     letter does not promise another.
     """
-    letters = await queue.dead(str(sink.name), limit + 1, after)
+    letters = await queue.dead(sink.name, limit + 1, after)
     page = letters[:limit]
     return {
         "sink": sink.name,

@@ -450,7 +450,7 @@ class SqliteSinkQueue:
     ) -> None:
         self._outbox = outbox
         self._reader = reader
-        self._name = str(sink.name)
+        self._name = sink.name
         self._ordered = sink.ordered
         self._group = sink.events_per_message
         self._max_wait = float(sink.batch.max_wait)
