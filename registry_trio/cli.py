@@ -8,8 +8,8 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from .storage.gc import GCReport
 
 __all__ = ["main"]
+
+# What an events command answers: printed as JSON, or rendered for a person.
+_Answer = TypeVar("_Answer")
 
 
 async def _serve_until_signalled(config: Config) -> None:
@@ -49,7 +52,7 @@ def _load(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
-def _add_events_parser(commands: argparse._SubParsersAction) -> None:
+def _add_events_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     events = commands.add_parser(
         "events",
         help="inspect and repair event delivery",
@@ -99,64 +102,74 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
 
     try:
         if args.verb == "status":
-            result: object = events_cli.status(config)
+            _show(args.json, events_cli.status(config), _status_table)
         elif args.verb == "dead":
-            result = events_cli.dead_letters(config, args.sink, args.limit, args.after)
+            page = events_cli.dead_letters(config, args.sink, args.limit, args.after)
+            _show(args.json, page, _dead_letters_table)
         else:
-            result = events_cli.replay(config, args.sink, args.ids)
+            _show(args.json, events_cli.replay(config, args.sink, args.ids), _replayed_line)
     except events_cli.OperatorError as exc:
         print(f"registry-trio: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif args.verb == "status":
-        rows = [
-            [
-                "SINK",
-                "TYPE",
-                "PENDING",
-                "IN FLIGHT",
-                "DELIVERED",
-                "FAILED",
-                "DEAD",
-                "OLDEST",
-                "LAST ERROR",
-            ]
+
+
+def _show(as_json: bool, result: _Answer, render: Callable[[_Answer], str]) -> None:
+    print(json.dumps(result, indent=2) if as_json else render(result))
+
+
+def _replayed_line(answer: dict[str, Any]) -> str:
+    return f"replayed {answer['replayed']} dead letter(s) of sink {answer['sink']}"
+
+
+def _status_table(sinks: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            "SINK",
+            "TYPE",
+            "PENDING",
+            "IN FLIGHT",
+            "DELIVERED",
+            "FAILED",
+            "DEAD",
+            "OLDEST",
+            "LAST ERROR",
         ]
-        for s in result:  # type: ignore[attr-defined]
-            age = s["oldestPendingAge"]
-            rows.append(
-                [
-                    str(s["name"]),
-                    s["type"],
-                    str(s["pending"]),
-                    str(s["inFlight"]),
-                    str(s["delivered"]),
-                    str(s["failedAttempts"]),
-                    str(s["dead"]),
-                    "-" if age is None else f"{age:.0f}s",
-                    s["lastError"] or "-",
-                ]
-            )
-        print(_table(rows))
-    elif args.verb == "dead":
-        rows = [["SEQ", "EVENT ID", "ACTION", "REPOSITORY", "ATTEMPTS", "LAST ERROR"]]
-        for d in result["deadLetters"]:  # type: ignore[index]
-            rows.append(
-                [
-                    str(d["seq"]),
-                    d["id"],
-                    d["action"],
-                    d["repository"],
-                    str(d["attempts"]),
-                    d["lastError"],
-                ]
-            )
-        print(_table(rows))
-        if result["next"] is not None:  # type: ignore[index]
-            print(f"more: --after {result['next']}")  # type: ignore[index]
-    else:
-        print(f"replayed {result['replayed']} dead letter(s) of sink {result['sink']}")  # type: ignore[index]
+    ]
+    for s in sinks:
+        age = s["oldestPendingAge"]
+        rows.append(
+            [
+                str(s["name"]),
+                s["type"],
+                str(s["pending"]),
+                str(s["inFlight"]),
+                str(s["delivered"]),
+                str(s["failedAttempts"]),
+                str(s["dead"]),
+                "-" if age is None else f"{age:.0f}s",
+                s["lastError"] or "-",
+            ]
+        )
+    return _table(rows)
+
+
+def _dead_letters_table(page: dict[str, Any]) -> str:
+    rows = [["SEQ", "EVENT ID", "ACTION", "REPOSITORY", "ATTEMPTS", "LAST ERROR"]]
+    for d in page["deadLetters"]:
+        rows.append(
+            [
+                str(d["seq"]),
+                d["id"],
+                d["action"],
+                d["repository"],
+                str(d["attempts"]),
+                d["lastError"],
+            ]
+        )
+    text = _table(rows)
+    if page["next"] is not None:
+        text += f"\nmore: --after {page['next']}"
+    return text
 
 
 async def _maintain_once(config: Config, dry_run: bool) -> tuple[GCReport, list[str] | None]:

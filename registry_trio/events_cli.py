@@ -60,7 +60,8 @@ def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, A
         except (ValueError, KeyError, IndexError):
             message = response.text[:200]
         raise OperatorError(f"the server at {base} answered {response.status_code}: {message}")
-    return response.json()
+    answer: dict[str, Any] = response.json()  # the admin API answers with a JSON object
+    return answer
 
 
 def _offline_queue(config: Config) -> AbstractAsyncContextManager[EventQueue]:
@@ -79,14 +80,15 @@ def _sink(config: Config, name: str | None) -> SinkConfig:
     for sink in sinks:
         if sink.name == name:
             return sink
-    known = ", ".join(str(s.name) for s in sinks) or "none configured"
+    known = ", ".join(s.name for s in sinks) or "none configured"
     raise OperatorError(f"name a sink with --sink; sinks: {known}")
 
 
 def status(config: Config) -> list[dict[str, Any]]:
     answer = _admin(config, "GET", "/_registry/events/sinks")
     if answer is not None:
-        return answer["sinks"]
+        sinks: list[dict[str, Any]] = answer["sinks"]
+        return sinks
     running = _offline_queue(config)
 
     async def offline() -> list[dict[str, Any]]:
@@ -123,7 +125,7 @@ def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str,
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
-            replayed = await queue.replay(str(chosen.name), ids)
+            replayed = await queue.replay(chosen.name, ids)
         return {"sink": chosen.name, "replayed": replayed}
 
     return trio.run(offline)

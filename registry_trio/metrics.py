@@ -50,7 +50,7 @@ class _ScrapeCollector(Collector):
         queue = self.queue
         if queue is None:
             return
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "pending": GaugeMetricFamily(
                 "registry_events_pending", "Events waiting for delivery", labels=["sink"]
             ),

@@ -25,15 +25,17 @@ import functools
 import logging
 import sys
 import uuid
+from typing import cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
 
 from .api import Registry, create_app
 from .auth import Authenticator
 from .config import Config
-from .events import NullRecorder, Source
+from .events import EventRecorder, NullRecorder, Source
 from .events.delivery import DeliverySupervisor
 from .events.filters import SinkFilter
 from .events.queue import EventQueue, open_queue
@@ -91,9 +93,10 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
     events = config.extensions.events
     storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
 
-    metrics = Metrics(storage.layout.uploads, [str(s.name) for s in events.sinks])
+    metrics = Metrics(storage.layout.uploads, [s.name for s in events.sinks])
     async with trio.open_nursery() as nursery:
         queue = delivery = None
+        recorder: EventRecorder
         if events.enable:
             queue = open_queue(events, on_commit=metrics.observe_commit)
             await nursery.start(queue.run)
@@ -120,8 +123,13 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
         hypercorn_config = _hypercorn_config(config)
 
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
+            # Hypercorn's TypedDict scopes and events are plain dicts at run time; the app
+            # takes them as such (it adds its own keys to the scope, which no TypedDict names).
             await hypercorn_serve(
-                app, hypercorn_config, shutdown_trigger=shutdown.wait, task_status=task_status
+                cast(ASGIFramework, app),
+                hypercorn_config,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
             )
             # HTTP is drained: no request can append any more. Stop delivery, then the writer.
             if delivery is not None:

@@ -61,12 +61,13 @@ class AccessPolicy:
 
     def is_admin(self, identity: Identity) -> bool:
         """Whether ``identity`` may use the admin API (``/_registry/``)."""
-        if identity.anonymous or identity.token_access is not None:
+        user = identity.name
+        if user is None or identity.token_access is not None:  # anonymous, or a token's grants
             return False
         if self._config is None:
             return self._authentication
         admin = self._config.admin_policy
-        return admin is not None and self._applies(admin, identity.name)
+        return admin is not None and self._applies(admin, user)
 
     def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
         if identity.token_access is not None:

@@ -205,8 +205,8 @@ def _scan_repository(layout: Layout, name: str) -> _Repository:
             continue
         repo.revisions[digest] = (mtime, media_type)
     for digest, link in _digest_files(layout.layers(name)):
-        if (mtime := _mtime(link)) is not None:
-            repo.links[digest] = mtime
+        if (linked_at := _mtime(link)) is not None:
+            repo.links[digest] = linked_at
     return repo
 
 

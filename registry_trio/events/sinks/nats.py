@@ -60,7 +60,7 @@ class _Publisher:
     """The NATS side of one sink. Every method runs on the sink's asyncio thread."""
 
     def __init__(self, config: SinkConfig, hidden: list[str]) -> None:
-        self._name = str(config.name)
+        self._name = config.name
         self._subject = str(config.channel)
         self._jetstream = config.mode == "jetstream"
         self._timeout = float(config.timeout)
@@ -197,7 +197,8 @@ class _Publisher:
             return 0, failure
         try:
             # The PONG comes after the server has processed every PUB before the PING.
-            await nc.flush(timeout=max(deadline - loop.time(), 0.001))  # type: ignore[arg-type]
+            timeout = max(deadline - loop.time(), 0.001)
+            await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # nats-py says int; float seconds work
         except Exception as exc:
             return 0, self._outcome(exc)
         return published, failure
@@ -264,8 +265,8 @@ class _Publisher:
             if not ack.done():
                 failure = Outcome(Result.RETRY, "timed out waiting for the JetStream ack")
                 break
-            if (exc := ack.exception()) is not None:
-                failure = self._outcome(exc)
+            if (error := ack.exception()) is not None:
+                failure = self._outcome(error)
                 break
             acked += 1
         for token, ack in zip(tokens, acks, strict=True):

@@ -10,17 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import trio
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from ....config import SinkConfig
 from ...model import Event
 from ..base import OwedEvent, QueueError, take_limit
 from .operations import JetStreamOperations
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class QueueConnection(Protocol):
@@ -28,7 +32,9 @@ class QueueConnection(Protocol):
 
     ack_wait: float
 
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    async def call(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
 
     def wake(self, sink: str) -> None: ...
 
@@ -72,14 +78,14 @@ class JetStreamSinkQueue:
         self,
         queue: QueueConnection,
         jetstream: JetStreamOperations,
-        subscription: Any,
+        subscription: JetStreamContext.PullSubscription,
         sink: SinkConfig,
         stopping: trio.Event,
     ) -> None:
         self._queue = queue
         self._nats = jetstream
         self._subscription = subscription
-        self._name = str(sink.name)
+        self._name = sink.name
         self._ordered = sink.ordered
         self._group = sink.events_per_message
         self._max_wait = float(sink.batch.max_wait)

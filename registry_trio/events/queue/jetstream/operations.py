@@ -16,13 +16,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from ....config import QueueConfig, SinkConfig
 from ...failures import describe_failure, sensitive_values
@@ -44,6 +44,14 @@ def sink_token(sink: str) -> str:
 def _header_text(text: str) -> str:
     # A NATS header value is one line.
     return " ".join(text.split())[:1000]
+
+
+class _Stored(NamedTuple):
+    """A message read back from a stream."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
 
 
 @dataclass
@@ -150,10 +158,10 @@ class JetStreamOperations:
         # consumer is interested in would not be kept.
         for sink in self._sinks:
             await self._ensure_consumer(sink)
-            self._counters[str(sink.name)] = await self._load_counters(str(sink.name))
+            self._counters[sink.name] = await self._load_counters(sink.name)
 
     async def _ensure_consumer(self, sink: SinkConfig) -> None:
-        token = sink_token(str(sink.name))
+        token = sink_token(sink.name)
         config = api.ConsumerConfig(
             durable_name=f"sink_{token}",
             description=f"registry-trio sink {sink.name}",
@@ -200,15 +208,20 @@ class JetStreamOperations:
 
     # -- a sink's consumer -------------------------------------------------------------------
 
-    async def subscribe(self, sink: str) -> Any:
+    async def subscribe(self, sink: str) -> JetStreamContext.PullSubscription:
         token = sink_token(sink)
-        return await self._js.pull_subscribe_bind(f"sink_{token}", self._stream)
+        subscription: JetStreamContext.PullSubscription = await self._js.pull_subscribe_bind(
+            f"sink_{token}", self._stream
+        )
+        return subscription
 
-    async def unsubscribe(self, subscription: Any) -> None:
+    async def unsubscribe(self, subscription: JetStreamContext.PullSubscription) -> None:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
 
-    async def fetch(self, subscription: Any, batch: int, expires: float) -> list[Msg]:
+    async def fetch(
+        self, subscription: JetStreamContext.PullSubscription, batch: int, expires: float
+    ) -> list[Msg]:
         try:
             return await subscription.fetch(batch, timeout=expires)
         except nats.errors.TimeoutError:
@@ -231,7 +244,7 @@ class JetStreamOperations:
             with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
                 await msg.ack()
         if self._nc is not None:
-            await self._nc.flush(timeout=self._timeout)  # type: ignore[arg-type]
+            await self._nc.flush(timeout=self._timeout)  # type: ignore[arg-type]  # nats-py says int; float seconds work
 
     async def count(
         self, sink: str, *, delivered: int = 0, failed: int = 0, error: str | None = None
@@ -355,28 +368,32 @@ class JetStreamOperations:
             last_error_at=total.last_error_at,
         )
 
-    async def _dead_messages(self, sink: str, after: int) -> AsyncIterator[api.RawStreamMsg]:
+    async def _dead_messages(self, sink: str, after: int) -> AsyncIterator[_Stored]:
         subject = f"{self._stream}.dead.{sink_token(sink)}"
         seq = after + 1
         while True:
             try:
-                raw = await self._js.get_msg(self._dead_stream, seq=seq, subject=subject, next=True)
+                raw: api.RawStreamMsg = await self._js.get_msg(
+                    self._dead_stream, seq=seq, subject=subject, next=True
+                )
             except nats.js.errors.NotFoundError:
                 return
-            yield raw
-            seq = raw.seq + 1
+            # A stored message always has its sequence (nats-py types every field of the
+            # reply optional), and an empty payload comes back as None.
+            stored = _Stored(cast(int, raw.seq), raw.data or b"", raw.headers or {})
+            yield stored
+            seq = stored.seq + 1
 
     async def dead(self, sink: str, limit: int, after: int) -> list[DeadLetter]:
         letters = []
-        async for raw in self._dead_messages(sink, after):
-            headers = raw.headers or {}
+        async for stored in self._dead_messages(sink, after):
             letters.append(
                 DeadLetter(
-                    seq=raw.seq,
+                    seq=stored.seq,
                     sink=sink,
-                    event=Event.from_bytes(raw.data),
-                    attempts=int(headers.get("Registry-Attempts", "0")),
-                    last_error=headers.get("Registry-Error", ""),
+                    event=Event.from_bytes(stored.data),
+                    attempts=int(stored.headers.get("Registry-Attempts", "0")),
+                    last_error=stored.headers.get("Registry-Error", ""),
                 )
             )
             if len(letters) >= limit:
@@ -387,13 +404,13 @@ class JetStreamOperations:
         token = sink_token(sink)
         wanted = None if event_ids is None else set(event_ids)
         replayed = 0
-        async for raw in self._dead_messages(sink, 0):
-            event = Event.from_bytes(raw.data)
+        async for stored in self._dead_messages(sink, 0):
+            event = Event.from_bytes(stored.data)
             if wanted is not None and event.id not in wanted:
                 continue
             # A new message id: the original is likely still inside the duplicate window.
-            headers = {"Nats-Msg-Id": f"{event.id}.{token}.replay.{raw.seq}"}
-            await self._js.publish(f"{self._stream}.sink.{token}", raw.data, headers=headers)
-            await self._js.delete_msg(self._dead_stream, raw.seq)
+            headers = {"Nats-Msg-Id": f"{event.id}.{token}.replay.{stored.seq}"}
+            await self._js.publish(f"{self._stream}.sink.{token}", stored.data, headers=headers)
+            await self._js.delete_msg(self._dead_stream, stored.seq)
             replayed += 1
         return replayed

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
@@ -29,6 +29,9 @@ __all__ = ["JetStreamQueue"]
 # Opening (connect, then create or check the streams, bucket and consumers) may take this
 # many times ``queue.timeout`` before start-up gives up.
 OPEN_TIMEOUTS = 4
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class JetStreamQueue:
@@ -105,7 +108,9 @@ class JetStreamQueue:
             raise QueueError("the event queue is shut down")
         return self._nats
 
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def call(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         """Run one NATS operation on the queue's thread; NATS failures become QueueError."""
         jetstream = self._jetstream()
         return await _outcome(jetstream, self._thread.start(fn, *args, **kwargs))
@@ -155,7 +160,7 @@ class JetStreamQueue:
         self, sink: SinkConfig, *, stopping: trio.Event
     ) -> AsyncIterator[JetStreamSinkQueue]:
         jetstream = self._jetstream()
-        subscription = await self.call(jetstream.subscribe, str(sink.name))
+        subscription = await self.call(jetstream.subscribe, sink.name)
         sink_queue = JetStreamSinkQueue(self, jetstream, subscription, sink, stopping)
         try:
             async with trio.open_nursery() as nursery:
@@ -184,7 +189,7 @@ class JetStreamQueue:
         return await self.call(self._jetstream().replay, sink, event_ids)
 
 
-async def _outcome(jetstream: JetStreamOperations, call: AsyncioCall[Any]) -> Any:
+async def _outcome(jetstream: JetStreamOperations, call: AsyncioCall[T]) -> T:
     """The result of a NATS operation; NATS failures become QueueError."""
     try:
         return await call.result()

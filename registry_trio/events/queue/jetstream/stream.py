@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import nats.js.errors
 from nats.js import JetStreamContext, api
@@ -116,8 +116,10 @@ def _show(field: str, value: Any) -> str:
 
 async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
     """Create the stream, or use the one found under its name if it keeps the queue's promises."""
+    # The queue names every stream it asks for; nats-py types the name optional.
+    name = cast(str, config.name)
     try:
-        found = (await js.stream_info(config.name)).config
+        found = (await js.stream_info(name)).config
     except nats.js.errors.NotFoundError:
         await js.add_stream(config)
         return
