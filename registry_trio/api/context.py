@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -50,11 +50,11 @@ def current_registry() -> Registry:
 
 
 def request_id(scope: MutableMapping[str, Any]) -> str:
-    return scope[REQUEST_ID_KEY]
+    return cast(str, scope[REQUEST_ID_KEY])  # the dispatcher's uuid hex
 
 
-def identity(scope: MutableMapping[str, Any]) -> Identity:
-    return scope.get(IDENTITY_KEY, ANONYMOUS)
+def identity(scope: Mapping[str, Any]) -> Identity:
+    return cast(Identity, scope.get(IDENTITY_KEY, ANONYMOUS))  # stored by access.authorize
 
 
 def header(scope: MutableMapping[str, Any], name: bytes) -> str:
