@@ -11,9 +11,9 @@ themselves and send their response in two messages.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 from .context import Registry
@@ -39,11 +39,12 @@ class RawRequest:
 
     @property
     def method(self) -> str:
-        return self.scope["method"]
+        return cast(str, self.scope["method"])  # ASGI: the method is a str
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode()
-        for key, value in self.scope["headers"]:
+        headers: Iterable[tuple[bytes, bytes]] = self.scope["headers"]  # ASGI: byte pairs
+        for key, value in headers:
             if key.lower() == wanted:
                 return value.decode("latin-1")
         return None
