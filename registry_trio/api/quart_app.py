@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import admin, listing, manifests
@@ -65,9 +68,11 @@ def create_quart_app(registry: Registry) -> QuartTrio:
         view = app.view_functions[rule.endpoint]
         access = declared_access(view)
         assert access is not None  # checked for every rule above
-        request.scope[ROUTE_KEY] = _metrics_label(rule.rule)
+        # A plain dict at run time: Quart's TypedDict cannot name the registry's own keys.
+        scope = cast(MutableMapping[str, Any], request.scope)
+        scope[ROUTE_KEY] = _metrics_label(rule.rule)
         name = (request.view_args or {}).get("name")
-        await authorize(registry, request.scope, access, name)
+        await authorize(registry, scope, access, name)
 
     @app.errorhandler(Exception)
     async def render_error(exc: Exception) -> Response:
@@ -78,6 +83,6 @@ def create_quart_app(registry: Registry) -> QuartTrio:
             log.exception("unhandled error")
             error = RegistryError("UNKNOWN", 500, "internal server error; see the server log")
         status, headers, body = error_response(error)
-        return Response(body, status, headers)
+        return Response(body, status, Headers(headers))
 
     return app
