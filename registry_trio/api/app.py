@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -41,6 +41,7 @@ log = logging.getLogger("registry_trio.api")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RegistryApp:
@@ -53,7 +54,9 @@ class RegistryApp:
         # connection is closed instead, as Go's net/http (and so distribution) does, rather
         # than taking in a multi-gigabyte upload only to throw it away.
         self.drain_limit = 2 * registry.config.http.max_manifest_size
-        self.quart = create_quart_app(registry)
+        # Quart types its arguments with Hypercorn's TypedDicts: at run time they are these
+        # plain dicts, whose scope carries registry keys that no TypedDict names.
+        self.quart = cast(ASGIApp, create_quart_app(registry))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
