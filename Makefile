@@ -21,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check registry_trio tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -36,6 +37,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check registry_trio tests bench
 	$(BIN)/ruff format --check registry_trio tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) registry_data queue_data .pytest_cache
