@@ -40,4 +40,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) registry_data queue_data .pytest_cache
+	rm -rf $(VENV) registry_data queue_data .pytest_cache .mypy_cache
