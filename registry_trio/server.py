@@ -41,6 +41,8 @@ __all__ = ["serve"]
 log = logging.getLogger("registry_trio")
 
 SWITCH_INTERVAL = 0.0005
+# An idle keep-alive connection is closed after this long (Hypercorn's default).
+KEEP_ALIVE_TIMEOUT = 5.0
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
@@ -50,6 +52,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = config.http.graceful_timeout
     hc.include_server_header = False
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     return hc
 
 

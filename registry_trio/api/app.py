@@ -112,6 +112,13 @@ class RegistryApp:
                     state["sent"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     await finish_request_body()
+                    # Hypercorn recycles or closes the connection inside this call, and in
+                    # doing so hands the app http.disconnect, on which quart-trio cancels the
+                    # very task making the call: unshielded, the close (or the keep-alive
+                    # timer) was cut short and the connection stayed open for good.
+                    with trio.CancelScope(shield=True):
+                        await send(message)
+                    return
             await send(message)
 
         try:

