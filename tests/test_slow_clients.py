@@ -21,9 +21,8 @@ import pytest
 import trio
 
 from registry_trio.server import KEEP_ALIVE_TIMEOUT
-from tests.api_helpers import (
-    push_image,
-)
+from tests.api_helpers import assert_oci_error, digest_of, push_image
+from tests.conftest import make_config, start_registry
 from tests.procs import ServerProcess, server_process, write_config
 
 MIB = 1 << 20
@@ -168,3 +167,108 @@ async def test_connections_that_ask_to_close_are_closed_at_once_on_every_route(
         with trio.fail_after(KEEP_ALIVE_TIMEOUT + 10):
             closed_after = await served_then_closed(server.url, routes, version, headers)
         assert max(closed_after.values()) < AT_ONCE, closed_after
+
+
+async def expect_timeout(connection: RawConnection, says: str) -> None:
+    async with connection.stream:
+        response = await connection.response()
+        entry = assert_oci_error(response, 408, "REQUEST_TIMEOUT")
+        assert says in str(entry["message"]), entry
+        assert response.headers["Connection"] == "close"
+        assert await connection.wait_closed() < AT_ONCE
+
+
+async def test_a_trickling_body_is_given_up_and_a_slow_steady_one_is_not(nursery, tmp_path):
+    """With ``bodyIdleTimeout`` 1s and ``bodyMinRate`` 2000 B/s: a chunked body sending a byte
+    every 0.3 s never idles 1 s, yet is given up for its rate; a body sending 16 KiB every
+    0.5 s (32 KB/s, paused longer than the server buffers, for several idle timeouts in all)
+    is stored whole; one that stops gets the idle message."""
+    config = make_config(tmp_path, http={"bodyIdleTimeout": "1s", "bodyMinRate": 2000})
+    registry = await start_registry(nursery, config)
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        trickle, steady, stopped = [
+            (await http.post("/v2/slow/blobs/uploads/")).headers["Location"] for _ in range(3)
+        ]
+
+        async def trickling() -> None:
+            connection = await RawConnection.open(registry.url)
+            await connection.send_head("PATCH", trickle, {"Transfer-Encoding": "chunked"})
+
+            async def drip() -> None:
+                # Until the server hangs up, or the test closes the connection.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while True:
+                        await connection.send(b"1\r\nx\r\n")
+                        await trio.sleep(0.3)  # ok-sleep: the client's pace, not a wait
+
+            async with trio.open_nursery() as client:
+                client.start_soon(drip)
+                await expect_timeout(connection, "slower than 2000 bytes/s")
+                client.cancel_scope.cancel()
+
+        async def steadily() -> None:
+            block, blocks = 16 * 1024, 8
+            connection = await RawConnection.open(registry.url)
+            async with connection.stream:
+                length = {"Content-Length": str(block * blocks)}
+                await connection.send_head("PATCH", steady, length)
+                for _ in range(blocks):
+                    await connection.send(bytes(block))
+                    await trio.sleep(0.5)  # ok-sleep: the client's pace, not a wait
+                response = await connection.response()
+                assert response.status_code == 202, response.text
+                assert response.headers["Range"] == f"0-{block * blocks - 1}"
+
+        async def stopping() -> None:
+            connection = await RawConnection.open(registry.url)
+            await connection.send_head("PATCH", stopped, {"Content-Length": "1000"})
+            await connection.send(bytes(10))
+            await expect_timeout(connection, "nothing of it arrived for 1s")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(trickling)
+                clients.start_soon(steadily)
+                clients.start_soon(stopping)
+        for session, held in ((trickle, 0), (steady, 8 * 16 * 1024), (stopped, 0)):
+            status = await http.get(session)
+            assert status.headers["Range"] == f"0-{max(held - 1, 0)}", session
+
+
+async def test_a_stalled_body_is_given_up_on_every_route(nursery, tmp_path):
+    """A body that stops is dropped whoever serves the request: a Quart route that ignores
+    the body (answered, then closed), one that reads it (408), a request refused before its
+    body was read (answered, then closed), a manifest and a monolithic upload (408)."""
+    queue = {"directory": str(tmp_path / "queue_data")}
+    config = make_config(
+        tmp_path,
+        http={"bodyIdleTimeout": "1s"},
+        extensions={"events": {"enable": True, "queue": queue}},  # for the replay route
+    )
+    registry = await start_registry(nursery, config)
+    cases = [
+        ("GET", "/metrics", 200),
+        ("POST", "/_registry/events/dead/replay", 408),
+        ("PUT", "/v2/repo/blobs/uploads/any?digest=sha256:short", 400),
+        ("PUT", "/v2/repo/manifests/v1", 408),
+        ("POST", f"/v2/repo/blobs/uploads/?digest={digest_of(b'layer')}", 408),
+    ]
+
+    async def one(method: str, path: str, status: int) -> None:
+        connection = await RawConnection.open(registry.url)
+        async with connection.stream:
+            await connection.send_head(method, path, {"Content-Length": "1000"})
+            await connection.send(b"{" * 10)
+            response = await connection.response()
+            if status == 408:
+                entry = assert_oci_error(response, 408, "REQUEST_TIMEOUT")
+                assert "nothing of it arrived for 1s" in str(entry["message"])
+            else:
+                assert response.status_code == status, response.text
+            assert await connection.wait_closed() < 1 + AT_ONCE
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as clients:
+            for method, path, status in cases:
+                clients.start_soon(one, method, path, status)
+    assert not list((registry.root / "tmp").iterdir())
