@@ -11,6 +11,7 @@ coming is not cut; 200 uploads stalled after 1 MiB (and 50 manifests) keep the s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import AsyncIterator
@@ -21,7 +22,12 @@ import pytest
 import trio
 
 from registry_trio.server import KEEP_ALIVE_TIMEOUT
-from tests.api_helpers import assert_oci_error, digest_of, push_image
+from tests.api_helpers import (
+    OCI_MANIFEST,
+    assert_oci_error,
+    digest_of,
+    push_image,
+)
 from tests.conftest import make_config, start_registry
 from tests.procs import ServerProcess, server_process, write_config
 
@@ -167,6 +173,123 @@ async def test_connections_that_ask_to_close_are_closed_at_once_on_every_route(
         with trio.fail_after(KEEP_ALIVE_TIMEOUT + 10):
             closed_after = await served_then_closed(server.url, routes, version, headers)
         assert max(closed_after.values()) < AT_ONCE, closed_after
+
+
+def padded_manifest(manifest: bytes, size: int) -> bytes:
+    """``manifest`` padded with an annotation to exactly ``size`` bytes."""
+    doc = json.loads(manifest)
+    doc["annotations"] = {"pad": ""}
+    pad = size - len(json.dumps(doc).encode())
+    doc["annotations"]["pad"] = "p" * pad
+    body = json.dumps(doc).encode()
+    assert len(body) == size
+    return body
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+async def test_stalled_uploads_hold_no_memory_and_are_dropped_after_the_idle_timeout(tmp_path):
+    """200 PATCHes that send ~1 MiB of 2 MiB and stop, 50 manifest PUTs likewise, and 50
+    chunked bodies to a Quart route (``/metrics``): the server writes what came to disk, or
+    drops it, and stays under 150 MB; those that resume finish whole; the rest get 408 (or,
+    already answered, are closed) after ``bodyIdleTimeout``, their bytes undone."""
+    patches, manifests, quarts, resuming, size, sent = 200, 50, 50, 10, 2 * MIB, MIB - 4096
+    idle = 10
+    async with subprocess_registry(tmp_path, bodyIdleTimeout=f"{idle}s") as server:
+        pid, root = server.process.pid, tmp_path / "registry_data"
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            sessions = [
+                (await http.post(f"/v2/stall/{i % 5}/blobs/uploads/")).headers["Location"]
+                for i in range(patches)
+            ]
+            manifest = padded_manifest(await push_image(http, "stall/m", "base"), size)
+        baseline_fds = open_fds(pid)
+        uploads: list[RawConnection] = []
+        puts: dict[str, RawConnection] = {}
+        gets: list[RawConnection] = []
+        # Connections opened 50 at a time (the listen backlog is 100), each sending as soon
+        # as it is open: all 250 bodies come in at about the same time.
+        connecting = trio.CapacityLimiter(50)
+        length = {"Content-Length": str(size)}
+
+        async def stall(method: str, path: str, body: bytes) -> None:
+            async with connecting:
+                connection = await RawConnection.open(server.url)
+            if method == "PUT":
+                puts[path] = connection
+                headers = {**length, "Content-Type": OCI_MANIFEST}
+            elif method == "PATCH":
+                uploads.append(connection)
+                headers = length
+            else:
+                gets.append(connection)
+                headers = {"Transfer-Encoding": "chunked"}
+            await connection.send_head(method, path, headers)
+            await connection.send(body)
+
+        async with trio.open_nursery() as nursery:
+            for session in sessions:
+                nursery.start_soon(stall, "PATCH", session, bytes(sent))
+            for i in range(manifests):
+                nursery.start_soon(stall, "PUT", f"/v2/stall/m/manifests/t{i}", manifest[:sent])
+            chunk = b"10000\r\n" + bytes(1 << 16) + b"\r\n"
+            for _ in range(quarts):
+                nursery.start_soon(stall, "GET", "/metrics", chunk * 16)
+
+        # What came is written out (upload sessions, staged manifests), not held in memory;
+        # a file's last few KiB may still sit in its write buffer.
+        def written_out() -> bool:
+            files = [*(root / "uploads").iterdir(), *(root / "tmp").iterdir()]
+            done = [f for f in files if f.stat().st_size > sent - io.DEFAULT_BUFFER_SIZE]
+            return len(done) == patches + manifests
+
+        with contextlib.suppress(trio.TooSlowError):
+            await server.wait_until(written_out, 20)
+        rss = rss_mb(pid)
+        assert rss < 150, f"{rss:.0f} MB with {patches + manifests + quarts} stalled bodies"
+        assert written_out()
+
+        # Those that go on before the idle timeout are not cut.
+        async with trio.open_nursery() as nursery:
+            for connection in uploads[:resuming]:
+                nursery.start_soon(finish, connection, bytes(size - sent), 202)
+            for path in list(puts)[:resuming]:
+                nursery.start_soon(finish, puts.pop(path), manifest[sent:], 201)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            tags = (await http.get("/v2/stall/m/tags/list")).json()["tags"]
+            assert len(tags) == 1 + resuming  # with "base"
+            assert (await http.get(f"/v2/stall/m/manifests/{tags[-1]}")).content == manifest
+
+        # The others are given up: 408, connection closed, their bytes undone.
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for connection in uploads[resuming:] + list(puts.values()):
+                nursery.start_soon(expect_timeout, connection, f"nothing of it arrived for {idle}s")
+            for connection in gets:
+                nursery.start_soon(answered_then_closed, connection)
+        assert trio.current_time() - started < idle + 10
+        await server.wait_until(lambda: open_fds(pid) <= baseline_fds, 10)
+        assert dir_bytes(root / "uploads") == resuming * size  # the dropped PATCHes undone
+        assert dir_bytes(root / "tmp") == 0
+        rss = rss_mb(pid)
+        assert rss < 150, f"{rss:.0f} MB once the stalled bodies were dropped"
+
+
+async def finish(connection: RawConnection, rest: bytes, status: int) -> None:
+    async with connection.stream:
+        await connection.send(rest)
+        response = await connection.response()
+        assert response.status_code == status, response.text
+        if status == 202:
+            assert response.headers["Range"] == f"0-{2 * MIB - 1}"
+
+
+async def answered_then_closed(connection: RawConnection) -> None:
+    async with connection.stream:
+        assert (await connection.response()).status_code == 200
+        await connection.wait_closed()
 
 
 async def expect_timeout(connection: RawConnection, says: str) -> None:

@@ -74,6 +74,8 @@ class Registry:
     delivery: Delivery | None = None
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)
+    # Request body bytes read into memory and not yet written out, across requests (raw.py).
+    body_bytes_held: int = 0
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking storage call on a worker thread.

@@ -18,6 +18,11 @@ log = logging.getLogger("registry_trio.api")
 
 _EXTENSION_KEY = "registry_trio"
 
+# The largest request body a Quart route takes: theirs are small JSON documents at most (a
+# dead-letter replay). Quart buffers a body whole as it comes, so this is also what a client
+# that stalls part-way can make it hold.
+MAX_BODY = 64 * 1024
+
 
 def current_registry() -> Registry:
     return cast(Registry, current_app.extensions[_EXTENSION_KEY])
@@ -26,7 +31,9 @@ def current_registry() -> Registry:
 def _http_error(exc: HTTPException) -> RegistryError:
     status = exc.code or 500
     if status == 413:
-        return RegistryError("MANIFEST_INVALID", 413, "request body is larger than the limit")
+        return RegistryError(
+            "UNSUPPORTED", 413, f"request body is larger than the {MAX_BODY}-byte limit"
+        )
     if status == 404:
         return RegistryError("NOT_FOUND", 404, "no such endpoint in the registry API")
     if status == 405:
@@ -38,8 +45,8 @@ def create_quart_app(registry: Registry) -> QuartTrio:
     from . import admin, listing, manifests
 
     app = QuartTrio("registry_trio")
-    # Quart rejects a larger Content-Length up front; handlers also count chunked bodies.
-    app.config["MAX_CONTENT_LENGTH"] = registry.config.http.max_manifest_size
+    # Quart holds a request body whole, and refuses a larger one (up front when announced).
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions[_EXTENSION_KEY] = registry
     app.register_blueprint(listing.blueprint)
     app.register_blueprint(manifests.blueprint)
