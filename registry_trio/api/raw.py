@@ -118,7 +118,7 @@ class RawRequest:
             while not self.ended and size < limit:
                 if chunks and registry.body_bytes_held >= HELD_LIMIT:
                     break  # many bodies in memory: write this one out as it comes
-                message = await self._receive(PAUSE if chunks else math.inf)
+                message = await self._receive_within(PAUSE) if chunks else await self.receive()
                 if message is None:
                     break
                 if message["type"] == "http.disconnect":
@@ -133,7 +133,7 @@ class RawRequest:
             raise
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _receive(self, patience: float) -> dict[str, Any] | None:
+    async def _receive_within(self, patience: float) -> dict[str, Any] | None:
         """The next message, or None when none comes within ``patience`` seconds."""
         with trio.move_on_after(patience):
             return await self.receive()
