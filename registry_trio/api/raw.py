@@ -24,8 +24,8 @@ from .errors import RegistryError
 
 __all__ = ["ClientDisconnected", "Handler", "RawRequest", "Routes", "match_route"]
 
-# How long a request body may pause before what has come of it is written out: longer than a
-# body that streams in takes between two reads, far shorter than a stalled client waits.
+# How long a batch of request body bytes gathers before it is written out: a body that streams
+# in fills one in a few milliseconds, while a client that stalls leaves nothing held.
 PAUSE = 0.05
 # Body bytes held in memory across all requests (read, not yet written) past which a request
 # writes its body out message by message: many clients sending at once, or stalling after
@@ -114,30 +114,28 @@ class RawRequest:
         registry = self.registry
         chunks: list[bytes] = []
         size = 0
+
+        async def take() -> None:
+            nonlocal size
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            if chunk := message.get("body", b""):
+                chunks.append(chunk)
+                size += len(chunk)
+                registry.body_bytes_held += len(chunk)
+            self.ended = not message.get("more_body", False)
+
         try:
-            while not self.ended and size < limit:
-                if chunks and registry.body_bytes_held >= HELD_LIMIT:
-                    break  # many bodies in memory: write this one out as it comes
-                message = await self._receive_within(PAUSE) if chunks else await self.receive()
-                if message is None:
-                    break
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnected
-                if chunk := message.get("body", b""):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    registry.body_bytes_held += len(chunk)
-                self.ended = not message.get("more_body", False)
+            await take()  # the first bytes: waited for as long as the dispatcher allows
+            # The rest of a batch: what comes within PAUSE, unless bodies crowd memory.
+            with trio.move_on_after(PAUSE):
+                while not self.ended and size < limit and registry.body_bytes_held < HELD_LIMIT:
+                    await take()
         except BaseException:
             registry.body_bytes_held -= size
             raise
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _receive_within(self, patience: float) -> dict[str, Any] | None:
-        """The next message, or None when none comes within ``patience`` seconds."""
-        with trio.move_on_after(patience):
-            return await self.receive()
-        return None
 
     async def respond(
         self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b""
