@@ -196,7 +196,7 @@ async def test_stalled_uploads_hold_no_memory_and_are_dropped_after_the_idle_tim
     drops it, and stays under 150 MB; those that resume finish whole; the rest get 408 (or,
     already answered, are closed) after ``bodyIdleTimeout``, their bytes undone."""
     patches, manifests, quarts, resuming, size, sent = 200, 50, 50, 10, 2 * MIB, MIB - 4096
-    idle = 10
+    idle = 15
     async with subprocess_registry(tmp_path, bodyIdleTimeout=f"{idle}s") as server:
         pid, root = server.process.pid, tmp_path / "registry_data"
         async with httpx.AsyncClient(base_url=server.url) as http:
