@@ -208,6 +208,11 @@ class HTTPConfig:
     max_manifest_size: int = 4 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests before closing connections.
     graceful_timeout: Duration = Duration(10.0)
+    # A request body is given up (408, connection closed) when nothing of it arrives for
+    # bodyIdleTimeout, or when it averages under bodyMinRate bytes/s (0: no minimum) once
+    # past a first bodyIdleTimeout: a stalled or trickling client cannot hold a connection.
+    body_idle_timeout: Duration = Duration(30.0)
+    body_min_rate: int = 1024
     auth: AuthConfig | None = None
     access_control: AccessControlConfig | None = None
     # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
@@ -228,6 +233,10 @@ class HTTPConfig:
                 raise ConfigError(f"trustedProxies[{i}]", f"not a CIDR: {cidr!r}") from None
         if self.max_manifest_size < 4 * 1024 * 1024:
             raise ConfigError("maxManifestSize", "must be at least 4 MiB (4194304)")
+        if self.body_idle_timeout <= 0:
+            raise ConfigError("bodyIdleTimeout", "must be greater than zero")
+        if self.body_min_rate < 0:
+            raise ConfigError("bodyMinRate", "must be 0 (no minimum) or more bytes per second")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,6 +166,7 @@ def test_documented_defaults():
     assert (http.address, http.port) == ("127.0.0.1", 5000)
     assert http.max_manifest_size == 4194304
     assert http.graceful_timeout == 10.0
+    assert (http.body_idle_timeout, http.body_min_rate) == (30.0, 1024)
     assert http.auth is None and http.access_control is None
     assert tuple(http.trusted_proxies) == ()
     assert (log.level, log.output, log.format) == ("info", None, "text")  # None: stderr
@@ -284,6 +285,10 @@ def test_duration_defaults_are_durations_as_parsed_values_are():
         ),
         ({"storage": {"uploadPurging": True}}, "storage.uploadPurging: expected an object"),
         ({"http": {"maxManifestSize": 1024}}, "http.maxManifestSize: must be at least 4 MiB"),
+        ({"http": {"bodyIdleTimeout": "0s"}}, "http.bodyIdleTimeout: must be greater than zero"),
+        ({"http": {"bodyIdleTimeout": 30}}, "http.bodyIdleTimeout: expected a duration string"),
+        ({"http": {"bodyMinRate": -1}}, "http.bodyMinRate: must be 0 (no minimum) or more"),
+        ({"http": {"bodyMinRate": "1KiB"}}, "http.bodyMinRate: expected an integer"),
         ({"http": {"trustedProxies": "10.0.0.0/8"}}, "http.trustedProxies: expected a list"),
         ({"extensions": {"events": {"typePrefix": 5}}}, "extensions.events.typePrefix: expected"),
     ],

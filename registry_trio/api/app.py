@@ -20,6 +20,7 @@ import trio
 from .. import oci
 from . import blobs, manifests
 from .access import KNOWN_METHODS, Access, authorize, method_label
+from .body import BodyClock
 from .context import CLIENT_ADDR_KEY, REQUEST_ID_KEY, ROUTE_KEY, Registry, header, identity
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
@@ -65,31 +66,60 @@ class RegistryApp:
         rid = uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = rid
         started = time.perf_counter()
-        state = {"status": 0, "sent": 0, "received": 0, "abandoned": 0}
+        state = {"status": 0, "sent": 0, "received": 0, "abandoned": 0, "stalled": 0}
         body_done = trio.Event()
+        body_clock = BodyClock(self.registry.config.http)
+
+        def abandon() -> None:
+            # The rest of the body will not be read: once the response is out, Hypercorn
+            # closes the connection, after queueing http.disconnect behind the unread body
+            # messages; this reader frees that queue (see _discard_until_closed). It starts
+            # now, not after the response, in case the queue fills up meanwhile.
+            if not state["abandoned"]:
+                state["abandoned"] = 1
+                self._nursery.start_soon(_discard_until_closed, receive)
+
+        async def receive_in_time() -> dict[str, Any] | None:
+            """The next message; None once the body is past its deadline (and abandoned)."""
+            if body_done.is_set():
+                return await receive()  # only a disconnect is left to come
+            waiting_since = trio.current_time()
+            with trio.move_on_at(body_clock.deadline()):
+                message = await receive()
+                size = len(message.get("body", b""))
+                state["received"] += size
+                body_clock.progressed(size, trio.current_time() - waiting_since)
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    body_done.set()
+                return message
+            state["stalled"] = 1
+            abandon()
+            return None
 
         async def counting_receive() -> dict[str, Any]:
-            message = await receive()
-            state["received"] += len(message.get("body", b""))
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                body_done.set()
-            return message
+            message = await receive_in_time()
+            if message is not None:
+                return message
+            if scope.get(QUART_READS_KEY):
+                # Quart stops on a disconnect, cancelling a handler still waiting for the
+                # body; the 408 is then sent below.
+                return {"type": "http.disconnect"}
+            raise body_clock.timeout_error()
 
         async def finish_request_body() -> None:
             # A response that ends before the request body did (a refused upload, an oversize
             # manifest) leaves Hypercorn unable to recycle or close the connection: its bounded
             # request queue stays full, or Quart's cancellation aborts the close. So the rest of
             # a small body is read and dropped first, and the connection stays usable; past
-            # drain_limit, the connection is given up instead (see _discard_until_closed).
+            # drain_limit, or past the body's deadline, the connection is given up instead.
             limit = state["received"] + self.drain_limit
-            while not body_done.is_set():
+            while not body_done.is_set() and not state["abandoned"]:
                 if scope.get(QUART_READS_KEY):
                     await body_done.wait()  # Quart's own reader drains until the body ends
                 elif state["received"] > limit:
-                    state["abandoned"] = 1
-                    return
+                    abandon()
                 else:
-                    await counting_receive()
+                    await receive_in_time()
 
         async def tagging_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -109,10 +139,19 @@ class RegistryApp:
                     state["sent"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     await finish_request_body()
+                    # Hypercorn recycles or closes the connection inside this call, and in
+                    # doing so hands the app http.disconnect, on which quart-trio cancels the
+                    # very task making the call: unshielded, the close (or the keep-alive
+                    # timer) was cut short and the connection stayed open for good.
+                    with trio.CancelScope(shield=True):
+                        await send(message)
+                    return
             await send(message)
 
         try:
             await self._dispatch(scope, counting_receive, tagging_send)
+            if state["stalled"] and not state["status"]:
+                raise body_clock.timeout_error()  # Quart gave up on the body before answering
         except ClientDisconnected:
             state["status"] = state["status"] or 499
         except Exception as exc:
@@ -135,8 +174,6 @@ class RegistryApp:
                 await tagging_send({"type": "http.response.body", "body": body})
         finally:
             self._log_access(scope, state, time.perf_counter() - started)
-            if state["abandoned"]:
-                self._nursery.start_soon(_discard_until_closed, receive)
 
     def _log_access(self, scope: Scope, state: dict[str, int], seconds: float) -> None:
         rid, addr = scope[REQUEST_ID_KEY], scope.get(CLIENT_ADDR_KEY, "")
@@ -210,12 +247,12 @@ def _body_left(scope: Scope, received: int, body_done: trio.Event) -> int:
 
 
 async def _discard_until_closed(receive: Receive) -> None:
-    """Take what Hypercorn still queues for a finished request until it says the stream closed.
+    """Take what Hypercorn still queues for an abandoned request body until the stream closes.
 
-    Once the app returns, Hypercorn closes a connection whose request body never ended, but
-    only after queueing ``http.disconnect`` for the app; with the bounded queue full of body
-    messages nobody reads, that put would wait forever. This reader frees the queue; the
-    disconnect follows the few messages ahead of it, so it runs for a moment. The deadline
+    Once the response is out, Hypercorn closes a connection whose request body never ended,
+    but only after queueing ``http.disconnect`` for the app; with the bounded queue full of
+    body messages nobody reads, that put would wait forever. This reader frees the queue; the
+    disconnect follows as soon as the response is sent, so it runs for a moment. The deadline
     only guards against a server that never sends it.
     """
     with trio.move_on_after(DISCARD_DEADLINE):

@@ -49,21 +49,15 @@ def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, s
     ]
 
 
-async def _write_body(req: RawRequest, writer: UploadWriter, first: bytes) -> None:
-    """Write ``first`` and the rest of the body to ``writer``; on failure undo this request's bytes.
+async def _write_body(req: RawRequest, writer: UploadWriter) -> None:
+    """Write the rest of the body to ``writer``; on failure undo this request's bytes.
 
     The rollback runs shielded: a cancelled or disconnected request must still leave the
     session exactly as it was before this request, or the next chunk's offset would lie.
     """
     registry = req.registry
     try:
-        block = first
-        while True:
-            if block:
-                await registry.io(writer.write, block)
-            if req.ended:
-                return
-            block, _ = await req.read_some(IO_CHUNK)
+        await req.write_rest(writer.write, IO_CHUNK)
     except BaseException:
         with trio.CancelScope(shield=True):
             await registry.io(writer.rollback)
@@ -139,15 +133,15 @@ async def _append(
         )
     registry.busy_uploads.add(upload_id)
     try:
-        first, whole = await req.read_some(IO_CHUNK)
-        if whole:
+        body = await req.read_whole(IO_CHUNK)
+        if body is not None:
             return await registry.io(
-                _append_whole, registry.storage, req.name, upload_id, content_range, first, digest
+                _append_whole, registry.storage, req.name, upload_id, content_range, body, digest
             )
         writer = await registry.io(registry.storage.open_upload, req.name, upload_id)
         try:
             expected = _expected_length(content_range, writer.start, req.name, upload_id)
-            await _write_body(req, writer, first)
+            await _write_body(req, writer)
             received = writer.offset - writer.start
             if expected is not None and received != expected:
                 with trio.CancelScope(shield=True):
@@ -221,15 +215,15 @@ async def start_upload(req: RawRequest) -> None:
     # Monolithic: the whole blob in this request, staged in one file rather than a session;
     # a blob small enough to buffer is verified and stored in one call.
     digest = _digest_param(monolithic)
-    first, whole = await req.read_some(IO_CHUNK)
-    if whole:
-        size = await registry.io(registry.storage.put_blob, req.name, first, digest)
+    body = await req.read_whole(IO_CHUNK)
+    if body is not None:
+        size = await registry.io(registry.storage.put_blob, req.name, body, digest)
         await _pushed(req, digest, size)
         return
     writer = await registry.io(registry.storage.open_staged_upload)
     try:
         try:
-            await _write_body(req, writer, first)
+            await _write_body(req, writer)
         finally:
             with trio.CancelScope(shield=True):
                 await registry.io(writer.close)

@@ -101,6 +101,8 @@ class Registry:
     busy_uploads: set[str] = field(default_factory=set)
     # Held across a manifest or tag change and the queueing of its events.
     locks: RepositoryLocks = field(default_factory=RepositoryLocks)
+    # Request body bytes read into memory and not yet written out, across requests (raw.py).
+    body_bytes_held: int = 0
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking storage call on a worker thread.

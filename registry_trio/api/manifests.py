@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 
+import trio
 from quart import Blueprint, Response, request
 
 from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
 from .access import Access, requires
+from .blobs import IO_CHUNK
 from .context import Registry, current_registry, identity
 from .errors import RegistryError
 from .raw import RawRequest, RawRoute, Routes
@@ -28,10 +30,28 @@ async def _read_body(req: RawRequest, limit: int) -> bytes:
     declared = req.header("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)  # refused before a byte is read
-    body, _ = await req.read_some(limit + 1)
+    body = await req.read_whole(limit + 1)
+    if body is None:
+        body = await _read_paused_body(req, limit)
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+async def _read_paused_body(req: RawRequest, limit: int) -> bytes:
+    """A body that paused, kept in a staged file rather than in memory until it ends:
+    clients that stop part-way through a manifest hold no memory while they wait."""
+    registry = req.registry
+    writer = await registry.io(registry.storage.open_staged_upload)
+    try:
+        if await req.write_rest(writer.write, IO_CHUNK, limit) > limit:
+            raise _too_large(limit)
+        await registry.io(writer.close)
+        return await registry.io(writer.path.read_bytes)
+    finally:
+        with trio.CancelScope(shield=True):
+            await registry.io(writer.close)
+            await registry.io(registry.storage.discard_staged_upload, writer)
 
 
 def _too_large(limit: int) -> RegistryError:

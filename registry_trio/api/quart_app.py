@@ -21,11 +21,18 @@ __all__ = ["create_quart_app"]
 
 log = logging.getLogger("registry_trio.api")
 
+# The largest request body a Quart route takes: theirs are small JSON documents at most (a
+# dead-letter replay). Quart buffers a body whole as it comes, so this is also what a client
+# that stalls part-way can make it hold.
+MAX_BODY = 64 * 1024
+
 
 def _http_error(exc: HTTPException) -> RegistryError:
     status = exc.code or 500
     if status == 413:
-        return RegistryError("MANIFEST_INVALID", 413, "request body is larger than the limit")
+        return RegistryError(
+            "UNSUPPORTED", 413, f"request body is larger than the {MAX_BODY}-byte limit"
+        )
     if status == 404:
         # UNSUPPORTED: the OCI spec allows only its own codes on a 4xx (distribution's
         # NOT_FOUND is not one of them).
@@ -45,8 +52,8 @@ def create_quart_app(registry: Registry) -> QuartTrio:
     # One spelling per route: Werkzeug would otherwise redirect or route `/v2/a/tags//list`
     # as `/v2/a/tags/list`, a path the raw routes, the access log and the metrics never see.
     app.url_map.merge_slashes = False
-    # Quart rejects a larger Content-Length up front; handlers also count chunked bodies.
-    app.config["MAX_CONTENT_LENGTH"] = registry.config.http.max_manifest_size
+    # Quart holds a request body whole, and refuses a larger one (up front when announced).
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions[REGISTRY_EXTENSION] = registry
     app.register_blueprint(listing.blueprint)
     app.register_blueprint(manifests.blueprint)
