@@ -41,9 +41,8 @@ from typing import Any, Self
 
 import httpx
 import trio
+from registry_client import RegistryClient, make_image
 from tqdm import tqdm
-
-from registry_trio.client import RegistryClient, make_image
 
 __all__ = [
     "MB",

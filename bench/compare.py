@@ -72,8 +72,8 @@ from common import (
 )
 from push import TimingTransport, latency_table, run_phase
 from receiver import Receiver
+from registry_client import Blob, Image, RegistryClient, make_image
 
-from registry_trio.client import Blob, Image, RegistryClient, make_image
 from registry_trio.config import SINK_FORMATS
 
 DEFAULT_BINARY = "/usr/bin/docker-registry"

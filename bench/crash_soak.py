@@ -66,8 +66,8 @@ from common import (
     report_failure,
 )
 from receiver import Receiver
+from registry_client import RegistryClient, make_image
 
-from registry_trio.client import RegistryClient, make_image
 from registry_trio.config import SINK_FORMATS
 
 # Errors while the server is up and not being killed: a few are tolerated (and reported),

@@ -2,7 +2,7 @@
 
 What it measures
     N small, unique images (one 4 KiB layer + a config blob + an OCI manifest), spread over
-    several repositories, pushed by C concurrent workers with registry_trio.client's
+    several repositories, pushed by C concurrent workers with registry_client.py's
     RegistryClient over one httpx.AsyncClient whose connection pool holds C connections;
     then every image is pulled back (manifest GET, then each blob GET with its digest
     checked). Per image a push is 2 blob HEADs (both 404), 2 monolithic blob uploads
@@ -49,8 +49,7 @@ from common import (
     progress,
     report_failure,
 )
-
-from registry_trio.client import Image, RegistryClient, make_image
+from registry_client import Image, RegistryClient, make_image
 
 REQUEST_TYPES = ("blob HEAD", "blob upload", "manifest PUT", "manifest GET", "blob GET")
 

@@ -7,6 +7,9 @@ Keys are camelCase in the file and snake_case in Python; the loader maps one to 
 Validation is strict on purpose: an unknown key or a wrong type raises :class:`ConfigError`
 naming the full key path (``extensions.events.sinks[1].timeout``), because a typo that is
 silently ignored in a registry config is how events end up going nowhere.
+
+One module, though long: the tree reads top to bottom as the file does, and the loader that
+maps JSON onto it is a few functions that every section shares.
 """
 
 from __future__ import annotations

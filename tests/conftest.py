@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from registry_trio.client import RegistryClient
+from bench.registry_client import RegistryClient
 from registry_trio.config import Config, parse_config
 from registry_trio.server import serve
 

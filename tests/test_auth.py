@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from bench.registry_client import RegistryClient, make_image
 from registry_trio.auth import AccessPolicy, Identity, check_files
-from registry_trio.client import RegistryClient, make_image
 from registry_trio.config import ConfigError, parse_config
 from tests.conftest import make_config, start_registry
 from tests.oci_layout import write_layout

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from registry_trio.client import Blob, RegistryClient, make_image
+from bench.registry_client import Blob, RegistryClient, make_image
 from tests.conftest import make_config, start_registry
 from tests.procs import server_process, write_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from tests.procs import server_process, write_config
 from tests.sink import HTTPSinkServer
 

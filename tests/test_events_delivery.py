@@ -14,7 +14,7 @@ import trio
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from registry_trio.events.queue import QueueError
 from tests.conftest import counts_until, events_config, start_registry
 from tests.sink import HTTPSinkServer

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from registry_trio.client import Blob, Image, RegistryClient, make_image
+from bench.registry_client import Blob, Image, RegistryClient, make_image
 from registry_trio.events import NullRecorder, Source
 from registry_trio.events.filters import SinkFilter
 from registry_trio.events.model import Action, Event

@@ -9,7 +9,7 @@ import sys
 import httpx
 import trio
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from registry_trio.events.queue import OutboxReader
 from tests.conftest import events_config, make_config, start_registry
 from tests.test_gc import age

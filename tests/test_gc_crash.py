@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from registry_trio.client import make_image
+from bench.registry_client import make_image
 from registry_trio.oci import OCI_MANIFEST, parse_digest, parse_manifest
 from registry_trio.storage import FilesystemStorage
 from tests.conftest import counts_until, events_config, start_registry

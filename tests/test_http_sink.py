@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from tests.conftest import RunningRegistry, events_config, start_registry
 from tests.sink import HTTPSinkServer, Received
 from tests.tls_certs import TLSFiles, make_tls_files

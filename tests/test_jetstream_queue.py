@@ -31,7 +31,7 @@ import pytest
 import trio
 from nats.js import api
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from registry_trio.events.asyncio_thread import AsyncioThread
 from registry_trio.events.queue import QueueError, running_queue
 from registry_trio.events.queue.jetstream import (

@@ -22,7 +22,7 @@ import nkeys
 import pytest
 import trio
 
-from registry_trio.client import Image, RegistryClient, make_image
+from bench.registry_client import Image, RegistryClient, make_image
 from registry_trio.config import SinkConfig
 from registry_trio.events.asyncio_thread import AsyncioThread
 from registry_trio.events.queue import OutboxReader

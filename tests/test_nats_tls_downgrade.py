@@ -17,7 +17,7 @@ import logging
 import pytest
 import trio
 
-from registry_trio.client import make_image
+from bench.registry_client import make_image
 from registry_trio.config import ConfigError
 from registry_trio.events.queue import QueueError, running_queue
 from registry_trio.events.sinks import DELIVERED, Message, Result

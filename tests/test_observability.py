@@ -14,7 +14,7 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from tests.api_helpers import OCI_MANIFEST, digest_of, image_manifest, random_blob
 from tests.conftest import events_config, make_config, start_registry
 from tests.procs import server_process, write_config

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from registry_trio.config import parse_config
 from registry_trio.server import serve
 from tests.waiting import eventually

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from registry_trio.client import RegistryClient, make_image
+from bench.registry_client import RegistryClient, make_image
 from tests.conftest import make_config, start_registry
 from tests.test_auth import PASSWORDS, auth_overrides
 from tests.waiting import eventually

@@ -1,4 +1,4 @@
-from registry_trio.client import make_image
+from bench.registry_client import make_image
 
 
 async def test_push_pull_roundtrip(client, http):

@@ -12,21 +12,16 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
-from collections.abc import Callable, MutableMapping
-from typing import Any, TypeVar
+from collections.abc import MutableMapping
+from typing import Any
 
 from ..auth import Identity, Unauthorized
 from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, Registry, header
 from .errors import RegistryError
 
-__all__ = ["KNOWN_METHODS", "Access", "authorize", "method_label", "repository_action", "requires"]
+__all__ = ["KNOWN_METHODS", "Access", "authorize", "method_label", "repository_action"]
 
 log = logging.getLogger("registry_trio.api")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# The attribute under which `requires` records a Quart view's access.
-_ACCESS_ATTRIBUTE = "registry_trio_access"
 
 # Methods the API serves; any other method is counted under one metrics label.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
@@ -43,20 +38,6 @@ class Access(enum.Enum):
     REPOSITORY = "repository"
     #: ``adminPolicy`` users; without authentication, loopback clients only.
     ADMIN = "admin"
-
-
-def requires(access: Access) -> Callable[[F], F]:
-    """Declare the access a Quart view needs; a view without one is refused at start-up."""
-
-    def declare(view: F) -> F:
-        setattr(view, _ACCESS_ATTRIBUTE, access)
-        return view
-
-    return declare
-
-
-def declared_access(view: Callable[..., Any]) -> Access | None:
-    return getattr(view, _ACCESS_ATTRIBUTE, None)
 
 
 def repository_action(method: str) -> str:

@@ -6,19 +6,16 @@ configured, otherwise only clients on the loopback interface.
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Response, jsonify, request
 
 from ..config import SinkConfig
 from ..events.delivery import DeliverySupervisor
 from ..events.queue import EventQueue
 from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
-from .access import Access, requires
 from .context import Registry, current_registry
 from .errors import RegistryError
 
-__all__ = ["blueprint"]
-
-blueprint = Blueprint("admin", __name__)
+__all__ = ["dead", "replay", "sinks"]
 
 
 def _events(registry: Registry) -> tuple[EventQueue, DeliverySupervisor]:
@@ -38,8 +35,6 @@ def _sink(registry: Registry, name: str | None) -> SinkConfig:
     raise RegistryError("UNSUPPORTED", 404, f"no sink named {name!r}; sinks: {known}")
 
 
-@blueprint.route("/_registry/events/sinks", methods=["GET"])
-@requires(Access.ADMIN)
 async def sinks() -> Response:
     registry = current_registry()
     queue, delivery = _events(registry)
@@ -58,8 +53,6 @@ def _int_arg(name: str, default: int) -> int:
     return int(raw)
 
 
-@blueprint.route("/_registry/events/dead", methods=["GET"])
-@requires(Access.ADMIN)
 async def dead() -> Response:
     registry = current_registry()
     queue, _ = _events(registry)
@@ -70,8 +63,6 @@ async def dead() -> Response:
     return jsonify(await dead_letter_page(queue, sink, limit, _int_arg("after", 0)))
 
 
-@blueprint.route("/_registry/events/dead/replay", methods=["POST"])
-@requires(Access.ADMIN)
 async def replay() -> Response:
     registry = current_registry()
     queue, _ = _events(registry)

@@ -18,13 +18,13 @@ from typing import Any, cast
 import trio
 
 from .. import oci
-from . import blobs, manifests
-from .access import KNOWN_METHODS, Access, authorize, method_label
+from .access import KNOWN_METHODS, authorize, method_label
 from .body import BodyClock
 from .context import CLIENT_ADDR_KEY, REQUEST_ID_KEY, ROUTE_KEY, Registry, header, identity
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
-from .raw import ClientDisconnected, RawRequest, Routes, match_route
+from .raw import ClientDisconnected, RawRequest
+from .routes import match_raw
 
 __all__ = ["create_app"]
 
@@ -32,9 +32,6 @@ __all__ = ["create_app"]
 QUART_READS_KEY = "registry_trio.quart_reads"
 
 DISCARD_DEADLINE = 10.0
-
-# Served as raw ASGI, matched in this order; every other path goes to Quart.
-_RAW_ROUTES: Routes = [*blobs.ROUTES, *manifests.ROUTES]
 
 access_log = logging.getLogger("registry_trio.access")
 log = logging.getLogger("registry_trio.api")
@@ -221,7 +218,7 @@ class RegistryApp:
             raise RegistryError(
                 "UNSUPPORTED", 501, f"method {scope['method'][:32]!r} is not implemented"
             )
-        matched = match_route(_RAW_ROUTES, scope["path"], scope["method"])
+        matched = match_raw(scope["path"], scope["method"])
         if matched is None:
             # Quart authorises what Werkzeug routes (see quart_app.authorize_route).
             scope[QUART_READS_KEY] = True
@@ -229,7 +226,7 @@ class RegistryApp:
             return
         route, params = matched
         scope[ROUTE_KEY] = route.template
-        await authorize(self.registry, scope, Access.REPOSITORY, params["name"])
+        await authorize(self.registry, scope, route.access, params["name"])
         name = oci.validate_name(params.pop("name"))
         await route.handlers[scope["method"]](
             RawRequest(self.registry, scope, receive, send, name, params)
@@ -240,10 +237,8 @@ def _body_left(scope: Scope, received: int, body_done: trio.Event) -> int:
     """Request body bytes not yet read, as far as is known: a chunked body counts as 0."""
     if body_done.is_set():
         return 0
-    for key, value in scope.get("headers", ()):
-        if key.lower() == b"content-length":
-            return int(value) - received  # h11 has checked it is a number
-    return 0
+    length = header(scope, b"content-length")
+    return int(length) - received if length else 0  # h11 has checked it is a number
 
 
 async def _discard_until_closed(receive: Receive) -> None:

@@ -22,9 +22,18 @@ from ..events import Action, Target
 from ..storage import FilesystemStorage, UploadWriter
 from .context import identity
 from .errors import RegistryError
-from .raw import RawRequest, RawRoute, Routes
+from .raw import RawRequest
 
-__all__ = ["IO_CHUNK", "ROUTES"]
+__all__ = [
+    "IO_CHUNK",
+    "cancel_upload",
+    "delete_blob",
+    "get_blob",
+    "patch_upload",
+    "put_upload",
+    "start_upload",
+    "upload_status",
+]
 
 # Disk writes and reads are batched to this size: big enough that a thread hop per batch
 # is negligible, small enough that memory per request stays flat.
@@ -351,15 +360,3 @@ async def delete_blob(req: RawRequest) -> None:
         req.scope, (Action.BLOB_DELETED, Target(repository=req.name, digest=str(digest)))
     )
     await req.respond(202)
-
-
-ROUTES: Routes = [
-    RawRoute("/v2/{name}/blobs/uploads/", {"POST": start_upload}),
-    RawRoute(
-        "/v2/{name}/blobs/uploads/{id}",
-        {"PATCH": patch_upload, "PUT": put_upload, "GET": upload_status, "DELETE": cancel_upload},
-    ),
-    RawRoute(
-        "/v2/{name}/blobs/{digest}", {"GET": get_blob, "HEAD": get_blob, "DELETE": delete_blob}
-    ),
-]

@@ -5,28 +5,21 @@ from __future__ import annotations
 import json
 from urllib.parse import urlencode
 
-from quart import Blueprint, Response, request
+from quart import Response, request
 
 from .. import oci
 from ..metrics import CONTENT_TYPE
-from .access import Access, requires
 from .context import current_registry, identity
 from .errors import RegistryError
 
-__all__ = ["blueprint"]
-
-blueprint = Blueprint("listing", __name__)
+__all__ = ["base", "catalog", "metrics", "tags"]
 
 
-@blueprint.route("/metrics", methods=["GET"])
-@requires(Access.PUBLIC)
 async def metrics() -> Response:
     body = await current_registry().metrics.render()
     return Response(body, 200, {"Content-Type": CONTENT_TYPE})
 
 
-@blueprint.route("/v2/", methods=["GET", "HEAD"], strict_slashes=False)
-@requires(Access.LOGIN)
 async def base() -> Response:
     return Response(b"{}", 200, {"Content-Type": "application/json"})
 
@@ -55,8 +48,6 @@ def _paginate(items: list[str], path: str, key: str, extra: dict[str, str]) -> R
     return Response(json.dumps({**extra, key: items}), 200, headers)
 
 
-@blueprint.route("/v2/<path:name>/tags/list", methods=["GET"])
-@requires(Access.REPOSITORY)
 async def tags(name: str) -> Response:
     registry = current_registry()
     oci.validate_name(name)
@@ -64,8 +55,6 @@ async def tags(name: str) -> Response:
     return _paginate(names, f"/v2/{name}/tags/list", "tags", {"name": name})
 
 
-@blueprint.route("/v2/_catalog", methods=["GET"])
-@requires(Access.PUBLIC)
 async def catalog() -> Response:
     registry = current_registry()
     names = await registry.io(registry.storage.list_repositories)

@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 
 import trio
-from quart import Blueprint, Response, request
+from quart import Response, request
 
 from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
-from .access import Access, requires
 from .blobs import IO_CHUNK
 from .context import Registry, current_registry, identity
 from .errors import RegistryError
-from .raw import RawRequest, RawRoute, Routes
+from .raw import RawRequest
 
-__all__ = ["ROUTES", "blueprint"]
-
-blueprint = Blueprint("manifests", __name__)
+__all__ = ["delete_manifest", "get_manifest", "put_manifest", "referrers"]
 
 
 async def _read_body(req: RawRequest, limit: int) -> bytes:
@@ -202,16 +199,6 @@ async def delete_manifest(req: RawRequest) -> None:
     await req.respond(202)
 
 
-ROUTES: Routes = [
-    RawRoute(
-        "/v2/{name}/manifests/{reference}",
-        {"GET": get_manifest, "HEAD": get_manifest, "PUT": put_manifest, "DELETE": delete_manifest},
-    ),
-]
-
-
-@blueprint.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
-@requires(Access.REPOSITORY)
 async def referrers(name: str, digest: str) -> Response:
     registry = current_registry()
     oci.validate_name(name)

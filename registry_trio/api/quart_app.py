@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, cast
 
 from quart import Response, request
@@ -12,10 +11,10 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, NotFound
 
-from . import admin, listing, manifests
-from .access import authorize, declared_access
+from .access import authorize
 from .context import REGISTRY_EXTENSION, ROUTE_KEY, Registry
 from .errors import RegistryError, error_response, to_registry_error
+from .routes import ROUTES, Route
 
 __all__ = ["create_quart_app"]
 
@@ -42,11 +41,6 @@ def _http_error(exc: HTTPException) -> RegistryError:
     return RegistryError("UNSUPPORTED", status, exc.description or "request not supported")
 
 
-def _metrics_label(rule: str) -> str:
-    """``/v2/<path:name>/tags/list`` -> ``/v2/{name}/tags/list``, as the raw routes are named."""
-    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
-
-
 def create_quart_app(registry: Registry) -> QuartTrio:
     app = QuartTrio("registry_trio", static_folder=None)
     # One spelling per route: Werkzeug would otherwise redirect or route `/v2/a/tags//list`
@@ -55,12 +49,20 @@ def create_quart_app(registry: Registry) -> QuartTrio:
     # Quart holds a request body whole, and refuses a larger one (up front when announced).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions[REGISTRY_EXTENSION] = registry
-    app.register_blueprint(listing.blueprint)
-    app.register_blueprint(manifests.blueprint)
-    app.register_blueprint(admin.blueprint)
-    for rule in app.url_map.iter_rules():
-        if declared_access(app.view_functions[rule.endpoint]) is None:
-            raise RuntimeError(f"route {rule.rule} declares no access (api.access.requires)")
+    # One rule per route and handler (a view serves every method it is given for).
+    routed: dict[str, Route] = {}
+    for route in ROUTES:
+        if route.raw:
+            continue
+        by_view: dict[Callable[..., Any], list[str]] = {}
+        for method, view in route.handlers.items():
+            by_view.setdefault(view, []).append(method)
+        for view, methods in by_view.items():
+            endpoint = f"{route.template} {' '.join(methods)}"
+            routed[endpoint] = route
+            app.add_url_rule(
+                route.quart_rule, endpoint, view, methods=methods, strict_slashes=False
+            )
 
     @app.before_request
     async def authorize_route() -> None:
@@ -72,14 +74,12 @@ def create_quart_app(registry: Registry) -> QuartTrio:
         rule = request.url_rule
         if rule is None:
             return  # not routed (404, 405): Quart answers it and no view runs
-        view = app.view_functions[rule.endpoint]
-        access = declared_access(view)
-        assert access is not None  # checked for every rule above
+        route = routed[rule.endpoint]
         # A plain dict at run time: Quart's TypedDict cannot name the registry's own keys.
         scope = cast(MutableMapping[str, Any], request.scope)
-        scope[ROUTE_KEY] = _metrics_label(rule.rule)
+        scope[ROUTE_KEY] = route.template
         name = (request.view_args or {}).get("name")
-        await authorize(registry, scope, access, name)
+        await authorize(registry, scope, route.access, name)
 
     @app.errorhandler(Exception)
     async def render_error(exc: Exception) -> Response:

@@ -11,18 +11,16 @@ themselves and send their response in two messages.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qs
 
 import trio
 
-from .context import Registry
-from .errors import RegistryError
+from .context import Registry, header
 
-__all__ = ["ClientDisconnected", "Handler", "RawRequest", "RawRoute", "Routes", "match_route"]
+__all__ = ["ClientDisconnected", "Handler", "RawRequest"]
 
 # How long a batch of request body bytes gathers before it is written out: a body that streams
 # in fills one in a few milliseconds, while a client that stalls leaves nothing held.
@@ -55,12 +53,7 @@ class RawRequest:
         return cast(str, self.scope["method"])  # ASGI: the method is a str
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        headers: Iterable[tuple[bytes, bytes]] = self.scope["headers"]  # ASGI: byte pairs
-        for key, value in headers:
-            if key.lower() == wanted:
-                return value.decode("latin-1")
-        return None
+        return header(self.scope, name.lower().encode()) or None
 
     def query(self, name: str) -> str | None:
         values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -155,44 +148,3 @@ class RawRequest:
 
 
 Handler = Callable[[RawRequest], Awaitable[None]]
-
-
-class RawRoute:
-    """One raw route: a path template, the handler per method.
-
-    The template is the route's whole description: its pattern (``{name}`` is a repository
-    name, which may hold slashes; any other ``{param}`` is one path segment; a trailing slash
-    is optional, as clients differ) and its label in the metrics. Every raw route serves a
-    repository, authorised for its ``name`` parameter.
-    """
-
-    def __init__(self, template: str, handlers: dict[str, Handler]) -> None:
-        self.template = template
-        self.handlers = handlers
-        pattern = re.escape(template).replace(r"\{name\}", "(?P<name>.+)")
-        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", pattern)
-        self.pattern = re.compile(f"^{pattern}?$" if pattern.endswith("/") else f"^{pattern}$")
-
-
-Routes = list[RawRoute]
-
-
-def match_route(routes: Routes, path: str, method: str) -> tuple[RawRoute, dict[str, str]] | None:
-    """The raw route for ``path`` and its parameters, or None to let Quart serve the request.
-
-    A known path with a method it does not take answers 405 rather than falling through.
-    """
-    for route in routes:
-        match = route.pattern.match(path)
-        if match is None:
-            continue
-        if method not in route.handlers:
-            methods = ", ".join(route.handlers)
-            raise RegistryError(
-                "UNSUPPORTED",
-                405,
-                f"this endpoint takes {methods}",
-                headers=(("Allow", methods),),
-            )
-        return route, match.groupdict()
-    return None

@@ -10,6 +10,9 @@ never a partial one under a visible name.
 Every method here blocks on the disk. Callers on the event loop run them through
 ``trio.to_thread`` (see :mod:`registry_trio.api.context`); nothing in this module knows
 about Trio, HTTP or events.
+
+One module, though long: blobs, upload sessions and manifests share the one publishing rule
+above and its helpers; split, each part would reach into the others' private steps.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ irrelevant in practice, as in zot.
 
 Deletions are fsync'd (their directories) at each phase boundary, so the order above holds
 across a power loss, not only across a process crash.
+
+One module, though long: the two phases share the scan, the batch re-check and the crash
+ordering above, which are easiest to check when read in one place.
 """
 
 from __future__ import annotations

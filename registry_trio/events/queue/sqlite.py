@@ -23,6 +23,9 @@ construction.
 
 Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit. :meth:`Outbox.append`
 returns only after that commit; the API awaits it before answering 2xx.
+
+One module, though long: the writer thread, the schema and the per-sink queues share one
+connection's transactions, and their correctness is argued together above.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """A minimal async OCI Distribution client: push and pull images over plain HTTP.
 
-It exists for load generation (``bench/``) and tests, and works against any OCI registry
-(ours, distribution, zot). It is deliberately small: one-request blob uploads (falling back
-to POST + PUT where a registry opens a session instead), a HEAD check to skip blobs already
-present, and manifest put/get. Real clients (skopeo, oras) are tested
+It exists for load generation (the ``bench/`` scripts import it as ``registry_client``) and
+the tests (as ``bench.registry_client``); it is not part of the shipped package. It works
+against any OCI registry (ours, distribution, zot). It is deliberately small: one-request blob
+uploads (falling back to POST + PUT where a registry opens a session instead), a HEAD check to
+skip blobs already present, and manifest put/get. Real clients (skopeo, oras) are tested
 separately.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .oci import OCI_MANIFEST
+from registry_trio.oci import OCI_MANIFEST
 
 __all__ = ["Blob", "Image", "RegistryClient", "make_image"]
 
