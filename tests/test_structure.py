@@ -254,3 +254,20 @@ def test_the_declared_dependencies_are_what_the_package_imports():
 def test_config_knows_the_event_actions_by_name():
     # Config validates filter actions without importing events: the names must not drift.
     assert {str(action) for action in Action} == EVENT_ACTIONS
+
+
+LONG_MODULE_LINES = 500
+LONG_MODULE_REASON = "One module, though long:"
+
+
+def test_a_long_module_says_why_it_is_one():
+    unexplained = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        text = path.read_text()
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > LONG_MODULE_LINES and LONG_MODULE_REASON not in docstring:
+            unexplained.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+    assert not unexplained, (
+        f"over {LONG_MODULE_LINES} lines: split, or say why at the top "
+        f"({LONG_MODULE_REASON!r}): {unexplained}"
+    )
