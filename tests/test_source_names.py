@@ -71,7 +71,7 @@ def test_no_function_or_class_is_named_like_a_standard_library_module() -> None:
 
 
 def test_every_path_the_code_and_readme_cite_is_in_the_repository() -> None:
-    sources = [REPO / "README.md", REPO / "Makefile"]
+    sources = [REPO / "README.md", REPO / "SECURITY.md", REPO / "Makefile"]
     for directory in ("registry_trio", "bench", "tests"):
         sources += sorted((REPO / directory).rglob("*.py"))
     cited = {
