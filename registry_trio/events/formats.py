@@ -136,8 +136,9 @@ def distribution_event(event: Event) -> dict[str, Any]:
         "source": {"addr": event.source.addr, "instanceID": event.source.instance_id},
     }
     extra = _actor_request(event)
-    if "actor" in extra:
-        out["actor"] = {"name": extra["actor"]["name"]}
+    # Anonymous requests get an empty actor, as distribution sends: its consumers read
+    # ``actor.name`` without checking that ``actor`` is there.
+    out["actor"] = {"name": extra["actor"]["name"]} if "actor" in extra else {}
     if "request" in extra:
         out["request"] = extra["request"]
     return out
