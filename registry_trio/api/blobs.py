@@ -28,7 +28,9 @@ __all__ = [
     "IO_CHUNK",
     "cancel_upload",
     "delete_blob",
+    "IMMUTABLE",
     "get_blob",
+    "not_modified",
     "patch_upload",
     "put_upload",
     "start_upload",
@@ -39,8 +41,21 @@ __all__ = [
 # is negligible, small enough that memory per request stays flat.
 IO_CHUNK = 1 << 20
 
+# What distribution sends on content addressed by digest: it never changes, so caches may
+# keep it for a year.
+IMMUTABLE = ("Cache-Control", "max-age=31536000")
+
 _CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def not_modified(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` field matches ``etag``: ``*``, or one of its list by weak
+    comparison (RFC 9110 13.1.2: ``W/"x"`` matches ``"x"``)."""
+    if not if_none_match:
+        return False
+    tags = (tag.strip() for tag in if_none_match.split(","))
+    return any(tag == "*" or tag.removeprefix("W/") == etag for tag in tags)
 
 
 def _digest_param(value: str | None, what: str = "digest") -> oci.Digest:
@@ -302,12 +317,18 @@ async def get_blob(req: RawRequest) -> None:
     else:
         f, size = await registry.io(registry.storage.open_blob, req.name, digest)
     try:
+        etag = f'"{digest}"'
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Docker-Content-Digest", str(digest)),
             ("Accept-Ranges", "bytes"),
-            ("ETag", f'"{digest}"'),
+            ("ETag", etag),
+            IMMUTABLE,
         ]
+        if not_modified(req.header("if-none-match"), etag):
+            # The client has these bytes: no body, no Range, and no pull to report.
+            await req.respond(304, [*headers, ("Content-Length", str(size))])
+            return
         start, end, status = 0, size - 1, 200
         range_header = req.header("range")
         # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2), and one asking

@@ -14,7 +14,7 @@ from quart import Response, request
 from .. import oci
 from ..events import Action, Target
 from ..storage import FilesystemStorage, ManifestRecord, ManifestUnknown
-from .blobs import IO_CHUNK
+from .blobs import IMMUTABLE, IO_CHUNK, not_modified
 from .context import Registry, current_registry, identity
 from .errors import RegistryError
 from .raw import RawRequest
@@ -156,12 +156,18 @@ async def get_manifest(req: RawRequest) -> None:
     registry = req.registry
     tag, digest = _stored_reference(req.params["reference"])
     record = await registry.io(_lookup, registry.storage, req.name, tag, digest)
+    etag = f'"{record.digest}"'
     headers = [
         ("Content-Type", record.media_type),
         ("Docker-Content-Digest", str(record.digest)),
-        ("ETag", f'"{record.digest}"'),
+        ("ETag", etag),
         ("Content-Length", str(len(record.body))),
     ]
+    if digest is not None:  # a tag may move; what a digest names never changes
+        headers.append(IMMUTABLE)
+    if not_modified(req.header("if-none-match"), etag):
+        await req.respond(304, headers)
+        return
     if req.method == "HEAD":
         # Content-Length stays the manifest's size (clients take the descriptor size from
         # it); no body is sent.
