@@ -216,6 +216,9 @@ class HTTPConfig:
     # past a first bodyIdleTimeout: a stalled or trickling client cannot hold a connection.
     body_idle_timeout: Duration = Duration(30.0)
     body_min_rate: int = 1024
+    # Announced to upload sessions as OCI-Chunk-Min-Length (0: not announced). Advice to
+    # clients on their PATCH size, not enforced: the spec puts the duty on the client.
+    chunk_min_length: int = 0
     auth: AuthConfig | None = None
     access_control: AccessControlConfig | None = None
     # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
@@ -240,6 +243,8 @@ class HTTPConfig:
             raise ConfigError("bodyIdleTimeout", "must be greater than zero")
         if self.body_min_rate < 0:
             raise ConfigError("bodyMinRate", "must be 0 (no minimum) or more bytes per second")
+        if self.chunk_min_length < 0:
+            raise ConfigError("chunkMinLength", "must be 0 (not announced) or more bytes")
 
 
 @dataclasses.dataclass(frozen=True)

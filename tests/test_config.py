@@ -289,6 +289,8 @@ def test_duration_defaults_are_durations_as_parsed_values_are():
         ({"http": {"bodyIdleTimeout": 30}}, "http.bodyIdleTimeout: expected a duration string"),
         ({"http": {"bodyMinRate": -1}}, "http.bodyMinRate: must be 0 (no minimum) or more"),
         ({"http": {"bodyMinRate": "1KiB"}}, "http.bodyMinRate: expected an integer"),
+        ({"http": {"chunkMinLength": -1}}, "http.chunkMinLength: must be 0 (not announced)"),
+        ({"http": {"chunkMinLength": "5MiB"}}, "http.chunkMinLength: expected an integer"),
         ({"http": {"trustedProxies": "10.0.0.0/8"}}, "http.trustedProxies: expected a list"),
         ({"extensions": {"events": {"typePrefix": 5}}}, "extensions.events.typePrefix: expected"),
     ],

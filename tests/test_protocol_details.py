@@ -7,7 +7,7 @@ import pytest
 
 from bench.registry_client import RegistryClient, make_image
 from tests.api_helpers import digest_of, push_blob, push_image, random_blob
-from tests.conftest import events_config, start_registry
+from tests.conftest import events_config, make_config, start_registry
 
 YEAR = "max-age=31536000"
 
@@ -71,3 +71,21 @@ async def test_manifest_answers_304_and_only_by_digest_is_cacheable(http, method
     )
     assert response.status_code == 200
     assert response.headers["ETag"] == f'"{digest_of(moved)}"'
+
+
+async def test_upload_sessions_announce_the_configured_chunk_min_length(nursery, tmp_path):
+    config = make_config(tmp_path, http={"chunkMinLength": 5 << 20})
+    registry = await start_registry(nursery, config)
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        started = await http.post("/v2/chunks/app/blobs/uploads/")
+        assert started.status_code == 202
+        assert started.headers["OCI-Chunk-Min-Length"] == str(5 << 20)
+        # Advice, not a rule: a smaller chunk is still taken, and its answer repeats it.
+        patched = await http.patch(started.headers["Location"], content=b"small")
+        assert patched.status_code == 202
+        assert patched.headers["OCI-Chunk-Min-Length"] == str(5 << 20)
+        finished = await http.put(
+            patched.headers["Location"], params={"digest": digest_of(b"small")}
+        )
+        assert finished.status_code == 201
+        assert "OCI-Chunk-Min-Length" not in finished.headers

@@ -73,6 +73,15 @@ def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, s
     ]
 
 
+def _session_headers(req: RawRequest, upload_id: str, offset: int) -> list[tuple[str, str]]:
+    """The headers of a POST or PATCH that leaves a session open: where to send the next chunk,
+    and (when configured) how small a chunk may be (OCI ``OCI-Chunk-Min-Length``)."""
+    headers = _upload_headers(req.name, upload_id, offset)
+    if min_length := req.registry.config.http.chunk_min_length:
+        headers.append(("OCI-Chunk-Min-Length", str(min_length)))
+    return headers
+
+
 async def _write_body(req: RawRequest, writer: UploadWriter) -> None:
     """Write the rest of the body to ``writer``; on failure undo this request's bytes.
 
@@ -234,7 +243,7 @@ async def start_upload(req: RawRequest) -> None:
     monolithic = req.query("digest")
     if monolithic is None:
         upload_id = await registry.io(registry.storage.create_upload, req.name)
-        await req.respond(202, _upload_headers(req.name, upload_id, 0))
+        await req.respond(202, _session_headers(req, upload_id, 0))
         return
     # Monolithic: the whole blob in this request, staged in one file rather than a session;
     # a blob small enough to buffer is verified and stored in one call.
@@ -262,7 +271,7 @@ async def start_upload(req: RawRequest) -> None:
 async def patch_upload(req: RawRequest) -> None:
     upload_id = req.params["id"]
     offset = await _append(req, upload_id, req.header("content-range"))
-    await req.respond(202, _upload_headers(req.name, upload_id, offset))
+    await req.respond(202, _session_headers(req, upload_id, offset))
 
 
 async def put_upload(req: RawRequest) -> None:
