@@ -77,6 +77,11 @@ def config_blob() -> bytes:
     return dumps({"architecture": "amd64", "os": "linux", "nonce": os.urandom(8).hex()})
 
 
+def absolute(http: httpx.AsyncClient, path: str) -> str:
+    """``path`` as the registry's absolute ``Location`` for this client names it."""
+    return str(http.base_url.join(path))
+
+
 async def push_blob(http: httpx.AsyncClient, name: str, data: bytes, algorithm: str = "sha256"):
     """Monolithic upload; returns the digest."""
     digest = digest_of(data, algorithm)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.api_helpers import assert_oci_error, digest_of, push_blob, random_blob, snapshot
+from tests.api_helpers import (
+    absolute,
+    assert_oci_error,
+    digest_of,
+    push_blob,
+    random_blob,
+    snapshot,
+)
 
 # -- the API root and the headers every response carries -------------------------------------
 
@@ -160,7 +167,7 @@ async def test_sha512_chunked_upload(http):
     )
     assert put.status_code == 201, put.text
     assert put.headers["Docker-Content-Digest"] == digest
-    assert put.headers["Location"] == f"/v2/sha/blobs/{digest}"
+    assert put.headers["Location"] == absolute(http, f"/v2/sha/blobs/{digest}")
     response = await http.get(f"/v2/sha/blobs/{digest}")
     assert response.content == data
 
@@ -187,7 +194,7 @@ async def test_post_opens_an_upload_session(http, registry):
     assert response.status_code == 202
     location = response.headers["Location"]
     upload_id = response.headers["Docker-Upload-UUID"]
-    assert location == f"/v2/library/app/blobs/uploads/{upload_id}"
+    assert location == absolute(http, f"/v2/library/app/blobs/uploads/{upload_id}")
     assert response.headers["Range"] == "0-0"
     assert response.headers["Content-Length"] == "0"
     # One file per session, empty until the first chunk.
@@ -205,7 +212,7 @@ async def test_monolithic_post_with_digest(http):
     digest = digest_of(data)
     response = await http.post("/v2/mono/blobs/uploads/", params={"digest": digest}, content=data)
     assert response.status_code == 201
-    assert response.headers["Location"] == f"/v2/mono/blobs/{digest}"
+    assert response.headers["Location"] == absolute(http, f"/v2/mono/blobs/{digest}")
     assert response.headers["Docker-Content-Digest"] == digest
     assert (await http.get(f"/v2/mono/blobs/{digest}")).content == data
 
@@ -229,7 +236,7 @@ async def test_cross_repository_mount(http):
         "/v2/target/repo/blobs/uploads/", params={"mount": digest, "from": "source/repo"}
     )
     assert response.status_code == 201
-    assert response.headers["Location"] == f"/v2/target/repo/blobs/{digest}"
+    assert response.headers["Location"] == absolute(http, f"/v2/target/repo/blobs/{digest}")
     assert response.headers["Docker-Content-Digest"] == digest
     assert (await http.get(f"/v2/target/repo/blobs/{digest}")).content == data
 
@@ -243,7 +250,7 @@ async def test_mount_of_an_absent_blob_falls_back_to_a_session(http):
     assert response.status_code == 202
     assert response.headers["Range"] == "0-0"
     location = response.headers["Location"]
-    assert location.startswith("/v2/target/blobs/uploads/")
+    assert location.startswith(absolute(http, "/v2/target/blobs/uploads/"))
     assert (await http.head(f"/v2/target/blobs/{digest}")).status_code == 404
     # The session it opened is a real one.
     put = await http.put(location, params={"digest": digest}, content=data)
@@ -305,7 +312,7 @@ async def test_chunked_upload(http, registry):
         headers={"Content-Range": "9000-9999"},
     )
     assert put.status_code == 201
-    assert put.headers["Location"] == f"/v2/chunked/blobs/{digest}"
+    assert put.headers["Location"] == absolute(http, f"/v2/chunked/blobs/{digest}")
     assert put.headers["Docker-Content-Digest"] == digest
     assert (await http.get(f"/v2/chunked/blobs/{digest}")).content == data
     # The session's directory is gone once it became a blob.

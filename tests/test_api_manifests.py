@@ -12,6 +12,7 @@ from tests.api_helpers import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    absolute,
     assert_oci_error,
     config_blob,
     digest_of,
@@ -102,7 +103,9 @@ async def test_put_response_headers(http):
         "/v2/headers/manifests/latest", content=body, headers={"Content-Type": OCI_MANIFEST}
     )
     assert response.status_code == 201
-    assert response.headers["Location"] == f"/v2/headers/manifests/{digest_of(body)}"
+    assert response.headers["Location"] == absolute(
+        http, f"/v2/headers/manifests/{digest_of(body)}"
+    )
     assert response.headers["Docker-Content-Digest"] == digest_of(body)
     assert "OCI-Subject" not in response.headers
 

@@ -19,6 +19,7 @@ from tests.api_helpers import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    absolute,
     assert_oci_error,
     config_blob,
     digest_of,
@@ -275,7 +276,7 @@ async def test_single_post_larger_than_one_buffer(http, registry):
         "/v2/single/blobs/uploads/", params={"digest": digest}, content=chunks()
     )
     assert response.status_code == 201, response.text
-    assert response.headers["Location"] == f"/v2/single/blobs/{digest}"
+    assert response.headers["Location"] == absolute(http, f"/v2/single/blobs/{digest}")
     assert response.headers["Docker-Content-Digest"] == digest
     pulled = await http.get(response.headers["Location"])
     assert pulled.headers["Content-Length"] == str(len(data))
@@ -301,7 +302,7 @@ async def test_mount_of_a_sha512_blob(http):
         "/v2/copy/blobs/uploads/", params={"mount": digest, "from": "origin"}
     )
     assert response.status_code == 201, response.text
-    assert response.headers["Location"] == f"/v2/copy/blobs/{digest}"
+    assert response.headers["Location"] == absolute(http, f"/v2/copy/blobs/{digest}")
     assert response.headers["Docker-Content-Digest"] == digest
     pulled = await http.get(response.headers["Location"])
     assert pulled.content == data
@@ -328,7 +329,7 @@ async def test_uploading_a_blob_the_repository_already_holds(http, registry):
         headers={"Content-Range": f"2500-{len(data) - 1}"},
     )
     assert put.status_code == 201, put.text
-    assert put.headers["Location"] == f"/v2/dedup/blobs/{digest}"
+    assert put.headers["Location"] == absolute(http, f"/v2/dedup/blobs/{digest}")
     assert (await http.get(f"/v2/dedup/blobs/{digest}")).content == data
     assert snapshot(registry.root / "blobs") == before
     assert snapshot(registry.root / "uploads") == {}

@@ -89,3 +89,86 @@ async def test_upload_sessions_announce_the_configured_chunk_min_length(nursery,
         )
         assert finished.status_code == 201
         assert "OCI-Chunk-Min-Length" not in finished.headers
+
+
+async def test_locations_are_absolute_urls_from_a_sane_host(nursery, tmp_path):
+    registry = await start_registry(nursery, make_config(tmp_path))
+    own = registry.url  # http://127.0.0.1:<port>: the fallback for a Host not believed
+    data = random_blob(100)
+    digest = digest_of(data)
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        for host, origin in [
+            ("registry.example:5000", "http://registry.example:5000"),
+            ("[::1]:8443", "http://[::1]:8443"),
+            ("my_registry", "http://my_registry"),
+            ("evil.example/@x", own),
+            ("user@evil.example", own),
+            ("evil.example:99999", own),
+            ("evil.example?", own),
+            ("[not-v6]", own),
+            ("a..b", own),
+        ]:
+            headers = {"Host": host}
+            started = await http.post("/v2/loc/app/blobs/uploads/", headers=headers)
+            location = started.headers["Location"]
+            assert location.startswith(f"{origin}/v2/loc/app/blobs/uploads/"), (host, location)
+            path = httpx.URL(location).raw_path.decode()
+            patched = await http.patch(path, content=data, headers=headers)
+            assert patched.headers["Location"] == location
+            status = await http.get(path, headers=headers)
+            assert status.headers["Location"] == location
+            done = await http.put(path, params={"digest": digest}, headers=headers)
+            assert done.status_code == 201
+            assert done.headers["Location"] == f"{origin}/v2/loc/app/blobs/{digest}"
+        # An untrusted peer's forwarded host and scheme are not believed.
+        forged = {
+            "X-Forwarded-Host": "evil.example",
+            "X-Forwarded-Proto": "https",
+            "Forwarded": "host=evil.example;proto=https",
+        }
+        started = await http.post("/v2/loc/app/blobs/uploads/", headers=forged)
+        assert started.headers["Location"].startswith(f"{own}/v2/")
+
+
+async def test_a_trusted_proxy_sets_the_host_and_scheme_of_locations(nursery, tmp_path):
+    config = make_config(tmp_path, http={"trustedProxies": ["127.0.0.1/32"]})
+    registry = await start_registry(nursery, config)
+    own = registry.url
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        for headers, origin in [
+            (
+                {"X-Forwarded-Host": "reg.example", "X-Forwarded-Proto": "https"},
+                "https://reg.example",
+            ),
+            # The value the trusted proxy appended (the last) counts, not the client's.
+            ({"X-Forwarded-Host": "evil.example, reg.example:8443"}, "http://reg.example:8443"),
+            ({"Forwarded": 'for=192.0.2.1;host="fw.example";proto=https'}, "https://fw.example"),
+            # Forwarded wins over X-Forwarded-*, as for the client address.
+            (
+                {"Forwarded": "host=fw.example", "X-Forwarded-Host": "xf.example"},
+                "http://fw.example",
+            ),
+            # A forwarded value that is no sane host or scheme is not believed either.
+            ({"X-Forwarded-Host": "evil.example/@x", "X-Forwarded-Proto": "javascript"}, own),
+        ]:
+            started = await http.post("/v2/proxied/blobs/uploads/", headers=headers)
+            assert started.status_code == 202
+            assert started.headers["Location"].startswith(f"{origin}/v2/proxied/"), headers
+        body = random_blob(64)
+        digest = digest_of(body)
+        pushed = await http.post(
+            "/v2/proxied/blobs/uploads/",
+            params={"digest": digest},
+            content=body,
+            headers={"X-Forwarded-Host": "reg.example", "X-Forwarded-Proto": "https"},
+        )
+        assert pushed.headers["Location"] == f"https://reg.example/v2/proxied/blobs/{digest}"
+        manifest = await http.put(
+            "/v2/proxied/manifests/v1",
+            content=(await push_image(http, "proxied", "v0")),
+            headers={
+                "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                "Forwarded": "proto=https;host=fw.example",
+            },
+        )
+        assert manifest.headers["Location"].startswith("https://fw.example/v2/proxied/manifests/")

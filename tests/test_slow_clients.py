@@ -55,6 +55,7 @@ class RawConnection:
     async def send_head(
         self, method: str, target: str, headers: dict[str, str], version: str = "HTTP/1.1"
     ) -> None:
+        target = httpx.URL(target).raw_path.decode()  # a Location is absolute
         lines = [f"{method} {target} {version}", "Host: registry", *map(": ".join, headers.items())]
         await self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
 

@@ -25,10 +25,10 @@ from .errors import RegistryError
 from .raw import RawRequest
 
 __all__ = [
+    "IMMUTABLE",
     "IO_CHUNK",
     "cancel_upload",
     "delete_blob",
-    "IMMUTABLE",
     "get_blob",
     "not_modified",
     "patch_upload",
@@ -64,10 +64,15 @@ def _digest_param(value: str | None, what: str = "digest") -> oci.Digest:
     return oci.parse_digest(value)
 
 
-def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, str]]:
+def _upload_location(req: RawRequest, upload_id: str) -> str:
+    # Absolute, as distribution answers: some clients take the scheme and host from it.
+    return req.registry.url(req.scope, f"/v2/{req.name}/blobs/uploads/{upload_id}")
+
+
+def _upload_headers(location: str, upload_id: str, offset: int) -> list[tuple[str, str]]:
     # Docker's convention: an empty upload reports "0-0", not "0--1".
     return [
-        ("Location", f"/v2/{name}/blobs/uploads/{upload_id}"),
+        ("Location", location),
         ("Range", f"0-{max(offset - 1, 0)}"),
         ("Docker-Upload-UUID", upload_id),
     ]
@@ -76,7 +81,7 @@ def _upload_headers(name: str, upload_id: str, offset: int) -> list[tuple[str, s
 def _session_headers(req: RawRequest, upload_id: str, offset: int) -> list[tuple[str, str]]:
     """The headers of a POST or PATCH that leaves a session open: where to send the next chunk,
     and (when configured) how small a chunk may be (OCI ``OCI-Chunk-Min-Length``)."""
-    headers = _upload_headers(req.name, upload_id, offset)
+    headers = _upload_headers(_upload_location(req, upload_id), upload_id, offset)
     if min_length := req.registry.config.http.chunk_min_length:
         headers.append(("OCI-Chunk-Min-Length", str(min_length)))
     return headers
@@ -98,7 +103,7 @@ async def _write_body(req: RawRequest, writer: UploadWriter) -> None:
 
 
 def _expected_length(
-    content_range: str | None, start: int, name: str, upload_id: str
+    content_range: str | None, start: int, location: str, upload_id: str
 ) -> int | None:
     """The body length ``Content-Range`` announces, checked to continue the session at ``start``."""
     if not content_range:
@@ -111,7 +116,7 @@ def _expected_length(
             416,
             f"Content-Range {content_range!r} does not continue the upload, "
             f"which holds {start} bytes",
-            headers=tuple(_upload_headers(name, upload_id, start)),
+            headers=tuple(_upload_headers(location, upload_id, start)),
         )
     return last - first + 1
 
@@ -126,6 +131,7 @@ def _append_whole(
     storage: FilesystemStorage,
     name: str,
     upload_id: str,
+    location: str,
     content_range: str | None,
     data: bytes,
     digest: oci.Digest | None,
@@ -137,7 +143,7 @@ def _append_whole(
     """
     writer = storage.open_upload(name, upload_id)
     try:
-        expected = _expected_length(content_range, writer.start, name, upload_id)
+        expected = _expected_length(content_range, writer.start, location, upload_id)
         if expected is not None and len(data) != expected:
             raise _size_invalid(expected, len(data))
         try:
@@ -165,15 +171,23 @@ async def _append(
             "BLOB_UPLOAD_INVALID", 409, "another request is writing to this upload right now"
         )
     registry.busy_uploads.add(upload_id)
+    location = _upload_location(req, upload_id)
     try:
         body = await req.read_whole(IO_CHUNK)
         if body is not None:
             return await registry.io(
-                _append_whole, registry.storage, req.name, upload_id, content_range, body, digest
+                _append_whole,
+                registry.storage,
+                req.name,
+                upload_id,
+                location,
+                content_range,
+                body,
+                digest,
             )
         writer = await registry.io(registry.storage.open_upload, req.name, upload_id)
         try:
-            expected = _expected_length(content_range, writer.start, req.name, upload_id)
+            expected = _expected_length(content_range, writer.start, location, upload_id)
             await _write_body(req, writer)
             received = writer.offset - writer.start
             if expected is not None and received != expected:
@@ -208,7 +222,7 @@ async def _pushed(req: RawRequest, digest: oci.Digest, size: int) -> None:
 
 async def _created(req: RawRequest, digest: oci.Digest, action: Action, target: Target) -> None:
     """Record the event (durably) and only then answer 201 with the blob's location."""
-    location = f"/v2/{req.name}/blobs/{digest}"
+    location = req.registry.url(req.scope, f"/v2/{req.name}/blobs/{digest}")
     await req.registry.emit(req.scope, (action, target))
     await req.respond(201, [("Location", location), ("Docker-Content-Digest", str(digest))])
 
@@ -284,7 +298,7 @@ async def put_upload(req: RawRequest) -> None:
 async def upload_status(req: RawRequest) -> None:
     upload_id = req.params["id"]
     offset = await req.registry.io(req.registry.storage.upload_offset, req.name, upload_id)
-    await req.respond(204, _upload_headers(req.name, upload_id, offset))
+    await req.respond(204, _upload_headers(_upload_location(req, upload_id), upload_id, offset))
 
 
 async def cancel_upload(req: RawRequest) -> None:

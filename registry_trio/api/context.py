@@ -13,6 +13,7 @@ import trio
 from quart import current_app
 
 from ..auth import ANONYMOUS, Authenticator, Identity
+from ..auth.client_address import sane_host
 from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import DeliverySupervisor
@@ -151,9 +152,25 @@ class Registry:
         await pending.wait()
 
     def url(self, scope: MutableMapping[str, Any], path: str) -> str:
-        """An absolute URL for ``path`` as the client addressed this registry."""
-        host = header(scope, b"host") or self.source.addr
-        return f"{scope.get('scheme', 'http')}://{host}{path}"
+        """An absolute URL for ``path`` as the client addressed this registry.
+
+        ``Host`` (or, from a trusted proxy, the forwarded host and scheme) is client-chosen:
+        one that is not a plain host[:port] gives way to the address the registry listens on,
+        so no header can make a ``Location`` point at a path or user of another site.
+        """
+        scheme, host = self.auth.proxies.forwarded_origin(
+            scope.get("client"),
+            header(scope, b"forwarded") or None,
+            header(scope, b"x-forwarded-host") or None,
+            header(scope, b"x-forwarded-proto") or None,
+        )
+        if scheme is None or scheme.lower() not in ("http", "https"):
+            scheme = scope.get("scheme", "http")
+        if host is None or not sane_host(host):
+            host = header(scope, b"host")
+        if not sane_host(host):
+            host = self.source.addr
+        return f"{scheme.lower()}://{host}{path}"
 
 
 def _on_storage(root: Path, fn: Callable[..., T], *args: Any) -> T:

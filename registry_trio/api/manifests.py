@@ -144,7 +144,7 @@ async def put_manifest(req: RawRequest) -> None:
         events.append((Action.MANIFEST_PUSHED, _manifest_target(req, record, tag, manifest)))
 
     headers = [
-        ("Location", f"/v2/{name}/manifests/{digest}"),
+        ("Location", registry.url(req.scope, f"/v2/{name}/manifests/{digest}")),
         ("Docker-Content-Digest", str(digest)),
     ]
     if manifest.subject is not None:
