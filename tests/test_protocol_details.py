@@ -172,3 +172,71 @@ async def test_a_trusted_proxy_sets_the_host_and_scheme_of_locations(nursery, tm
             },
         )
         assert manifest.headers["Location"].startswith("https://fw.example/v2/proxied/manifests/")
+
+
+def byteranges(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a ``multipart/byteranges`` body, checking its framing byte for byte."""
+    media_type, _, boundary = response.headers["Content-Type"].partition("; boundary=")
+    assert media_type == "multipart/byteranges" and boundary
+    delimiter = b"--" + boundary.encode()
+    body = response.content
+    assert body.startswith(delimiter + b"\r\n")
+    assert body.endswith(b"\r\n" + delimiter + b"--\r\n")
+    inner = body[len(delimiter) + 2 : -(len(delimiter) + 6)]
+    parts = []
+    for part in inner.split(b"\r\n" + delimiter + b"\r\n"):
+        head, _, data = part.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        parts.append((fields, data))
+    return parts
+
+
+async def test_several_ranges_are_served_as_multipart_byteranges(http):
+    data = random_blob(3 << 20)  # parts cross the server's 1 MiB read batches
+    digest = await push_blob(http, "ranges/multi", data)
+    url = f"/v2/ranges/multi/blobs/{digest}"
+    # What podman's zstd:chunked partial pull sends: several ranges in one request.
+    asked = [(0, 99), (1000, 1999), (1 << 20, (2 << 20) + 10), (len(data) - 50, len(data) - 1)]
+    spec = "bytes=" + ", ".join(f"{a}-{b}" for a, b in asked[:-1]) + ",-50"
+    response = await http.get(url, headers={"Range": spec})
+    assert response.status_code == 206
+    assert "Content-Range" not in response.headers
+    assert response.headers["Content-Length"] == str(len(response.content))
+    parts = byteranges(response)
+    assert [p[0]["Content-Range"] for p in parts] == [
+        f"bytes {a}-{b}/{len(data)}" for a, b in asked
+    ]
+    assert all(p[0]["Content-Type"] == "application/octet-stream" for p in parts)
+    assert [p[1] for p in parts] == [data[a : b + 1] for a, b in asked]
+    head = await http.head(url, headers={"Range": spec})
+    assert head.status_code == 206
+    assert head.headers["Content-Type"].startswith("multipart/byteranges; boundary=")
+    assert head.headers["Content-Length"] == response.headers["Content-Length"]
+    assert head.content == b""
+
+
+@pytest.mark.parametrize(
+    ("spec", "status", "content_range"),
+    [
+        ("bytes=0-9, 500-600", 206, "bytes 0-9/100"),  # a range past the end is dropped
+        ("bytes=0-9,,20-29,", 206, None),  # empty list elements are allowed (RFC 9110 5.6.1)
+        ("bytes=0-59,40-99", 200, None),  # more than the blob in all: served whole
+        ("bytes=100-,200-300", 416, "bytes */100"),  # nothing satisfiable
+        ("bytes=0-9,x", 416, "bytes */100"),  # a part that is no range
+        ("bytes=0-9,9-3", 416, "bytes */100"),
+        ("bytes=" + ",".join(f"{i}-{i}" for i in range(65)), 416, "bytes */100"),  # too many
+    ],
+)
+async def test_range_lists_follow_the_documented_rules(http, spec, status, content_range):
+    data = random_blob(100)
+    digest = await push_blob(http, "ranges/rules", data)
+    response = await http.get(f"/v2/ranges/rules/blobs/{digest}", headers={"Range": spec})
+    assert response.status_code == status, response.text
+    assert response.headers.get("Content-Range") == content_range
+    if status == 416:
+        message = response.json()["errors"][0]["message"]
+        assert "cannot be satisfied for a blob of 100 bytes" in message
+    elif status == 200:
+        assert response.content == data
+    elif content_range is None:
+        assert [p[1] for p in byteranges(response)] == [data[0:10], data[20:30]]

@@ -12,8 +12,10 @@ touching storage, and renders every failure through :mod:`registry_trio.api.erro
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
+import secrets
+from typing import Any, BinaryIO
 
 import trio
 
@@ -46,7 +48,11 @@ IO_CHUNK = 1 << 20
 IMMUTABLE = ("Cache-Control", "max-age=31536000")
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# One range-spec of a ``Range: bytes=`` list.
+_RANGE = re.compile(r"(\d*)-(\d*)")
+# Ranges served in one multipart/byteranges answer (podman's zstd:chunked pull asks for a
+# handful); more is refused rather than answered with thousands of tiny parts.
+MAX_RANGES = 64
 
 
 def not_modified(if_none_match: str | None, etag: str) -> bool:
@@ -310,26 +316,90 @@ async def cancel_upload(req: RawRequest) -> None:
 # -- blobs -----------------------------------------------------------------------------------
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int]:
-    """``Range: bytes=a-b`` -> inclusive (start, end); 416 when it cannot be satisfied."""
-    match = _RANGE.match(header.strip())
-    start = end = -1
-    if match and (match[1] or match[2]):
+def _unsatisfiable(header: str, size: int, why: str = "") -> RegistryError:
+    # BLOB_UPLOAD_INVALID: the spec's codes have no range one (distribution's RANGE_INVALID
+    # is not allowed on a 4xx); the status and Content-Range say what went wrong.
+    return RegistryError(
+        "BLOB_UPLOAD_INVALID",
+        416,
+        f"range {header[:200]!r} cannot be satisfied for a blob of {size} bytes{why}",
+        headers=(("Content-Range", f"bytes */{size}"),),
+    )
+
+
+def _parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
+    """``Range: bytes=a-b, c-d, -n, e-`` -> inclusive (start, end) pairs in the order asked,
+    or None to serve the whole blob; 416 when nothing can be satisfied.
+
+    As Go's ``http.ServeContent`` (and so distribution): ranges starting past the end are
+    dropped, and ranges that together ask for more than the blob (overlaps: a broken client
+    or an amplification attempt) get the blob whole. More than :data:`MAX_RANGES` is refused.
+    """
+    specs = [spec.strip() for spec in header.strip().removeprefix("bytes=").split(",")]
+    specs = [spec for spec in specs if spec]  # RFC 9110 5.6.1: empty list elements
+    if len(specs) > MAX_RANGES:
+        raise _unsatisfiable(header, size, f": at most {MAX_RANGES} ranges are served at once")
+    ranges = []
+    for spec in specs:
+        match = _RANGE.fullmatch(spec)
+        if not match or not (match[1] or match[2]):
+            raise _unsatisfiable(header, size)
         if not match[1]:  # suffix form: the last N bytes
-            start, end = max(size - int(match[2]), 0), size - 1
-        else:
-            start = int(match[1])
-            end = min(int(match[2]), size - 1) if match[2] else size - 1
-    if start < 0 or start > end or start >= size:
-        # BLOB_UPLOAD_INVALID: the spec's codes have no range one (distribution's RANGE_INVALID
-        # is not allowed on a 4xx); the status and Content-Range say what went wrong.
-        raise RegistryError(
-            "BLOB_UPLOAD_INVALID",
-            416,
-            f"range {header!r} cannot be satisfied for a blob of {size} bytes",
-            headers=(("Content-Range", f"bytes */{size}"),),
+            if int(match[2]) > 0:
+                ranges.append((max(size - int(match[2]), 0), size - 1))
+            continue
+        start = int(match[1])
+        if match[2] and int(match[2]) < start:
+            raise _unsatisfiable(header, size)
+        if start < size:
+            ranges.append((start, min(int(match[2]), size - 1) if match[2] else size - 1))
+    if not ranges:
+        raise _unsatisfiable(header, size)
+    if sum(end - start + 1 for start, end in ranges) > size:
+        return None
+    return ranges
+
+
+# What a response body is made of: literal bytes, or (offset, length) of the blob.
+_Segment = bytes | tuple[int, int]
+
+
+def _multipart(ranges: list[tuple[int, int]], size: int) -> tuple[str, list[_Segment]]:
+    """The ``multipart/byteranges`` body (RFC 9110 14.6) of ``ranges``: boundary, segments."""
+    boundary = secrets.token_hex(16)
+    segments: list[_Segment] = []
+    for i, (start, end) in enumerate(ranges):
+        part_head = (
+            ("\r\n" if i else "") + f"--{boundary}\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {start}-{end}/{size}\r\n\r\n"
         )
-    return start, end
+        segments += [part_head.encode(), (start, end - start + 1)]
+    segments.append(f"\r\n--{boundary}--\r\n".encode())
+    return boundary, segments
+
+
+async def _send_segments(req: RawRequest, f: BinaryIO, segments: list[_Segment]) -> None:
+    """Send a response body, reading the blob's parts through the worker thread in batches."""
+    registry = req.registry
+    fd = f.fileno()
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if isinstance(segment, bytes):
+            await req.send({"type": "http.response.body", "body": segment, "more_body": not last})
+            continue
+        offset, remaining = segment
+        while remaining > 0:
+            block = await registry.io(os.pread, fd, min(IO_CHUNK, remaining), offset)
+            if not block:  # the file shrank under us; nothing sane left to send
+                await req.send({"type": "http.response.body", "body": b""})
+                return
+            offset += len(block)
+            remaining -= len(block)
+            more = remaining > 0 or not last
+            await req.send({"type": "http.response.body", "body": block, "more_body": more})
+        if last and segment[1] == 0:  # an empty blob: nothing was sent
+            await req.send({"type": "http.response.body", "body": b""})
 
 
 async def get_blob(req: RawRequest) -> None:
@@ -342,7 +412,6 @@ async def get_blob(req: RawRequest) -> None:
     try:
         etag = f'"{digest}"'
         headers = [
-            ("Content-Type", "application/octet-stream"),
             ("Docker-Content-Digest", str(digest)),
             ("Accept-Ranges", "bytes"),
             ("ETag", etag),
@@ -352,22 +421,23 @@ async def get_blob(req: RawRequest) -> None:
             # The client has these bytes: no body, no Range, and no pull to report.
             await req.respond(304, [*headers, ("Content-Length", str(size))])
             return
-        start, end, status = 0, size - 1, 200
+        content_type, status, segments = "application/octet-stream", 200, [(0, size)]
         range_header = req.header("range")
-        # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2), and one asking
-        # for several ranges MAY be: it is served whole rather than as multipart/byteranges,
-        # which no registry client asks for.
-        if (
-            range_header
-            and range_header.strip().startswith("bytes=")
-            and "," not in range_header
-            and size > 0
-        ):
-            start, end = _parse_range(range_header, size)
+        # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2).
+        ranges = None
+        if range_header and range_header.strip().startswith("bytes=") and size > 0:
+            ranges = _parse_ranges(range_header, size)
+        if ranges is not None:
             status = 206
-            headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-        length = end - start + 1 if size else 0
-        headers.append(("Content-Length", str(length)))
+            if len(ranges) == 1:
+                ((start, end),) = ranges
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+                segments = [(start, end - start + 1)]
+            else:
+                boundary, segments = _multipart(ranges, size)
+                content_type = f"multipart/byteranges; boundary={boundary}"
+        length = sum(len(s) if isinstance(s, bytes) else s[1] for s in segments)
+        headers += [("Content-Type", content_type), ("Content-Length", str(length))]
         if f is None:  # HEAD
             await req.respond(status, headers)
             return
@@ -379,18 +449,7 @@ async def get_blob(req: RawRequest) -> None:
                 "headers": [(k.encode(), v.encode()) for k, v in headers],
             }
         )
-        await registry.io(f.seek, start)
-        remaining = length
-        while remaining > 0:
-            block = await registry.io(f.read, min(IO_CHUNK, remaining))
-            if not block:  # the file shrank under us; nothing sane left to send
-                break
-            remaining -= len(block)
-            await req.send(
-                {"type": "http.response.body", "body": block, "more_body": remaining > 0}
-            )
-        if remaining > 0 or length == 0:
-            await req.send({"type": "http.response.body", "body": b""})
+        await _send_segments(req, f, segments)
     finally:
         if f is not None:
             f.close()
