@@ -421,7 +421,8 @@ async def get_blob(req: RawRequest) -> None:
             # The client has these bytes: no body, no Range, and no pull to report.
             await req.respond(304, [*headers, ("Content-Length", str(size))])
             return
-        content_type, status, segments = "application/octet-stream", 200, [(0, size)]
+        content_type, status = "application/octet-stream", 200
+        segments: list[_Segment] = [(0, size)]
         range_header = req.header("range")
         # A Range in a unit other than bytes MUST be ignored (RFC 9110 14.2).
         ranges = None
