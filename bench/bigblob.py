@@ -55,6 +55,7 @@ from common import (
     report_failure,
     reset_peak,
 )
+from registry_client import session_url
 
 GOAL_MB = 150
 GEN_CHUNK = MiB
@@ -216,10 +217,25 @@ async def push(args: argparse.Namespace, http: httpx.AsyncClient, digest: str) -
                     "Content-Length": str(args.size),
                 },
             )
+            if response.status_code == 202:
+                # A registry without single-request uploads (distribution 2.8) opens a
+                # session instead and drops the body, as the spec allows: the body goes again,
+                # in the PUT that closes the session.
+                bar.reset()
+                response = await http.put(
+                    session_url(response.headers["Location"], digest=digest),
+                    content=_body(args, 0, args.size, bar),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(args.size),
+                    },
+                )
             _check(response, 201, "monolithic POST")
             return
         response = await http.post(uploads)
         _check(response, 202, "POST (open session)")
+        # Each answer's Location is where the next request goes: distribution's changes with
+        # every chunk (its `_state`), and may be relative or absolute.
         location = response.headers["Location"]
         offset = 0
         while offset < args.size:
@@ -236,7 +252,7 @@ async def push(args: argparse.Namespace, http: httpx.AsyncClient, digest: str) -
             _check(response, 202, f"PATCH {offset}-{end - 1}")
             location = response.headers["Location"]
             offset = end
-        response = await http.put(location, params={"digest": digest})
+        response = await http.put(session_url(location, digest=digest))
         _check(response, 201, "PUT (close session)")
 
 

@@ -72,7 +72,7 @@ from common import (
 )
 from push import TimingTransport, latency_table, run_phase
 from receiver import Receiver
-from registry_client import Blob, Image, RegistryClient, make_image
+from registry_client import Blob, Image, RegistryClient, make_image, session_url
 
 from registry_trio.config import SINK_FORMATS
 
@@ -278,10 +278,8 @@ class PortableClient(RegistryClient):
         else:
             started = await self.http.post(f"/v2/{repository}/blobs/uploads/")
             started.raise_for_status()
-        # Location keeps its own query (distribution's _state): add the digest to it.
-        location = httpx.URL(started.headers["Location"]).copy_add_param("digest", blob.digest)
         response = await self.http.put(
-            location,
+            session_url(started.headers["Location"], digest=blob.digest),
             content=blob.data,
             headers=octets,
         )

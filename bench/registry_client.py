@@ -19,10 +19,22 @@ import httpx
 
 from registry_trio.oci import OCI_MANIFEST
 
-__all__ = ["Blob", "Image", "RegistryClient", "make_image"]
+__all__ = ["Blob", "Image", "RegistryClient", "make_image", "session_url"]
 
 EMPTY_CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
+
+
+def session_url(location: str, **params: str) -> httpx.URL:
+    """An upload session's ``Location`` (relative or absolute) with ``params`` added.
+
+    The session URL may carry state of its own (distribution's ``_state``, which changes with
+    every chunk): it is kept, where httpx's ``params=`` would replace the whole query.
+    """
+    url = httpx.URL(location)
+    for name, value in params.items():
+        url = url.copy_add_param(name, value)
+    return url
 
 
 @dataclass(frozen=True)
@@ -109,11 +121,8 @@ class RegistryClient:
             headers=headers,
         )
         if response.status_code == 202:
-            # The session URL may carry state of its own (distribution's `_state`): add the
-            # digest to its query rather than replace it.
-            session = httpx.URL(response.headers["Location"])
             response = await self.http.put(
-                session.copy_merge_params({"digest": blob.digest}),
+                session_url(response.headers["Location"], digest=blob.digest),
                 content=blob.data,
                 headers=headers,
             )

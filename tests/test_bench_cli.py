@@ -244,6 +244,40 @@ def test_bigblob_tiny_run(upload: list[str]) -> None:
     assert doc["verdict"] == "PASS"
 
 
+DISTRIBUTION = "/usr/bin/docker-registry"  # the Debian package; .ci/run installs it
+
+
+@pytest.fixture(params=["registry-trio", "distribution"])
+def other_registry(
+    request: pytest.FixtureRequest, bench_modules: dict[str, ModuleType]
+) -> Iterator[str]:
+    """The URL of a registry the script did not start: registry-trio, or Docker distribution
+    2.8 (which answers a single POST ?digest= with a session, and changes each session's
+    Location with every chunk)."""
+    if request.param == "distribution":
+        server = bench_modules["compare"].DistributionProcess(DISTRIBUTION)
+    else:
+        server = bench_modules["common"].ServerProcess()
+    with server:
+        yield server.url
+
+
+@pytest.mark.parametrize(
+    "upload", [["--upload", "post"], ["--upload", "patch", "--chunk-size", "768KiB"]]
+)
+def test_bigblob_url_run_against_another_registry(other_registry: str, upload: list[str]) -> None:
+    doc = run_json("bigblob.py", "--url", other_registry, "--size", "2MiB", *upload)
+    assert doc["digest"].startswith("sha256:")
+    for phase in ("push", "pull"):
+        assert doc[phase]["mb_per_s"] > 0
+
+
+def test_push_url_run_against_another_registry(other_registry: str) -> None:
+    doc = run_json("push.py", "--url", other_registry, "-n", "4", "-c", "2")
+    for phase in ("push", "pull"):
+        assert doc[phase]["images_per_s"] > 0
+
+
 def test_nats_tiny_run() -> None:
     doc = run_json(
         "nats_sink.py", "-n", "500", "--js-count", "200", "--hop", "16", "--no-fsync-run",
