@@ -66,7 +66,8 @@ async def test_chunked_upload_resumes_after_restart(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
             started = await http.post("/v2/resume/me/blobs/uploads/")
             assert started.status_code == 202
-            location = started.headers["Location"]
+            # The restarted registry listens on another port: the session is its path.
+            location = httpx.URL(started.headers["Location"]).raw_path.decode()
             first = await http.patch(
                 location,
                 content=data[:split],
@@ -225,7 +226,8 @@ async def test_kill_9_mid_chunk_keeps_a_resumable_session_and_no_blob(tmp_path: 
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             started = await http.post("/v2/crash/chunked/blobs/uploads/")
             assert started.status_code == 202
-            location = started.headers["Location"]
+            # The restarted registry listens on another port: the session is its path.
+            location = httpx.URL(started.headers["Location"]).raw_path.decode()
             session_data = root / "uploads" / location.rsplit("/", 1)[1]
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
