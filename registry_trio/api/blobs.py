@@ -327,6 +327,12 @@ def _unsatisfiable(header: str, size: int, why: str = "") -> RegistryError:
     )
 
 
+def _position(digits: str) -> int:
+    """A byte position of a range; a number longer than any file size reads as 10**18
+    (past the end), rather than converting thousands of digits (which Python refuses)."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
 def _parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
     """``Range: bytes=a-b, c-d, -n, e-`` -> inclusive (start, end) pairs in the order asked,
     or None to serve the whole blob; 416 when nothing can be satisfied.
@@ -345,14 +351,15 @@ def _parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
         if not match or not (match[1] or match[2]):
             raise _unsatisfiable(header, size)
         if not match[1]:  # suffix form: the last N bytes
-            if int(match[2]) > 0:
-                ranges.append((max(size - int(match[2]), 0), size - 1))
+            if suffix := _position(match[2]):
+                ranges.append((max(size - suffix, 0), size - 1))
             continue
-        start = int(match[1])
-        if match[2] and int(match[2]) < start:
+        start = _position(match[1])
+        end = _position(match[2]) if match[2] else size - 1
+        if end < start:
             raise _unsatisfiable(header, size)
         if start < size:
-            ranges.append((start, min(int(match[2]), size - 1) if match[2] else size - 1))
+            ranges.append((start, min(end, size - 1)))
     if not ranges:
         raise _unsatisfiable(header, size)
     if sum(end - start + 1 for start, end in ranges) > size:
