@@ -487,7 +487,9 @@ async def test_concurrency_sends_in_parallel_on_up_to_that_many_connections(
     )
     for tag in ("v1", "v2", "v3"):
         await push(registry, "par/app", tag)
-    events = await sink.wait_for(lambda evs: len(evs) == 10)
+    # A send that outlives the 5 s timeout on a loaded machine is sent again (at least once):
+    # wait for every event, not for exactly ten deliveries.
+    events = await sink.wait_for(lambda evs: len({e["id"] for e in evs}) >= 10)
     assert len({e["id"] for e in events}) == 10
     connections = {request.client for request in sink.requests}
     assert None not in connections

@@ -286,7 +286,7 @@ class JetStreamOperations:
         try:
             try:
                 entry = await self._kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
+            except nats.js.errors.NotFoundError:
                 await self._kv.create(key, value)
                 return True
             if json.loads(entry.value)["instance"] != self._instance:
@@ -349,8 +349,16 @@ class JetStreamOperations:
             keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
             keys = []
-        for key in (k for k in keys if k.startswith(f"{token}.")):
-            entry = await self._kv.get(key)
+        # This instance's own key is read whatever the listing says: nats-py's keys() can
+        # come back before the watcher has seen every key.
+        own = f"{token}.{self._instance}"
+        for key in sorted({k for k in keys if k.startswith(f"{token}.")} | {own}):
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.NotFoundError:
+                continue  # no count from this instance yet
+            if entry.value is None:
+                continue
             part = _Counters(**json.loads(entry.value))
             total.delivered += part.delivered
             total.failed_attempts += part.failed_attempts
