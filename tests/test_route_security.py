@@ -10,13 +10,13 @@ import base64
 import re
 from urllib.parse import urlsplit
 
-import h11
 import httpx
 import pytest
 import trio
 
 from bench.registry_client import RegistryClient, make_image
 from tests.conftest import make_config, start_registry
+from tests.raw_http import RawConnection
 from tests.test_auth import PASSWORDS, auth_overrides
 from tests.waiting import eventually
 
@@ -69,30 +69,13 @@ def spellings(path: str) -> set[str]:
 
 async def raw_request(url: str, method: str, target: str, headers: str = "") -> tuple[int, bytes]:
     """Send one request with ``target`` exactly as given; its status and body."""
-    parts = urlsplit(url)
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    async with stream:
-        request = (
-            f"{method} {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{headers}"
-            "Content-Length: 2\r\n\r\n{}"
-        )
-        await stream.send_all(request.encode())
-        # h11 reads the response: it ends where its framing says, not when the socket closes.
-        connection = h11.Connection(h11.CLIENT)
-        connection.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-        connection.send(h11.EndOfMessage())
-        status, body = 0, b""
+    connection = await RawConnection.open(url)
+    async with connection.stream:
+        request = f"{method} {target} HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n{headers}"
+        await connection.send(f"{request}Content-Length: 2\r\n\r\n{{}}".encode())
         with trio.fail_after(10):
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some())
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    return status, body
+            response = await connection.response(method)
+    return response.status_code, response.content
 
 
 @pytest.fixture
