@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import SinkConfig, redact_address
 from .queue import DeadLetter, EventQueue
 
-__all__ = ["DEAD_PAGE_MAX", "dead_letter_json", "dead_letter_page", "sink_status"]
+__all__ = ["DEAD_PAGE_MAX", "Deliverer", "dead_letter_json", "dead_letter_page", "sink_status"]
 
 
-async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Deliverer:
+    """The process delivering events: one per server, a worker when it runs several."""
+
+    pid: int
+    # Its worker number (1 to http.workers); None for a server that is one process.
+    worker: int | None = None
+
+    @classmethod
+    def this_process(cls) -> Deliverer:
+        return cls(os.getpid())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "worker": self.worker}
+
+
+async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int | None) -> dict[str, Any]:
+    """``in_flight``: sends under way, as the delivering process knows them (None: unknown
+    here)."""
     counts = await queue.counts(sink.name)
     now = time.time()
     return {
