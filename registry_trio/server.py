@@ -141,7 +141,13 @@ async def _serve(
     # 0.3 ms under push load. A shorter interval hands the GIL over sooner.
     sys.setswitchinterval(SWITCH_INTERVAL)
     events = config.extensions.events
-    storage = await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
+    # A worker's siblings are staging files in tmp/ right now: the supervisor cleared the
+    # leftovers of the last run before starting any of them.
+    storage = await trio.to_thread.run_sync(
+        functools.partial(
+            FilesystemStorage, config.storage.root_directory, clean_tmp=worker is None
+        )
+    )
 
     metrics = Metrics(
         storage.layout.uploads,

@@ -17,7 +17,7 @@ from .errors import RegistryError
 __all__ = ["dead", "replay", "sinks"]
 
 
-def _queue(registry: Registry) -> EventQueue:
+def _event_queue(registry: Registry) -> EventQueue:
     if registry.queue is None:
         raise RegistryError("UNSUPPORTED", 404, "the events extension is not enabled")
     return registry.queue
@@ -40,7 +40,7 @@ async def sinks() -> Response:
     Sends in flight are known only to the delivering process: another worker answers null.
     """
     registry = current_registry()
-    queue = _queue(registry)
+    queue = _event_queue(registry)
     delivery = registry.delivery
     in_flight = {} if delivery is None else {w.name: w.in_flight for w in delivery.workers}
     statuses = [
@@ -64,7 +64,7 @@ def _int_arg(name: str, default: int) -> int:
 
 async def dead() -> Response:
     registry = current_registry()
-    queue = _queue(registry)
+    queue = _event_queue(registry)
     sink = _sink(registry, request.args.get("sink"))
     limit = _int_arg("limit", 100)
     if not 1 <= limit <= DEAD_PAGE_MAX:
@@ -74,7 +74,7 @@ async def dead() -> Response:
 
 async def replay() -> Response:
     registry = current_registry()
-    queue = _queue(registry)
+    queue = _event_queue(registry)
     body = await request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise RegistryError(

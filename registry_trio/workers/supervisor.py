@@ -44,6 +44,7 @@ from ..config import Config
 from ..events.queue import Outbox
 from ..events.queue.instance_lock import InstanceLock
 from ..server import hypercorn_config
+from ..storage import FilesystemStorage
 from .worker import CONFIG_FILE, READY
 
 __all__ = ["WorkerFailedToStart", "supervise"]
@@ -129,9 +130,25 @@ class _Keeper:
                         self.ready.set()
 
                 nursery.start_soon(until_ready)
-                await self.process.wait()
+                try:
+                    await self.process.wait()
+                finally:
+                    # Cancelled (a sibling failed to start): no worker outlives the supervisor,
+                    # nor the private directory it reads.
+                    with trio.CancelScope(shield=True):
+                        await self._end(self.process)
                 nursery.cancel_scope.cancel()
         return served
+
+    @staticmethod
+    async def _end(process: trio.Process) -> None:
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(KILL_MARGIN):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
     def stop(self) -> None:
         """SIGTERM the process; it is not started again."""
@@ -164,6 +181,9 @@ async def supervise(
         await trio.to_thread.run_sync(lock.acquire)
         if events.queue.type == "sqlite":
             await trio.to_thread.run_sync(Outbox(events.queue.directory).prepare)
+    # The store is created, and what the last run left staged in tmp/ is removed, once
+    # here: a worker started again later must not remove what its siblings are staging.
+    await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
     runtime = Path(tempfile.mkdtemp(prefix="registry-trio-"))
     try:
         (runtime / "metrics").mkdir()
