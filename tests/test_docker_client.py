@@ -107,12 +107,11 @@ def docker(dockerd: Dockerd, tmp_path: Path) -> Docker:
 
 
 def write_context(context: Path, files: dict[str, bytes]) -> None:
-    """A build context: ``files`` and a Dockerfile copying each into an empty image."""
-    context.mkdir(parents=True)
+    """A build context whose Dockerfile copies ``files`` into an empty image: one layer."""
+    (context / "files").mkdir(parents=True)
     for name, data in files.items():
-        (context / name).write_bytes(data)
-    copies = "".join(f"COPY {name} /{name}\n" for name in files)
-    (context / "Dockerfile").write_text(f"FROM scratch\n{copies}")
+        (context / "files" / name).write_bytes(data)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY files/ /\n")
 
 
 def _tar_files(layer: bytes) -> dict[str, bytes]:
