@@ -11,9 +11,10 @@ What it measures
       commit ms         mean outbox transaction, fsync included, from /metrics
                         (registry_events_commit_seconds): what several writers' waiting for
                         SQLite's write lock adds
-      lag p50/p99 ms    from the manifest PUT's 2xx at the client to the event's arrival at
-                        the receiver (wall clock, first copy): the wake of the delivering
-                        process across processes
+      lag p50/p99 ms    then --lag-count images started at --lag-rate per second (below
+                        saturation, so no backlog builds): from the manifest PUT's 2xx at
+                        the client to the event's arrival at the receiver (wall clock, first
+                        copy): the wake of the delivering process across processes
       spread            the share of requests each worker served (access log), the most
                         loaded first: how evenly the shared listening socket spreads load
       errors            pushes answered other than 201 (a commit refused as "database is
@@ -80,6 +81,31 @@ async def _push(url: str, count: int, concurrency: int) -> tuple[float, dict[str
         return time.perf_counter() - started, acknowledged, errors
 
 
+async def _push_paced(url: str, count: int, rate: float) -> tuple[float, dict[str, float], int]:
+    """``count`` images started at ``rate`` per second whatever the answers' pace: the lag
+    then measures the wake and the send, not a backlog of a saturated sink."""
+    images = [make_image((4096,)) for _ in range(count)]
+    acknowledged: dict[str, float] = {}
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        client = RegistryClient(url, client=http)
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            response = await client.push_image(f"paced-{i % 8}", f"v{i}", images[i])
+            if response.status_code == 201:
+                acknowledged[response.headers["X-Request-Id"]] = time.time()
+            else:
+                errors += 1
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                await trio.sleep_until(trio.current_time() + 1 / rate)  # ok-sleep: pacing
+                nursery.start_soon(one, i)
+        return time.perf_counter() - started, acknowledged, errors
+
+
 async def _received(receiver: Receiver, wanted: set[str]) -> dict[str, float]:
     """Arrival time by request id, once every one of ``wanted`` has arrived (within 60 s)."""
     async with httpx.AsyncClient(base_url=receiver.base, timeout=10) as http:
@@ -98,7 +124,14 @@ def _commit_mean_ms(url: str) -> float:
     return 1000 * figures["sum"] / figures["count"] if figures.get("count") else 0.0
 
 
-def run_one(workers: int, count: int, concurrency: int, data_dir: str | None) -> dict[str, Any]:
+def run_one(
+    workers: int,
+    count: int,
+    concurrency: int,
+    lag_count: int,
+    lag_rate: float,
+    data_dir: str | None,
+) -> dict[str, Any]:
     log = Path(tempfile.mkstemp(prefix="registry-trio-workers-", suffix=".log")[1])
     with (
         Receiver(record=True) as receiver,
@@ -115,8 +148,11 @@ def run_one(workers: int, count: int, concurrency: int, data_dir: str | None) ->
         cpu_before = server.cpu_seconds()
         seconds, acknowledged, errors = trio.run(_push, server.url, count, concurrency)
         cpu = server.cpu_seconds() - cpu_before
-        arrived = trio.run(_received, receiver, set(acknowledged))
-        lags = [1000 * (arrived[rid] - at) for rid, at in acknowledged.items()]
+        trio.run(_received, receiver, set(acknowledged))
+        _, paced, paced_errors = trio.run(_push_paced, server.url, lag_count, lag_rate)
+        errors += paced_errors
+        arrived = trio.run(_received, receiver, set(paced))
+        lags = [1000 * (arrived[rid] - at) for rid, at in paced.items()]
         spread = Counter(_ACCESS.findall(log.read_text()))
         log.unlink()
         total = sum(spread.values()) or 1
@@ -147,11 +183,27 @@ def main() -> None:
         help="worker counts to compare with one process (default: 2)",
     )
     parser.add_argument("--rounds", type=positive_int, default=2, metavar="R")
+    parser.add_argument(
+        "--lag-rate",
+        type=float,
+        default=20.0,
+        metavar="PER_S",
+        help="images per second of the paced push whose event lag is measured (default 20)",
+    )
+    parser.add_argument(
+        "--lag-count",
+        type=positive_int,
+        default=200,
+        metavar="N",
+        help="images of the paced push (default 200)",
+    )
     args = parser.parse_args()
     counts = [1, *(w for w in args.workers if w != 1)]
     settings = {
         "count": args.count,
         "concurrency": args.concurrency,
+        "lag_rate": args.lag_rate,
+        "lag_count": args.lag_count,
         "workers": counts,
         "rounds": args.rounds,
     }
@@ -159,7 +211,16 @@ def main() -> None:
     results: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
     for _ in range(args.rounds):
         for workers in counts:
-            results[workers].append(run_one(workers, args.count, args.concurrency, args.data_dir))
+            results[workers].append(
+                run_one(
+                    workers,
+                    args.count,
+                    args.concurrency,
+                    args.lag_count,
+                    args.lag_rate,
+                    args.data_dir,
+                )
+            )
     summary = {w: _summarise(runs) for w, runs in results.items()}
     if args.json:
         emit_json({"machine": machine, "settings": settings, "results": summary})

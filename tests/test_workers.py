@@ -110,6 +110,11 @@ async def test_two_workers_serve_pushes_and_pulls_and_metrics_count_both(nursery
                     assert got.status_code == 200 and got.content == blob.data
                 tally += 3
         assert served_by(server) == {"worker 1", "worker 2"}, server.current_output
+        # Periodic maintenance runs in the leader only (its first run is at start-up).
+        maintainers = re.findall(
+            r"\[(worker \d)\] registry_trio\.maintenance uploads: purged", server.current_output
+        )
+        assert len(set(maintainers)) == 1, server.current_output
 
         async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
             scrape = (await http.get("/metrics")).text
