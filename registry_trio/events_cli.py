@@ -1,4 +1,5 @@
-"""Operator commands behind ``registry-trio events …``: sink status, dead letters, replay.
+"""Operator commands behind ``registry-trio events …``: sink status, dead letters, replay,
+the delivery history and one event's trace.
 
 Each asks the running server's admin API first (only it knows what is in flight right now)
 and, when no server answers on the configured address, works on the queue directory
@@ -8,19 +9,22 @@ shared by design, so this is safe even if a server starts meanwhile.
 
 from __future__ import annotations
 
+import getpass
 import os
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
 
 from .config import Config, SinkConfig
+from .events.history import BadParameter, check_event_id, page_json, parse_query, trace_json
 from .events.queue import EventQueue, running_queue
 from .events.status import dead_letter_page, sink_status
 
-__all__ = ["OperatorError", "dead_letters", "replay", "status"]
+__all__ = ["OperatorError", "dead_letters", "history", "replay", "status", "trace"]
 
 # Credentials for an admin API behind authentication: REGISTRY_TRIO_USER=user:password.
 CREDENTIALS_ENV = "REGISTRY_TRIO_USER"
@@ -125,7 +129,93 @@ def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str,
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
-            replayed = await queue.replay(chosen.name, ids)
+            replayed = await queue.replay(chosen.name, ids, by=_offline_operator())
         return {"sink": chosen.name, "replayed": replayed}
+
+    return trio.run(offline)
+
+
+def _offline_operator() -> str:
+    """Who replays without the server: the user running the command, as the system knows."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, and no passwd entry for the uid
+        user = f"uid {os.getuid()}"
+    return f"{user} (registry-trio events replay, offline)"
+
+
+# Outcomes --failed asks for: attempts that failed, retried or buried.
+FAILED_OUTCOMES = "failed,dead"
+
+
+def history(
+    config: Config,
+    sink: str | None,
+    failed: bool,
+    limit: int,
+    before: int | None = None,
+) -> dict[str, Any]:
+    """Up to ``limit`` records, newest first, following the pages' cursors as needed (a page
+    may come back short when its filters examined their share of the history)."""
+    params: dict[str, str] = {}
+    if sink is not None:
+        params["sink"] = sink
+    if failed:
+        params["outcome"] = FAILED_OUTCOMES
+    records: list[dict[str, Any]] = []
+    cursor = before
+
+    def query() -> dict[str, str]:
+        page = {**params, "limit": str(min(limit - len(records), 1000))}
+        return page if cursor is None else {**page, "before": str(cursor)}
+
+    online = _admin(config, "GET", "/_registry/events/history", params=query())
+    if online is not None:
+        while True:
+            records += online["records"]
+            cursor = online["next"]
+            if cursor is None or len(records) >= limit:
+                return {"records": records, "next": cursor}
+            online = _admin(config, "GET", "/_registry/events/history", params=query())
+            if online is None:
+                raise OperatorError("the server stopped answering while paging")
+    running = _offline_queue(config)
+
+    async def offline() -> dict[str, Any]:
+        nonlocal cursor, records
+        async with running as queue:
+            while True:
+                try:
+                    parsed = parse_query({k: [v] for k, v in query().items()})
+                except BadParameter as exc:
+                    raise OperatorError(str(exc)) from None
+                page = page_json(await queue.history(parsed))
+                records += page["records"]
+                cursor = page["next"]
+                if cursor is None or len(records) >= limit:
+                    return {"records": records, "next": cursor}
+
+    return trio.run(offline)
+
+
+def trace(config: Config, event_id: str) -> dict[str, Any]:
+    try:
+        check_event_id(event_id, "EVENT_ID")
+    except BadParameter as exc:
+        raise OperatorError(str(exc)) from None
+    answer = _admin(config, "GET", f"/_registry/events/trace/{quote(event_id, safe='')}")
+    if answer is not None:
+        return answer
+    running = _offline_queue(config)
+
+    async def offline() -> dict[str, Any]:
+        async with running as queue:
+            found = await queue.trace(event_id)
+        if found is None:
+            raise OperatorError(
+                f"the queue knows nothing of event {event_id!r}: it was never attempted (and "
+                "is not among the newest queued events), or its history was pruned"
+            )
+        return trace_json(found)
 
     return trio.run(offline)

@@ -9,13 +9,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+from registry_trio.events import Action, Event, Source, Target
+from registry_trio.events.queue import Attempt, HistoryQuery, Outbox, OwedEvent
+from registry_trio.events.queue.history import SCAN_MAX
 from tests.conftest import events_config, start_registry
+from tests.sink import HTTPSinkServer
 from tests.waiting import eventually
 
 
@@ -181,3 +187,250 @@ def queued_event_ids(tmp_path: Path) -> list[str]:
     """The ids of the events in the outbox, in queue order (read from the file)."""
     with contextlib.closing(sqlite3.connect(tmp_path / "queue_data" / "events.db")) as db:
         return [row[0] for row in db.execute("SELECT event_id FROM events ORDER BY seq")]
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+async def all_pages(http: httpx.AsyncClient, **params: Any) -> tuple[list[dict], int]:
+    """Every record the filters match, page by page; and how many pages that took."""
+    records, pages, cursor = [], 0, None
+    while True:
+        page = await history(http, **params, **({} if cursor is None else {"before": cursor}))
+        records += page["records"]
+        pages += 1
+        cursor = page["next"]
+        if cursor is None:
+            return records, pages
+
+
+async def test_history_filters_and_pages(nursery, tmp_path, sink, queue):
+    refusing = HTTPSinkServer(status=400)
+    await refusing.start(nursery)
+    sinks = [http_sink(sink), http_sink(refusing, name="refusing")]
+    registry = await start_registry(nursery, events_config(tmp_path, *sinks, queue=queue))
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        digests = [await push_blob(http, "a/one", f"one {i}".encode()) for i in range(3)]
+        digests += [await push_blob(http, "b/two", f"two {i}".encode()) for i in range(2)]
+        full = await eventually(
+            lambda: history(http, limit=1000), lambda p: len(p["records"]) == 10
+        )
+        everything = full["records"]
+        assert everything == (await all_pages(http))[0]
+        ids = [r["id"] for r in everything]
+        assert ids == sorted(ids, reverse=True)  # newest first
+        assert {(r["sink"], r["outcome"]) for r in everything} == {
+            ("audit", "delivered"),
+            ("refusing", "dead"),
+        }
+
+        async def matching(**params: Any) -> list[dict]:
+            return (await all_pages(http, **params))[0]
+
+        assert await matching(sink="audit") == [r for r in everything if r["sink"] == "audit"]
+        assert await matching(outcome="dead") == [r for r in everything if r["sink"] != "audit"]
+        assert await matching(outcome="delivered,dead") == everything
+        assert await matching(outcome="failed,replayed") == []
+        assert await matching(repository="a/one") == [
+            r for r in everything if r["repository"] == "a/one"
+        ]
+        assert len(await matching(repository="a/one")) == 6
+        digest_records = await matching(digest=digests[0])
+        assert {r["sink"] for r in digest_records} == {"audit", "refusing"}
+        event_id = digest_records[0]["event"]
+        assert await matching(event=event_id) == digest_records
+        assert await matching(sink="audit", repository="b/two", outcome="delivered") == [
+            r for r in everything if r["sink"] == "audit" and r["repository"] == "b/two"
+        ]
+        assert await matching(sink="nobody") == []
+        assert await matching(repository="c/three") == []
+
+        # Time ranges are inclusive, and cut the newest-first list anywhere.
+        times = sorted({parse_time(r["time"]) for r in everything})
+        middle = datetime.fromtimestamp(times[len(times) // 2], UTC).isoformat()
+        newer = await matching(since=middle)
+        older = await matching(until=middle)
+        assert newer and older
+        assert all(parse_time(r["time"]) >= times[len(times) // 2] for r in newer)
+        assert all(parse_time(r["time"]) <= times[len(times) // 2] for r in older)
+        assert len(newer) + len(older) == len(everything) + sum(
+            parse_time(r["time"]) == times[len(times) // 2] for r in everything
+        )
+        assert await matching(until="2000-01-01T00:00:00") == []
+        assert await matching(since="2999-01-01T00:00:00+02:00") == []
+
+        # Pages of 3: each record once, in order; the last page says there is no next.
+        paged, pages = await all_pages(http, limit=3)
+        assert paged == everything and pages == 4
+        # A page that ends exactly at the last record does not promise another.
+        exact = await history(http, limit=10)
+        assert len(exact["records"]) == 10 and exact["next"] is None
+        below = await history(http, before=everything[4]["id"], limit=1000)
+        assert below["records"] == everything[5:]
+
+
+BAD_PARAMETERS = [
+    ({"limit": "0"}, "limit"),
+    ({"limit": "1001"}, "limit"),
+    ({"limit": "10" * 40}, "limit"),
+    ({"limit": "-1"}, "limit"),
+    ({"limit": "1e3"}, "limit"),
+    ({"limit": ""}, "limit"),
+    ({"before": "abc"}, "before"),
+    ({"before": "0"}, "before"),
+    ({"before": "9" * 30}, "before"),
+    ({"before": "9223372036854775808"}, "before"),
+    ({"since": "yesterday"}, "since"),
+    ({"since": "2026-02-30T00:00:00Z"}, "since"),
+    ({"since": "9" * 5000}, "since"),
+    ({"until": "2026-11-23T25:00:00"}, "until"),
+    ({"since": "2026-11-24T00:00:00Z", "until": "2026-11-23T00:00:00Z"}, "since"),
+    ({"outcome": "bogus"}, "outcome"),
+    ({"outcome": "delivered,"}, "outcome"),
+    ({"outcome": ""}, "outcome"),
+    ({"event": "x" * 257}, "event"),
+    ({"event": "a\x00b"}, "event"),
+    ({"repository": "a\nb"}, "repository"),
+    ({"digest": "d" * 1025}, "digest"),
+    ({"sink": ""}, "sink"),
+    ({"sinks": "audit"}, "sinks"),
+    ({"limit; DROP TABLE history": "1"}, "limit; DROP TABLE history"),
+]
+
+
+async def test_bad_history_parameters_get_a_400_naming_them(nursery, tmp_path, sink):
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        await push_blob(http, "bad/app", b"something to list")
+        await eventually(lambda: history(http), lambda p: p["records"])
+        for params, parameter in BAD_PARAMETERS:
+            response = await http.get("/_registry/events/history", params=params)
+            assert response.status_code == 400, (params, response.text)
+            (error,) = response.json()["errors"]
+            assert error["code"] == "UNSUPPORTED"
+            assert error["message"].startswith(f"{parameter}: "), (params, error)
+            assert error["detail"] == {"parameter": parameter}
+        # A parameter given twice is refused too (which one would count?).
+        twice = await http.get("/_registry/events/history?sink=audit&sink=other")
+        assert twice.status_code == 400 and twice.json()["errors"][0]["detail"] == {
+            "parameter": "sink"
+        }
+        # The history is still there, whole.
+        assert len((await history(http))["records"]) == 1
+
+        for target, status in [
+            ("/_registry/events/trace/" + "x" * 257, 400),
+            ("/_registry/events/trace/a%00b", 400),
+            ("/_registry/events/trace/a%0Ab", 400),
+            ("/_registry/events/trace/%F0%9F%90%9B", 404),  # printable, and unknown
+            ("/_registry/events/trace/' OR 1=1 --", 404),
+            ("/_registry/events/trace/..%2F..%2Fetc", 404),
+            ("/_registry/events/trace/", 404),
+        ]:
+            response = await http.get(target)
+            assert response.status_code == status, (target, response.text)
+            assert response.json()["errors"][0]["code"] in ("UNSUPPORTED", "NAME_UNKNOWN"), target
+        for method in ("POST", "PUT", "DELETE"):
+            response = await http.request(method, "/_registry/events/history")
+            assert response.status_code == 405, (method, response.status_code)
+
+
+async def test_a_filter_no_index_serves_examines_a_bounded_share_per_page(tmp_path):
+    outbox = Outbox(tmp_path)
+    count = 25_000
+    events = [
+        Event(
+            Action.BLOB_PUSHED,
+            Target(repository=f"r/{i % 2}", digest=f"sha256:{i:064x}"),
+            Source("a", "i"),
+        )
+        for i in range(count)
+    ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await outbox.append([(e, ["s"]) for e in events])
+        owed = [OwedEvent(seq, e, 0, 0.0) for seq, e in enumerate(events, start=1)]
+        await outbox.ack("s", owed, [Attempt(time.time(), 0.001, 1, "HTTP 200")] * count)
+
+        # Nothing matches: each page examines 10,000 records at most, and says where the
+        # next one goes on; the third reaches the oldest record.
+        cursors = []
+        page = await outbox.history(HistoryQuery(repository="nowhere"))
+        while page.next is not None:
+            assert page.records == []
+            cursors.append(page.next)
+            page = await outbox.history(HistoryQuery(repository="nowhere", before=page.next))
+        assert cursors == [count - SCAN_MAX + 1, count - 2 * SCAN_MAX + 1]
+        # What matches comes a page at a time, newest first.
+        page = await outbox.history(HistoryQuery(repository="r/1", limit=100))
+        assert [r.event_id for r in page.records] == [
+            e.id for e in events[::-1] if e.target.repository == "r/1"
+        ][:100]
+        assert page.next == page.records[-1].id
+        outbox.close()
+
+
+async def history_rows(tmp_path: Path) -> tuple[int, int]:
+    """(history rows, events rows) in the outbox file."""
+
+    def count() -> tuple[int, int]:
+        with contextlib.closing(sqlite3.connect(tmp_path / "queue_data" / "events.db")) as db:
+            (rows,) = db.execute("SELECT COUNT(*) FROM history").fetchone()
+            (events,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
+            return rows, events
+
+    return await trio.to_thread.run_sync(count)
+
+
+async def test_history_is_held_to_its_row_budget(nursery, tmp_path, sink, queue):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink), queue=queue, history={"maxRows": 5})
+    )
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        digests = [await push_blob(http, "budget/app", f"blob {i}".encode()) for i in range(8)]
+        await sink.wait_for(lambda events: len(events) == 8)
+        newest_five = digests[:2:-1]
+        # The oldest went first.
+        await eventually(
+            lambda: history(http), lambda p: [r["digest"] for r in p["records"]] == newest_five
+        )
+    if queue.get("type") != "jetstream":
+        # Each delivered event stays while a record names it, and goes with its last one.
+        assert await eventually(lambda: history_rows(tmp_path), lambda n: n == (5, 5))
+
+
+async def test_history_is_held_to_its_age(nursery, tmp_path, sink, queue):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink), queue=queue, history={"maxAge": "3s"})
+    )
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        event_ids = set()
+        for i in range(3):
+            await push_blob(http, "aged/app", f"blob {i}".encode())
+        recorded = await eventually(lambda: history(http), lambda p: len(p["records"]) == 3)
+        event_ids = {r["event"] for r in recorded["records"]}
+        assert {e["id"] for e in sink.events()} == event_ids
+        await eventually(lambda: history(http), lambda p: p["records"] == [])
+        for event_id in event_ids:
+            gone = await http.get(f"/_registry/events/trace/{event_id}")
+            assert gone.status_code == 404
+    if queue.get("type") != "jetstream":
+        assert await history_rows(tmp_path) == (0, 0)
+
+
+async def test_history_off_records_nothing_and_keeps_no_event(nursery, tmp_path, sink, queue):
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink), queue=queue, history={"enable": False})
+    )
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        await push_blob(http, "off/app", b"unrecorded")
+        (event,) = await sink.wait_for(lambda events: len(events) == 1)
+        await eventually(
+            lambda: http.get("/_registry/events/sinks"),
+            lambda r: r.json()["sinks"][0]["delivered"] == 1,
+        )
+        assert (await history(http))["records"] == []
+        assert (await http.get(f"/_registry/events/trace/{event['id']}")).status_code == 404
+    if queue.get("type") != "jetstream":
+        assert await history_rows(tmp_path) == (0, 0)

@@ -87,6 +87,11 @@ def _time(parameter: str, value: str) -> float:
     return when.timestamp()
 
 
+# Records show their time to the microsecond; a range given in those times includes the
+# records at its ends, whatever the digits the display rounded away.
+_SHOWN = 1e-6
+
+
 def _steps(value: str) -> frozenset[Step]:
     names = [name.strip() for name in value.split(",")]
     known = {str(step): step for step in RECORDED_STEPS}
@@ -106,8 +111,8 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         if len(values) != 1:
             raise BadParameter(name, "give it once")
     one = {name: values[0] for name, values in args.items()}
-    since = _time("since", one["since"]) if "since" in one else None
-    until = _time("until", one["until"]) if "until" in one else None
+    since = _time("since", one["since"]) - _SHOWN if "since" in one else None
+    until = _time("until", one["until"]) + _SHOWN if "until" in one else None
     if since is not None and until is not None and since > until:
         raise BadParameter("since", "is after until")
     return HistoryQuery(

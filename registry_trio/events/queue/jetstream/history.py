@@ -58,6 +58,8 @@ CALLS_MAX = 2000
 # A page walks back this many sequences at first, doubling while windows come back empty.
 WINDOW = 256
 WINDOW_MAX = 65_536
+# The server's default duplicate window, or maxAge when shorter (it may not be longer).
+DUPLICATE_WINDOW = 120.0
 
 
 def event_token(event_id: str) -> str:
@@ -189,6 +191,8 @@ class HistoryStream:
             max_age=max_age,
             max_msgs=max_rows,
             discard=api.DiscardPolicy.OLD,
+            # Records carry no message id; JetStream only asks that the window fit the age.
+            duplicate_window=min(max_age, DUPLICATE_WINDOW),
         )
 
     def subject(self, sink: str, event_id: str) -> str:
