@@ -241,15 +241,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(config.log, None if config.http.workers == 1 else "supervisor")
     from .events.queue import QueueError
     from .events.queue.instance_lock import InstanceLocked
-    from .startup import leaves
+    from .startup import StartupError, leaves
     from .workers.supervisor import WorkerFailedToStart
 
     try:
         trio.run(_serve_until_signalled, config)
-    except* (QueueError, InstanceLocked, WorkerFailedToStart) as group:
-        # The queue cannot open (unreachable JetStream, unreadable SQLite file, another
-        # process serving it), or a worker could not start (it said why on its own line):
-        # no point serving pushes that could not be acknowledged.
+    except* (QueueError, InstanceLocked, StartupError, WorkerFailedToStart) as group:
+        # The address is taken, the store or the queue cannot open (unreachable JetStream,
+        # unreadable SQLite file, another process serving it), or a worker could not start:
+        # no point serving pushes that could not be acknowledged. One line each.
         for exc in leaves(group):
-            print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
+            if not getattr(exc, "explained", False):  # a worker that said why already
+                print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -53,10 +54,11 @@ from .events.recorder import QueueRecorder
 from .events.status import Deliverer
 from .maintenance import gc_periodically, purge_periodically
 from .metrics import Metrics
+from .startup import StartupError, summary
 from .storage import FilesystemStorage
 from .workers.leadership import Leadership
 
-__all__ = ["WorkerPlace", "hypercorn_config", "serve"]
+__all__ = ["WorkerPlace", "hypercorn_config", "listening_sockets", "open_storage", "serve"]
 
 log = logging.getLogger("registry_trio")
 
@@ -78,6 +80,46 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.max_app_queue_size = 1
     hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     return hc
+
+
+def listening_sockets(config: Config, count: int) -> tuple[list[socket.socket], str]:
+    """``count`` listening sockets on ``http.address`` and one port, and the URL they serve.
+
+    Several (one per worker) are bound with SO_REUSEPORT; a port 0 bind picks the port for
+    all. Binding fails with a :class:`StartupError` that names the keys and the reason.
+    """
+    hc = hypercorn_config(config)
+    hc.workers = count  # Hypercorn sets SO_REUSEPORT when it is above 1
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            created = hc.create_sockets()
+            (listener,) = created.secure_sockets + created.insecure_sockets
+            sockets.append(listener)
+            listener.listen(hc.backlog)
+            # A port 0 bind chose the port: the other sockets take the same one.
+            hc.bind = [f"{config.http.address}:{listener.getsockname()[1]}"]
+    except OSError as exc:
+        for listener in sockets:
+            listener.close()
+        raise StartupError(
+            f"cannot listen on {config.http.address}:{config.http.port} "
+            f"(http.address, http.port): {exc.strerror or exc}"
+        ) from None
+    host, port = sockets[0].getsockname()[:2]
+    scheme = "https" if hc.ssl_enabled else "http"
+    return sockets, f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def open_storage(config: Config, *, clean_tmp: bool = True) -> FilesystemStorage:
+    """The store at ``storage.rootDirectory`` (blocking); :class:`StartupError` if unusable."""
+    try:
+        return FilesystemStorage(config.storage.root_directory, clean_tmp=clean_tmp)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use storage.rootDirectory {config.storage.root_directory}: "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -144,9 +186,7 @@ async def _serve(
     # A worker's siblings are staging files in tmp/ right now: the supervisor cleared the
     # leftovers of the last run before starting any of them.
     storage = await trio.to_thread.run_sync(
-        functools.partial(
-            FilesystemStorage, config.storage.root_directory, clean_tmp=worker is None
-        )
+        functools.partial(open_storage, config, clean_tmp=worker is None)
     )
 
     metrics = Metrics(
@@ -185,7 +225,12 @@ async def _serve(
         )
         app = create_app(registry, nursery)
         http_config = hypercorn_config(config)
-        if worker is not None:
+        if worker is None:
+            # Bound here rather than by Hypercorn, so that a failure is one clear line; the
+            # descriptor is Hypercorn's from now on (it closes it).
+            (listener,), _ = listening_sockets(config, 1)
+            http_config.bind = [f"fd://{listener.detach()}"]
+        else:
             http_config.bind = [f"fd://{worker.listen_fd}"]
         lead = _Lead(config, registry, metrics, leadership, worker, wake_sender)
 
@@ -208,7 +253,7 @@ async def _serve(
         # Started only now, so that GC events name the address too.
         nursery.start_soon(lead.run)
         if worker is None:
-            log.info("listening on %s", url)
+            log.info("%s", summary(config, url))
         task_status.started(url)
         await shutdown.wait()
         lead.stop_waiting()
