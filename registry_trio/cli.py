@@ -42,11 +42,14 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def _load(path: str | None) -> Config:
+    from . import tls
     from .auth import check_files
 
     try:
         config = load_config(path)
         check_files(config)
+        if config.http.tls is not None:
+            tls.check_files(config.http.tls)
         return config
     except ConfigError as exc:
         print(f"registry-trio: configuration error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ shared by design, so this is safe even if a server starts meanwhile.
 from __future__ import annotations
 
 import os
+import ssl
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,31 @@ def _base_url(config: Config) -> str | None:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.http.port}"
+    scheme = "http" if config.http.tls is None else "https"
+    return f"{scheme}://{host}:{config.http.port}"
+
+
+def _server_trust(config: Config) -> ssl.SSLContext | bool:
+    """What the admin API's certificate is checked against: under TLS, the server's own
+    certificate file, as the one trust anchor (so whatever name it was issued for, only the
+    server of this config is believed: nothing else on the port gets the credentials)."""
+    if config.http.tls is None:
+        return True  # unused: plain HTTP
+    context = ssl.create_default_context(cafile=config.http.tls.cert)
+    context.check_hostname = False  # the address is the config's, not the certificate's name
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a leaf as a trust anchor
+    return context
+
+
+def _nobody_listening(exc: BaseException) -> bool:
+    """Whether a failed connection was refused: no server on the port (httpx wraps the
+    OSError in two layers of its own)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
@@ -51,9 +76,22 @@ def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, A
         user, _, password = credentials.partition(":")
         auth = (user, password)
     try:
-        response = httpx.request(method, base + path, auth=auth, timeout=10, **kwargs)
-    except httpx.ConnectError:
-        return None
+        response = httpx.request(
+            method, base + path, auth=auth, timeout=10, verify=_server_trust(config), **kwargs
+        )
+    except httpx.TransportError as exc:
+        if _nobody_listening(exc):
+            return None
+        hint = ""
+        if config.http.tls is not None and config.http.tls.cacert is not None:
+            hint = (
+                " (it wants a client certificate, http.tls.cacert, which these commands do "
+                "not present: stop the server to work on the queue directly, or call the "
+                "admin API with one, e.g. curl --cert)"
+            )
+        raise OperatorError(
+            f"cannot talk to the server at {base}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
     if response.status_code >= 400:
         try:
             message = response.json()["errors"][0]["message"]

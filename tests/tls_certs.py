@@ -40,21 +40,34 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_tls_files(directory: Path, *, client: bool = False) -> TLSFiles:
+def make_tls_files(
+    directory: Path,
+    *,
+    client: bool = False,
+    server_validity: tuple[datetime.datetime, datetime.datetime] | None = None,
+    ca_name: str = "registry-trio test CA",
+) -> TLSFiles:
     """A CA certificate, and a certificate it signed for IP 127.0.0.1 with its key (PEM).
 
     With ``client`` the CA also signs a client certificate (``client.pem``, ``client-key.pem``).
+    ``server_validity`` (not before, not after) replaces the server certificate's (from five
+    minutes ago to tomorrow, as every other certificate's). Give a second CA another
+    ``ca_name``: a verifier looks an issuer up by name, and would take one CA for the other.
     """
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     valid = {"not_valid_before": now - datetime.timedelta(minutes=5)}
     valid["not_valid_after"] = now + datetime.timedelta(days=1)
+    server_from, server_until = server_validity or (
+        valid["not_valid_before"],
+        valid["not_valid_after"],
+    )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("registry-trio test CA"))
-        .issuer_name(_name("registry-trio test CA"))
+        .subject_name(_name(ca_name))
+        .issuer_name(_name(ca_name))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(valid["not_valid_before"])
@@ -69,8 +82,8 @@ def make_tls_files(directory: Path, *, client: bool = False) -> TLSFiles:
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(valid["not_valid_before"])
-        .not_valid_after(valid["not_valid_after"])
+        .not_valid_before(server_from)
+        .not_valid_after(server_until)
         .add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
