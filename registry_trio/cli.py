@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import importlib.metadata
 import json
@@ -151,10 +152,33 @@ def _status_table(sinks: list[dict[str, Any]]) -> str:
                 str(s["failedAttempts"]),
                 str(s["dead"]),
                 "-" if age is None else f"{age:.0f}s",
-                s["lastError"] or "-",
+                _last_error(s),
             ]
         )
     return _table(rows)
+
+
+def _last_error(sink: dict[str, Any]) -> str:
+    """``12s ago: <error>``, and whether a delivery was acknowledged since."""
+    if not sink["lastError"]:
+        return "-"
+    text = str(sink["lastError"])
+    if sink["lastErrorAt"]:
+        at = datetime.datetime.fromisoformat(sink["lastErrorAt"])
+        ago = datetime.datetime.now(datetime.UTC) - at
+        text = f"{_age(ago.total_seconds())} ago: {text}"
+    if sink["recovered"]:
+        text += " (recovered since)"
+    return text
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``: whole units, rounded down."""
+    seconds = max(seconds, 0)  # another host's clock may be ahead
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def _dead_letters_table(page: dict[str, Any]) -> str:
