@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -208,6 +209,15 @@ async def _maintain_once(config: Config, dry_run: bool) -> tuple[GCReport, list[
 
 
 def _gc_command(config: Config, args: argparse.Namespace) -> None:
+    root = Path(config.storage.root_directory)
+    if not root.is_dir():
+        # Collecting would create an empty store there: say that this is not the server's.
+        print(
+            f"registry-trio: storage.rootDirectory: no storage at {root} "
+            "(is this the config the server runs with?)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     report, purged = trio.run(_maintain_once, config, args.dry_run)
     if args.json:
         print(json.dumps({**report.to_json(), "purgedUploads": purged}, indent=2))
@@ -221,6 +231,11 @@ def _gc_command(config: Config, args: argparse.Namespace) -> None:
         print(f"  manifest {manifest.repository}@{manifest.digest}")
     for blob in report.blobs:
         print(f"  blob {blob.digest} ({blob.size} bytes)")
+    if report.held_back_manifests or report.held_back_blobs:
+        print(
+            f"kept {report.held_back_manifests} manifest(s) and {report.held_back_blobs} "
+            f"blob(s) younger than storage.gcDelay ({config.storage.gc_delay:g}s)"
+        )
     if report.skipped_repositories:
         print("skipped (changed during the run): " + ", ".join(report.skipped_repositories))
     if purged is not None:
