@@ -19,7 +19,7 @@ import trio
 
 from .config import Config, SinkConfig
 from .events.queue import EventQueue, running_queue
-from .events.status import dead_letter_page, sink_status
+from .events.status import SinkNotChosen, choose_sink, dead_letter_page, sink_status
 
 __all__ = ["OperatorError", "dead_letters", "replay", "status"]
 
@@ -97,6 +97,13 @@ def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, A
             message = response.json()["errors"][0]["message"]
         except (ValueError, KeyError, IndexError):
             message = response.text[:200]
+        if response.status_code == 401 and auth is None:
+            message += (
+                f"; log in as an administrator (adminPolicy) with "
+                f"{CREDENTIALS_ENV}=user:password in the environment"
+            )
+        elif response.status_code == 401:
+            message += f"; the user and password in {CREDENTIALS_ENV} were refused"
         raise OperatorError(f"the server at {base} answered {response.status_code}: {message}")
     answer: dict[str, Any] = response.json()  # the admin API answers with a JSON object
     return answer
@@ -112,14 +119,10 @@ def _offline_queue(config: Config) -> AbstractAsyncContextManager[EventQueue]:
 
 
 def _sink(config: Config, name: str | None) -> SinkConfig:
-    sinks = config.extensions.events.sinks
-    if name is None and len(sinks) == 1:
-        return sinks[0]
-    for sink in sinks:
-        if sink.name == name:
-            return sink
-    known = ", ".join(s.name for s in sinks) or "none configured"
-    raise OperatorError(f"name a sink with --sink; sinks: {known}")
+    try:
+        return choose_sink(config.extensions.events.sinks, name)
+    except SinkNotChosen as exc:
+        raise OperatorError(str(exc)) from None
 
 
 def status(config: Config) -> list[dict[str, Any]]:
@@ -137,13 +140,14 @@ def status(config: Config) -> list[dict[str, Any]]:
 
 
 def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"limit": limit, "after": after}
-    if sink is not None:
-        params["sink"] = sink
+    # Chosen from the config first: the server runs with the same sinks, and the message
+    # is then the same whether it answers or not.
+    chosen = _sink(config, sink)
+    params: dict[str, Any] = {"sink": chosen.name, "limit": limit, "after": after}
     answer = _admin(config, "GET", "/_registry/events/dead", params=params)
     if answer is not None:
         return answer
-    running, chosen = _offline_queue(config), _sink(config, sink)
+    running = _offline_queue(config)
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
@@ -153,13 +157,14 @@ def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> di
 
 
 def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"ids": ids} if ids else {}
-    if sink is not None:
-        body["sink"] = sink
+    chosen = _sink(config, sink)  # as for dead_letters
+    body: dict[str, Any] = {"sink": chosen.name}
+    if ids:
+        body["ids"] = ids
     answer = _admin(config, "POST", "/_registry/events/dead/replay", json=body)
     if answer is not None:
         return answer
-    running, chosen = _offline_queue(config), _sink(config, sink)
+    running = _offline_queue(config)
 
     async def offline() -> dict[str, Any]:
         async with running as queue:

@@ -420,6 +420,11 @@ async def test_admin_api_and_cli_need_an_admin_login_when_auth_is_on(nursery, tm
         "status", "-c", str(config_path), env={"REGISTRY_TRIO_USER": None}
     )
     assert code == 1 and "answered 401" in err, err
+    assert "REGISTRY_TRIO_USER=user:password" in err  # how to log in
+    wrong = {"REGISTRY_TRIO_USER": "carol:not-her-password"}
+    code, _, err = await cli_text("status", "-c", str(config_path), env=wrong)
+    assert code == 1 and "answered 401" in err, err
+    assert "the user and password in REGISTRY_TRIO_USER were refused" in err
     bob = {"REGISTRY_TRIO_USER": f"bob:{PASSWORDS['bob']}"}
     code, _, err = await cli_text("status", "-c", str(config_path), env=bob)
     assert code == 1 and "answered 403" in err and "not an administrator" in err, err
@@ -456,3 +461,40 @@ async def test_admin_api_answers_only_loopback_clients_without_auth(nursery, tmp
         assert (await remote.get("/_registry/events/dead")).status_code == 403
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as local:
         assert (await local.get("/_registry/events/sinks")).status_code == 200
+
+
+async def test_dead_and_replay_name_an_unknown_sink_and_list_the_configured_ones(
+    nursery, tmp_path, sink
+):
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    doc["extensions"]["events"]["sinks"].append(
+        {"type": "http", "address": sink.url, "name": "backup"}
+    )
+    config_path.write_text(json.dumps(doc))
+    unknown = "registry-trio: unknown sink 'nosuch'; configured sinks: audit, backup"
+    unnamed = "registry-trio: name a sink with --sink; configured sinks: audit, backup"
+
+    async def refusals() -> list[str]:
+        out = []
+        for verb in ("dead", "replay"):
+            for args in (("--sink", "nosuch"), ()):
+                code, stdout, err = await cli_text(verb, "-c", str(config_path), *args)
+                assert code == 1 and stdout == "", (verb, args)
+                (line,) = err.splitlines()
+                out.append(line)
+        return out
+
+    # With no server (the queue would be read directly), then with one answering.
+    assert await refusals() == [unknown, unnamed] * 2
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    assert await refusals() == [unknown, unnamed] * 2
+    # The admin API says the same, naming its own parameter.
+    async with httpx.AsyncClient(base_url=url) as http:
+        missing = await http.get("/_registry/events/dead", params={"sink": "nosuch"})
+        assert missing.status_code == 404
+        assert missing.json()["errors"][0]["message"] == unknown.removeprefix("registry-trio: ")
+        choose = await http.post("/_registry/events/dead/replay", json={})
+        assert choose.status_code == 400
+        assert choose.json()["errors"][0]["message"] == (
+            'name a sink with "sink"; configured sinks: audit, backup'
+        )

@@ -6,13 +6,50 @@ Times are ISO-8601 UTC strings (``2026-11-23T11:30:00.123Z``); ages are seconds.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from ..config import SinkConfig, redact_address
 from .queue import DeadLetter, EventQueue
 
-__all__ = ["DEAD_PAGE_MAX", "dead_letter_json", "dead_letter_page", "iso_time", "sink_status"]
+__all__ = [
+    "DEAD_PAGE_MAX",
+    "SinkNotChosen",
+    "choose_sink",
+    "dead_letter_json",
+    "dead_letter_page",
+    "iso_time",
+    "sink_status",
+]
+
+
+class SinkNotChosen(Exception):
+    """The sink named is not configured (``unknown``), or none was named among several."""
+
+    def __init__(self, message: str, *, unknown: bool) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+
+
+def choose_sink(
+    sinks: Sequence[SinkConfig], name: str | None, naming: str = "--sink"
+) -> SinkConfig:
+    """The sink called ``name``; without a name, the only one. The error lists the sinks,
+    and says to name one with ``naming`` (the CLI's option, or the API's parameter)."""
+    if name is None and len(sinks) == 1:
+        return sinks[0]
+    for sink in sinks:
+        if sink.name == name:
+            return sink
+    configured = (
+        f"configured sinks: {', '.join(s.name for s in sinks)}"
+        if sinks
+        else "no sinks are configured (extensions.events.sinks)"
+    )
+    if name is None:
+        raise SinkNotChosen(f"name a sink with {naming}; {configured}", unknown=False)
+    raise SinkNotChosen(f"unknown sink {name!r}; {configured}", unknown=True)
 
 
 def iso_time(timestamp: float | None) -> str | None:
