@@ -37,6 +37,7 @@ from tests.test_auth import PASSWORDS, write_htpasswd
 from tests.test_operator import free_port
 from tests.test_real_clients import SKOPEO_TIMEOUT, access_records, skopeo
 from tests.tls_certs import TLSFiles, make_tls_files
+from tests.waiting import eventually
 
 CLIENT_NAME = "registry-trio test client"  # the CN of tls_certs' client certificate
 
@@ -267,6 +268,44 @@ def test_a_certificate_names_its_common_name_else_its_subject_and_nothing_unprin
     # log line or a policy unescaped.
     forged = _self_signed(x509.NameAttribute(NameOID.COMMON_NAME, "bob\nINFO forged"))
     assert certificate_name(forged) == "bob\\nINFO forged"
+
+
+async def test_each_connection_is_named_by_its_own_certificate(
+    nursery, tmp_path: Path, sink
+) -> None:
+    names = ("alice-laptop", "bob-ci", "carol-build")
+    files = make_tls_files(tmp_path / "tls", clients=names)
+    registry = await start_registry(nursery, tls_config(tmp_path, files, sink.url, mtls=True))
+    rounds = 5
+
+    async def push_blobs(name: str) -> None:
+        context = ssl.create_default_context(cafile=str(files.ca))
+        context.load_cert_chain(*files.clients[name])
+        # One keep-alive connection per client, its requests interleaved with the others'.
+        async with httpx.AsyncClient(base_url=registry.url, verify=context) as http:
+            for _ in range(rounds):
+                data = os.urandom(256)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                pushed = await http.post(
+                    f"/v2/{name}/blobs/uploads/", params={"digest": digest}, content=data
+                )
+                assert pushed.status_code == 201
+                await trio.lowlevel.checkpoint()
+
+    with access_records() as log:
+        async with trio.open_nursery() as clients:
+            for name in names:
+                clients.start_soon(push_blobs, name)
+
+        async def logged() -> int:  # a request's line follows its response
+            return len(log.records)
+
+        await eventually(logged, lambda n: n == rounds * len(names))
+    events = await sink.wait_for(lambda evs: len(evs) == rounds * len(names))
+    for event in events:
+        assert event["data"]["actor"]["name"] == event["data"]["name"], event
+    for record in log.records:
+        assert str(record.path).startswith(f"/v2/{record.actor}/"), record.getMessage()
 
 
 async def test_a_client_that_never_completes_the_handshake_is_dropped(
