@@ -488,7 +488,8 @@ class ServerProcess(ManagedProcess):
         assert self.root is not None
         doc: dict[str, Any] = {
             "storage": {"rootDirectory": str(self.root / "registry_data")},
-            "http": {"address": "127.0.0.1", "port": 0, **self._http},
+            # One process unless the bench asks for workers: figures stay per process.
+            "http": {"address": "127.0.0.1", "port": 0, "workers": 1, **self._http},
             "log": {"level": "info"},
         }
         if self._events:
@@ -570,12 +571,28 @@ class ServerProcess(ManagedProcess):
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds ``pid`` has used so far, all threads (/proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Field 2 (comm) may hold spaces; the fields after its closing parenthesis are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return utime / _clock_ticks(), stime / _clock_ticks()
+    """(user, system) CPU seconds ``pid`` has used so far, all threads, with its children's
+    (a supervisor's workers: the live ones, and those it has reaped) (/proc/<pid>/stat)."""
+    user = system = 0.0
+    for process in [pid, *_children(pid)]:
+        try:
+            stat = Path(f"/proc/{process}/stat").read_text()
+        except FileNotFoundError:
+            continue  # a child that exited meanwhile: its time is in the parent's cutime
+        # Field 2 (comm) may hold spaces; the fields after its closing parenthesis are fixed.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime, and the waited-for children's cutime, cstime.
+        user += (int(fields[11]) + int(fields[13])) / _clock_ticks()
+        system += (int(fields[12]) + int(fields[14])) / _clock_ticks()
+    return user, system
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
 
 
 def read_memory(pid: int) -> dict[str, int]:

@@ -11,7 +11,8 @@ distribution envelopes) and ``GET /ids`` returns::
     {"events": N, "requests": N,
      "ids": {"<event id>": <copies received>, ...},
      "conflicting_ids": [ids whose copies were not byte-for-byte the same event],
-     "manifests": [{"id", "repository", "reference", "digest", "request_id"}, ...]}
+     "manifests": [{"id", "repository", "reference", "digest", "request_id",
+                    "received_at"}, ...]}
 
 ``manifests`` lists each manifest-push event once (by id). ``--record`` is off by default so
 that the drain benchmarks do not pay for the parsing.
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +115,10 @@ class Record:
             if first != fingerprint:
                 self.conflicting.add(event_id)
             if manifest is not None:
-                self.manifests.setdefault(event_id, {"id": event_id, **manifest})
+                # received_at (wall clock, first copy): for the end-to-end lag of bench/workers.py.
+                self.manifests.setdefault(
+                    event_id, {"id": event_id, **manifest, "received_at": time.time()}
+                )
 
     def to_json(self) -> dict[str, Any]:
         return {

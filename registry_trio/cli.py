@@ -30,10 +30,12 @@ _Answer = TypeVar("_Answer")
 
 async def _serve_until_signalled(config: Config) -> None:
     from .server import serve
+    from .workers.supervisor import supervise
 
     shutdown = trio.Event()
+    run = serve if config.http.workers == 1 else supervise
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(serve, config, shutdown=shutdown))
+        nursery.start_soon(functools.partial(run, config, shutdown=shutdown))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logging.getLogger("registry_trio").info(
@@ -148,7 +150,7 @@ def _status_table(sinks: list[dict[str, Any]]) -> str:
                 str(s["name"]),
                 s["type"],
                 str(s["pending"]),
-                str(s["inFlight"]),
+                "-" if s["inFlight"] is None else str(s["inFlight"]),
                 str(s["delivered"]),
                 str(s["failedAttempts"]),
                 str(s["dead"]),
@@ -284,23 +286,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "gc":
         _gc_command(config, args)
         return
-    setup_logging(config.log)
+    setup_logging(config.log, None if config.http.workers == 1 else "supervisor")
     from .events.queue import QueueError
     from .events.queue.instance_lock import InstanceLocked
+    from .startup import leaves
+    from .workers.supervisor import WorkerFailedToStart
 
     try:
         trio.run(_serve_until_signalled, config)
-    except* (QueueError, InstanceLocked) as group:
+    except* (QueueError, InstanceLocked, WorkerFailedToStart) as group:
         # The queue cannot open (unreachable JetStream, unreadable SQLite file, another
-        # process serving it): no point serving pushes that could not be acknowledged.
-        for exc in _leaves(group):
+        # process serving it), or a worker could not start (it said why on its own line):
+        # no point serving pushes that could not be acknowledged.
+        for exc in leaves(group):
             print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    """The exceptions in a (nested) group: one per nursery level wraps them."""
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found

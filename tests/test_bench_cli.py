@@ -460,6 +460,7 @@ def test_receiver_records_ids_and_manifest_pushes(
     doc = record.to_json()
     assert set(doc["ids"]) == {events[0].id, events[1].id}
     assert doc["ids"][events[0].id] == 2 and doc["conflicting_ids"] == []
+    assert all(isinstance(m.pop("received_at"), float) for m in doc["manifests"])
     assert doc["manifests"] == [
         {
             "id": events[0].id,

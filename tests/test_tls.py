@@ -455,9 +455,10 @@ def test_bad_tls_files_stop_serve_and_verify_with_one_line_naming_the_key(
         assert result.stdout == "" and "listening" not in result.stderr
 
 
-async def test_the_command_line_serves_https(tmp_path: Path) -> None:
-    files = make_tls_files(tmp_path / "tls")
-    config = write_config(tmp_path, http={"tls": {"cert": str(files.cert), "key": str(files.key)}})
+async def test_the_command_line_serves_https_from_every_worker(tmp_path: Path) -> None:
+    files = make_tls_files(tmp_path / "tls", client=True)
+    tls = {"cert": str(files.cert), "key": str(files.key), "cacert": str(files.ca)}
+    config = write_config(tmp_path, http={"tls": tls, "workers": 2})
     checked = await trio.run_process(
         [sys.executable, "-m", "registry_trio", "verify", "-c", str(config)],
         capture_stdout=True,
@@ -467,4 +468,11 @@ async def test_the_command_line_serves_https(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     async with server_process(config) as server:
         assert server.url.startswith("https://127.0.0.1:")
-        assert (await get_v2(server.url, client_context(files.ca))).status_code == 200
+        await server.wait_for_output(b"(2 workers)")
+        # Each request on a new connection: whichever worker accepts it does TLS and knows
+        # the client by its certificate.
+        for _ in range(6):
+            response = await get_v2(server.url, client_context(files.ca, client=files))
+            assert response.status_code == 200
+        await server.wait_for_output(f"{CLIENT_NAME} GET /v2/".encode())  # the access line
+        await _fails_to_connect(server.url, client_context(files.ca))

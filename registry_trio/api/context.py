@@ -18,6 +18,7 @@ from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import DeliverySupervisor
 from ..events.queue import APPENDED, EventQueue, PendingAppend
+from ..events.status import Deliverer
 from ..metrics import Metrics
 from ..storage import FilesystemStorage, StorageFull
 from ..storage.errors import DISK_FULL_ERRNOS
@@ -99,7 +100,10 @@ class Registry:
     metrics: Metrics
     # The event pipeline, when the events extension is on (the admin API reads them).
     queue: EventQueue | None = None
+    # Set in the process that delivers (in a worker: once it leads).
     delivery: DeliverySupervisor | None = None
+    # Which process delivers: this one, or (in a worker) the leader as it wrote itself down.
+    deliverer: Callable[[], Deliverer | None] = Deliverer.this_process
     # Upload ids with a request writing to them: one writer per session at a time.
     busy_uploads: set[str] = field(default_factory=set)
     # Held across a manifest or tag change and the queueing of its events.

@@ -5,8 +5,10 @@ Times are ISO-8601 UTC strings (``2026-11-23T11:30:00.123Z``); ages are seconds.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +17,7 @@ from .queue import DeadLetter, EventQueue
 
 __all__ = [
     "DEAD_PAGE_MAX",
+    "Deliverer",
     "SinkNotChosen",
     "choose_sink",
     "dead_letter_json",
@@ -60,7 +63,25 @@ def iso_time(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Deliverer:
+    """The process delivering events: one per server, a worker when it runs several."""
+
+    pid: int
+    # Its worker number (1 to http.workers); None for a server that is one process.
+    worker: int | None = None
+
+    @classmethod
+    def this_process(cls) -> Deliverer:
+        return cls(os.getpid())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "worker": self.worker}
+
+
+async def sink_status(queue: EventQueue, sink: SinkConfig, in_flight: int | None) -> dict[str, Any]:
+    """``in_flight``: sends under way, as the delivering process knows them (None: unknown
+    here)."""
     counts = await queue.counts(sink.name)
     now = time.time()
     return {

@@ -119,20 +119,14 @@ _ADDED_COLUMNS = {"sink_counters": {"last_delivered_at": "REAL"}}
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a queue file written by an older registry up to :data:`_SCHEMA`.
 
-    In one write transaction: a server and an ``events`` command opening the same old file
-    at once add each column once (the second finds it there).
+    Inside the caller's write transaction: processes opening the same old file at once (a
+    server's workers, an ``events`` command) add each column once, the others finding it.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            for column, definition in columns.items():
-                if column not in present:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, definition in columns.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -176,11 +170,17 @@ class Outbox:
     """
 
     def __init__(
-        self, directory: str | Path, on_commit: Callable[[int, float], None] | None = None
+        self,
+        directory: str | Path,
+        on_commit: Callable[[int, float], None] | None = None,
+        announce: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.path = Path(directory) / "events.db"
         # Called after each transaction with (writes committed, seconds): metrics.
         self._on_commit = on_commit
+        # Called on the writer thread after each transaction with the sinks it gave new
+        # work: tells a consumer in another process (see wakeup.py).
+        self._announce = announce
         self.instance_id = ""
         # Writes go to the writer thread through a thread-safe queue; None tells it to stop.
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
@@ -195,7 +195,10 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = _connect(self.path)
-            conn.executescript(_SCHEMA)
+            # One write transaction from the start: worker processes open the file together,
+            # and a transaction that begins reading and then writes gets "database is
+            # locked" at once when another holds the write lock, where BEGIN IMMEDIATE waits.
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}")
             _migrate(conn)
             row = conn.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
             if row is None:
@@ -205,9 +208,22 @@ class Outbox:
                 )
             else:
                 self.instance_id = row[0]
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise QueueError(f"cannot open the event queue at {self.path}: {exc}") from exc
         self._conn = conn
+
+    def prepare(self) -> None:
+        """Create the file with its schema and instance id, and close it again (blocking).
+
+        A supervisor does this before its workers open the file together: the first switch
+        of a new file to WAL needs the file alone, and SQLite answers "database is locked"
+        at once, without waiting, to every other process trying it meanwhile.
+        """
+        self._open()
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread until :meth:`close`; it commits what is queued, then stops.
@@ -252,6 +268,10 @@ class Outbox:
                 started = time.perf_counter()
                 self._commit(group)
                 elapsed = time.perf_counter() - started
+                if self._announce is not None:
+                    # From this thread, not after the hop to the event loop: the consumer
+                    # elsewhere learns of the commit a loop turn sooner.
+                    self._announce(sorted({s for w in group if w.error is None for s in w.wakes}))
                 with contextlib.suppress(trio.RunFinishedError):
                     token.run_sync_soon(self._committed, group, elapsed)
                 if stopping:
