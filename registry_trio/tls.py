@@ -126,7 +126,7 @@ def _utc(moment: datetime.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
-def check_files(tls: HTTPTLSConfig, now: datetime.datetime | None = None) -> None:
+def check_files(tls: HTTPTLSConfig) -> None:
     """Read what ``http.tls`` points at and raise :class:`ConfigError` naming the key of the
     first problem: an unreadable file, no PEM in it, a key that is not the certificate's, a
     certificate outside its validity period, a CA file without a certificate.
@@ -140,7 +140,7 @@ def check_files(tls: HTTPTLSConfig, now: datetime.datetime | None = None) -> Non
         raise ConfigError(
             "http.tls.key", f"{tls.key} is not the key of the certificate in {tls.cert}"
         )
-    now = now or datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC)
     if now > certificate.not_valid_after_utc:
         raise ConfigError(
             "http.tls.cert",
