@@ -112,11 +112,14 @@ async def run_gc(
 def _log_report(report: GCReport) -> None:
     verb = "would delete" if report.dry_run else "deleted"
     log.info(
-        "gc: %s %d manifests and %d blobs (%d bytes)",
+        "gc: %s %d manifests and %d blobs (%d bytes); kept %d manifests and %d blobs younger "
+        "than the delay",
         verb,
         len(report.manifests),
         len(report.blobs),
         report.bytes_freed,
+        report.held_back_manifests,
+        report.held_back_blobs,
     )
     if report.skipped_repositories:
         log.info(

@@ -56,6 +56,7 @@ from .maintenance import gc_periodically, purge_periodically
 from .metrics import Metrics
 from .startup import StartupError, summary
 from .storage import FilesystemStorage
+from .tls import HTTPSConfig
 from .workers.leadership import Leadership
 
 __all__ = ["WorkerPlace", "hypercorn_config", "listening_sockets", "open_storage", "serve"]
@@ -68,7 +69,7 @@ KEEP_ALIVE_TIMEOUT = 5.0
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
-    hc = HypercornConfig()
+    hc = HypercornConfig() if config.http.tls is None else HTTPSConfig(config.http.tls)
     hc.bind = [f"{config.http.address}:{config.http.port}"]
     hc.accesslog = None  # the dispatcher writes one access line per request itself
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -79,6 +80,9 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     # uploads that had sent 1 MiB hold up to 640 KiB in this process.
     hc.max_app_queue_size = 1
     hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # A connection that never completes its TLS handshake is dropped as soon as an idle one
+    # would be; Hypercorn's 60 s let each silent client hold a connection twelve times longer.
+    hc.ssl_handshake_timeout = KEEP_ALIVE_TIMEOUT
     return hc
 
 

@@ -40,6 +40,8 @@ T = TypeVar("T")
 REQUEST_ID_KEY = "registry_trio.request_id"
 IDENTITY_KEY = "registry_trio.identity"
 CLIENT_ADDR_KEY = "registry_trio.client_addr"
+# The name the connection's verified client certificate gives (mutual TLS), or None.
+CERTIFICATE_NAME_KEY = "registry_trio.certificate_name"
 # Where the Quart app keeps the Registry (see current_registry).
 REGISTRY_EXTENSION = "registry_trio"
 # The template of the route that served the request: its metrics label.

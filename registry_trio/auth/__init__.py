@@ -51,16 +51,20 @@ class Authenticator:
     def enabled(self) -> bool:
         return self.htpasswd is not None or self.tokens is not None
 
-    async def authenticate(self, authorization: str | None, client: str = "") -> Identity:
+    async def authenticate(
+        self, authorization: str | None, client: str = "", certificate: str | None = None
+    ) -> Identity:
         """The identity the header proves; :class:`Unauthorized` if it proves nothing.
 
         ``client`` is the request's resolved address: failed basic logins are limited per
         client (:class:`TooManyFailedLogins` past the limit, see :mod:`.login_limits`).
         Without authentication configured, credentials are ignored: nothing was verified,
-        so nobody is named.
+        so nobody is named. ``certificate`` is the name the connection's client certificate
+        gives (verified at the TLS handshake): it names the request when no credentials
+        apply, as zot does.
         """
         if not authorization or not self.enabled:
-            return ANONYMOUS
+            return ANONYMOUS if certificate is None else Identity(certificate, "mtls")
         scheme, _, credentials = authorization.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.htpasswd is not None:
