@@ -164,7 +164,6 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
                             functools.partial(
                                 purge_periodically,
                                 storage,
-                                registry.busy_uploads,
                                 interval=purging.interval,
                                 age=purging.age,
                             )

@@ -98,8 +98,6 @@ class Registry:
     # The event pipeline, when the events extension is on (the admin API reads them).
     queue: EventQueue | None = None
     delivery: DeliverySupervisor | None = None
-    # Upload ids with a request writing to them: one writer per session at a time.
-    busy_uploads: set[str] = field(default_factory=set)
     # Held across a manifest or tag change and the queueing of its events.
     locks: RepositoryLocks = field(default_factory=RepositoryLocks)
     # Request body bytes read into memory and not yet written out, across requests (raw.py).

@@ -26,6 +26,13 @@ class BlobUploadUnknown(StorageError):
     pass
 
 
+class UploadBusy(StorageError):
+    """Another request (in any process on the storage root) or the purger holds the session."""
+
+    def __init__(self) -> None:
+        super().__init__("another request is using this upload session right now")
+
+
 class DigestMismatch(StorageError):
     pass
 
