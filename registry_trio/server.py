@@ -33,6 +33,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from .api import Registry, create_app
+from .api.locks import RepositoryLocks
 from .auth import Authenticator
 from .config import Config
 from .events import EventRecorder, NullRecorder, Source
@@ -121,6 +122,7 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
             events=recorder,
             auth=Authenticator(config.http),
             metrics=metrics,
+            locks=RepositoryLocks(storage.layout),
             queue=queue,
             delivery=delivery,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
@@ -132,12 +134,16 @@ async def _serve(config: Config, shutdown: trio.Event, task_status: trio.TaskSta
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
             # Hypercorn's TypedDict scopes and events are plain dicts at run time; the app
             # takes them as such (it adds its own keys to the scope, which no TypedDict names).
-            await hypercorn_serve(
-                cast(ASGIFramework, app),
-                hypercorn_config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
+            try:
+                await hypercorn_serve(
+                    cast(ASGIFramework, app),
+                    hypercorn_config,
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+            finally:
+                # Every request has ended, so none holds or waits for a repository lock.
+                registry.locks.close()
             # HTTP is drained: no request can append any more. Stop delivery, then the writer.
             if delivery is not None:
                 delivery.stop()

@@ -187,7 +187,7 @@ class FilesystemStorage:
         """
         self.root = Path(root).resolve()
         self.layout = layout = Layout(self.root)
-        for path in (layout.blobs, layout.repositories, layout.uploads, layout.tmp):
+        for path in (layout.blobs, layout.repositories, layout.uploads, layout.tmp, layout.locks):
             path.mkdir(parents=True, exist_ok=True)
         # Lost on restart by design.
         self._hashers = _Hashers(HASHER_LIMIT)
