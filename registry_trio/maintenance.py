@@ -206,7 +206,10 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
 
     Its events go through a queue connection of its own: on the SQLite queue SQLite serialises
     the two writers and the server's idle delivery workers pick the events up; on JetStream
-    they are one more publisher.
+    they are one more publisher. It holds no repository lock (the API's manifest and tag
+    changes hold theirs, :class:`registry_trio.api.locks.RepositoryLocks`): each batch is
+    re-checked just before it is announced and deleted, and the delay keeps the run away
+    from anything recent (see :mod:`registry_trio.storage.gc`).
     """
     storage = await _open_storage(config)
     events = config.extensions.events
