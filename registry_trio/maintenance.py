@@ -134,7 +134,8 @@ async def purge_uploads(
     each session as requests do (see :meth:`FilesystemStorage.purge_uploads`), one at a time,
     for as long as it takes to remove it. A request arriving for it meanwhile is refused as
     for any busy session (409), then finds it gone (404). ``dry_run`` lists the sessions a
-    run would remove now, the held ones left out likewise.
+    run would remove now, the held ones left out likewise: it claims each for an instant to
+    tell, so a request for it arriving in that instant is refused as during a real purge.
     """
     cutoff = time.time() - age
     idle = await trio.to_thread.run_sync(storage.idle_uploads, cutoff)

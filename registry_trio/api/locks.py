@@ -41,7 +41,9 @@ class RepositoryLocks:
 
     One descriptor per stripe per process, and so one trio lock per stripe rather than per
     name: a flock belongs to the descriptor, so two holders in this process sharing it would
-    both "hold" it; the trio lock makes them take turns before they touch it.
+    both "hold" it; the trio lock makes them take turns before they touch it. For the same
+    reason each process needs its own instance: a descriptor inherited through ``fork``
+    shares its lock with the parent (none is opened before the first change, though).
 
     Cost when nothing competes (every push of a new manifest): a trio lock taken without a
     schedule point and one ``flock(LOCK_NB)`` system call, on the event loop. That call never
