@@ -125,11 +125,11 @@ class PutManifestResult:
 class UploadWriter:
     """Appends to one upload session, hashing as it goes so the final check is cheap.
 
-    Not thread-safe: its caller holds the session's claim (:meth:`FilesystemStorage.claim_upload`),
-    as everything that changes a session does. ``rollback`` truncates
-    to the offset at open, so a chunk that fails half-way (a full disk) leaves the session as
-    it was. Writes are unbuffered: a buffered writer would flush, and fail, inside the
-    truncate too.
+    Not thread-safe: its caller holds the session's claim (see
+    :meth:`FilesystemStorage.claim_upload`), as everything that changes a session does.
+    ``rollback`` truncates to the offset at open, so a chunk that fails half-way (a full disk)
+    leaves the session as it was. Writes are unbuffered: a buffered writer would flush, and
+    fail, inside the truncate too.
     """
 
     def __init__(self, storage: FilesystemStorage, upload_id: str | None, data_path: Path) -> None:
