@@ -42,6 +42,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from .api import Registry, create_app
+from .api.locks import RepositoryLocks
 from .auth import Authenticator
 from .config import Config
 from .events import EventRecorder, NullRecorder, Source
@@ -222,6 +223,7 @@ async def _serve(
             events=recorder,
             auth=Authenticator(config.http),
             metrics=metrics,
+            locks=RepositoryLocks(storage.layout),
             queue=queue,
             deliverer=Deliverer.this_process if leadership is None else leadership.current,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
@@ -241,12 +243,16 @@ async def _serve(
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
             # Hypercorn's TypedDict scopes and events are plain dicts at run time; the app
             # takes them as such (it adds its own keys to the scope, which no TypedDict names).
-            await hypercorn_serve(
-                cast(ASGIFramework, app),
-                http_config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
+            try:
+                await hypercorn_serve(
+                    cast(ASGIFramework, app),
+                    http_config,
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+            finally:
+                # Every request has ended, so none holds or waits for a repository lock.
+                registry.locks.close()
             # HTTP is drained: no request of this process can append any more.
             lead.stop()
 
@@ -350,7 +356,6 @@ class _Lead:
                     functools.partial(
                         purge_periodically,
                         registry.storage,
-                        registry.busy_uploads,
                         interval=purging.interval,
                         age=purging.age,
                     )

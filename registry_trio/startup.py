@@ -8,9 +8,9 @@ wraps an exception in a group, so the exceptions at the leaves are what is repor
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
-from . import __version__
 from .config import Config, redact_address
 
 __all__ = ["StartupError", "leaves", "summary"]
@@ -45,8 +45,13 @@ def summary(config: Config, url: str) -> str:
         parts.append(f"auth bearer tokens from {auth.bearer.realm}")
     else:
         parts.append("no auth")
-    parts.append("TLS" if url.startswith("https:") else "no TLS")
-    return f"registry-trio {__version__} listening on {url} ({'; '.join(parts)})"
+    if http.tls is None:
+        parts.append("no TLS")
+    else:
+        clients = ", client certificates required" if http.tls.cacert else ""
+        parts.append(f"TLS {http.tls.cert}{clients}")
+    version = importlib.metadata.version("registry-trio")
+    return f"registry-trio {version} listening on {url} ({'; '.join(parts)})"
 
 
 def leaves(group: BaseExceptionGroup) -> list[BaseException]:

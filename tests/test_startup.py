@@ -5,13 +5,13 @@ Real ``registry-trio serve`` processes, one process and several workers alike.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from registry_trio import __version__
 from tests.procs import server_process, write_config
 from tests.test_instance_lock import registry_trio
 
@@ -85,8 +85,9 @@ async def test_start_up_says_what_serves_in_one_line(nursery, tmp_path, workers)
         output = server.current_output
         (line,) = [line for line in output.splitlines() if "listening on" in line]
         processes = f"{workers} workers" if workers > 1 else "one process"
+        version = importlib.metadata.version("registry-trio")
         assert re.search(
-            rf"registry-trio {re.escape(__version__)} listening on {re.escape(server.url)} "
+            rf"registry-trio {re.escape(version)} listening on {re.escape(server.url)} "
             rf"\({processes}; storage {re.escape(str(tmp_path / 'registry_data'))}; "
             rf"events on, queue {re.escape(str(tmp_path / 'queue_data'))}, sinks: audit; "
             r"no auth; no TLS\)",
