@@ -468,7 +468,7 @@ async def test_the_command_line_serves_https_from_every_worker(tmp_path: Path) -
     assert checked.returncode == 0, checked.stderr
     async with server_process(config) as server:
         assert server.url.startswith("https://127.0.0.1:")
-        await server.wait_for_output(b"(2 workers)")
+        await server.wait_for_output(b"(2 workers;")
         # Each request on a new connection: whichever worker accepts it does TLS and knows
         # the client by its certificate.
         for _ in range(6):

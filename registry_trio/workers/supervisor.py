@@ -1,13 +1,13 @@
-"""The supervisor: one listening socket, ``http.workers`` processes serving it, kept alive.
+"""The supervisor: ``http.workers`` processes serving one port, kept alive.
 
 Task tree::
 
     supervise
     └── one keeper per worker   (starts its process, restarts it when it dies)
 
-Start-up: the supervisor takes the queue directory's serving lock (events on), binds the
-listening socket, writes the parsed config into a private directory, and starts the
-workers. It reports the URL once every worker serves; a worker that exits before it first
+Start-up: the supervisor takes the queue directory's serving lock (events on), creates the
+store and the queue file, binds the listening sockets, writes the parsed config into a
+private directory, and starts the workers. It reports the URL once every worker serves; a worker that exits before it first
 serves fails the start-up (its own message says why), since its siblings would fail alike.
 
 Each worker accepts on a socket of its own, all bound to the one port with SO_REUSEPORT,
