@@ -35,6 +35,9 @@ __all__ = [
 log = logging.getLogger("registry_trio.auth")
 
 _SCOPE_ACTIONS = {"read": "pull", "create": "pull,push", "update": "pull,push", "delete": "delete"}
+# Basic credentials of an empty user and password: what containers/image (skopeo, podman,
+# buildah) answers a Basic challenge with when it has no credentials for the registry.
+_NO_BASIC_CREDENTIALS = base64.b64encode(b":").decode()
 
 
 class Authenticator:
@@ -75,6 +78,11 @@ class Authenticator:
 
     async def _basic(self, credentials: str, client: str) -> Identity:
         assert self.htpasswd is not None
+        if credentials.strip() == _NO_BASIC_CREDENTIALS:
+            # No credentials, so anonymous, as without the header: a public repository is
+            # readable to those clients, and their requests are no failed logins (no user
+            # name is empty, so none could have been proven).
+            return ANONYMOUS
         self.logins.check(client)
         try:
             user, password = _user_and_password(credentials)
