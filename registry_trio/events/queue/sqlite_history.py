@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import Event
-from .base import OwedEvent, QueueError
+from .base import OwedEvent
 from .history import (
     SCAN_MAX,
     TRACE_MAX,
@@ -47,7 +47,6 @@ __all__ = [
     "TRACE_SCAN",
     "HistoryRow",
     "attempt_rows",
-    "migrate",
     "prune",
     "read_page",
     "read_trace",
@@ -77,9 +76,6 @@ CREATE INDEX IF NOT EXISTS history_by_event ON history (event_id);
 CREATE INDEX IF NOT EXISTS history_by_sink ON history (sink, id);
 CREATE INDEX IF NOT EXISTS history_by_time ON history (at);
 """
-
-# The queue file's layout: 1 before the history (no events.committed, no history table).
-SCHEMA_VERSION = 2
 
 # An event nobody attempted yet has no history row: a trace looks for it among this many of
 # the newest events (a bounded read; an older backlog is found once attempted).
@@ -115,28 +111,6 @@ _COLUMNS = (
     "retry_at",
     "by_whom",
 )
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring a queue file of an earlier layout up to this one (inside the opening transaction).
-
-    ``CREATE TABLE IF NOT EXISTS`` added the history table already; a column of an existing
-    table needs ``ALTER TABLE``.
-    """
-    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-    version = int(row[0]) if row is not None else 1
-    if version > SCHEMA_VERSION:
-        raise QueueError(
-            f"the queue file has layout {version}, newer than this registry-trio knows "
-            f"({SCHEMA_VERSION}): run the newer version, or point queue.directory elsewhere"
-        )
-    columns = {info[1] for info in conn.execute("PRAGMA table_info(events)")}
-    if "committed" not in columns:
-        conn.execute("ALTER TABLE events ADD COLUMN committed REAL")
-    if version < SCHEMA_VERSION:
-        conn.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-        )
 
 
 def attempt_rows(
