@@ -434,3 +434,85 @@ async def test_history_off_records_nothing_and_keeps_no_event(nursery, tmp_path,
         assert (await http.get(f"/_registry/events/trace/{event['id']}")).status_code == 404
     if queue.get("type") != "jetstream":
         assert await history_rows(tmp_path) == (0, 0)
+
+
+# The outbox's tables as the registry wrote them before the history (main, 2026-12-02).
+SCHEMA_BEFORE_HISTORY = """
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE deliveries (
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_by_state ON deliveries (sink, state, seq);
+CREATE INDEX deliveries_by_seq ON deliveries (seq);
+CREATE TABLE sink_counters (
+    sink TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_at REAL,
+    last_delivered_at REAL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def write_queue_before_history(directory: Path, pending: Event, dead: Event) -> None:
+    """A queue file of the earlier layout: one event pending for "audit", one dead there."""
+    directory.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(directory / "events.db")) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA_BEFORE_HISTORY)
+        db.execute("INSERT INTO meta VALUES ('instance_id', 'before')")
+        for seq, event in ((1, pending), (2, dead)):
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?)",
+                (seq, event.id, event.to_bytes(), event.time.timestamp()),
+            )
+        db.execute("INSERT INTO deliveries(sink, seq) VALUES ('audit', 1)")
+        db.execute(
+            "INSERT INTO deliveries VALUES ('audit', 2, 2, 1, 0, 'rejected: HTTP 400 from the sink')"
+        )
+        db.commit()
+
+
+async def test_a_queue_file_from_before_the_history_opens_and_gains_it(nursery, tmp_path, sink):
+    pending, dead = (
+        Event(
+            Action.BLOB_PUSHED,
+            Target(repository="old/app", digest=f"sha256:{c * 64}"),
+            Source("a", "before"),
+        )
+        for c in "ab"
+    )
+    await trio.to_thread.run_sync(
+        write_queue_before_history, tmp_path / "queue_data", pending, dead
+    )
+    registry = await start_registry(nursery, events_config(tmp_path, http_sink(sink)))
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        await sink.wait_for(lambda events: [e["id"] for e in events] == [pending.id])
+        replayed = await http.post("/_registry/events/dead/replay", json={"sink": "audit"})
+        assert replayed.json()["replayed"] == 1
+        await sink.wait_for(lambda events: [e["id"] for e in events] == [pending.id, dead.id])
+        path = await eventually(
+            lambda: trace(http, dead.id), lambda t: t["sinks"][0]["state"] == "delivered"
+        )
+        new = await push_blob(http, "old/app", b"after the upgrade")
+        fresh = await eventually(lambda: history(http, digest=new), lambda p: p["records"])
+        fresh_path = await trace(http, fresh["records"][0]["event"])
+    # Committed before the queue recorded commit times: the time is unknown, not invented.
+    assert path["steps"][0] == {"outcome": "committed", "time": None, "seq": 2}
+    assert outcomes(path["steps"]) == ["committed", "replayed", "delivered"]
+    assert path["payload"]["id"] == dead.id
+    assert fresh_path["steps"][0]["time"] is not None
