@@ -482,7 +482,8 @@ def write_queue_before_history(directory: Path, pending: Event, dead: Event) -> 
             )
         db.execute("INSERT INTO deliveries(sink, seq) VALUES ('audit', 1)")
         db.execute(
-            "INSERT INTO deliveries VALUES ('audit', 2, 2, 1, 0, 'rejected: HTTP 400 from the sink')"
+            "INSERT INTO deliveries VALUES ('audit', 2, 2, 1, 0, ?)",
+            ("rejected: HTTP 400 from the sink",),
         )
         db.commit()
 
