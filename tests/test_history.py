@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import re
+import signal
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -517,3 +520,40 @@ async def test_a_queue_file_from_before_the_history_opens_and_gains_it(nursery, 
     assert outcomes(path["steps"]) == ["committed", "replayed", "delivered"]
     assert path["payload"]["id"] == dead.id
     assert fresh_path["steps"][0]["time"] is not None
+
+
+async def test_every_worker_serves_the_same_history_and_it_outlives_the_deliverer(
+    nursery, tmp_path
+):
+    from tests.procs import server_process
+    from tests.test_workers import leader_pid, push, workers_config
+
+    sink = HTTPSinkServer()
+    await sink.start(nursery)
+    async with server_process(workers_config(tmp_path, sink)) as server:
+        for i in range(3):
+            assert (await push(server.url, "multi/app", f"v{i}", b"%d" % i)).status_code == 201
+        await sink.wait_for(lambda events: len(events) == 10)  # 3 x (2 blobs, 1 manifest) + 1
+
+        async def fresh_history() -> dict[str, Any]:
+            # A connection of its own: the kernel picks the worker that answers.
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+                return await history(http, limit=1000)
+
+        complete = await eventually(fresh_history, lambda p: len(p["records"]) == 10)
+        answers = [await fresh_history() for _ in range(40)]
+        served = set(
+            re.findall(
+                r"\[(worker \d)\] registry_trio\.access[^\n]*/_registry/events/history",
+                server.current_output,
+            )
+        )
+        assert served == {"worker 1", "worker 2"}, "one worker answered every request"
+        assert all(answer == complete for answer in answers)
+
+        # The deliverer dies; the next one's records follow the dead one's.
+        os.kill(await leader_pid(server), signal.SIGKILL)
+        assert (await push(server.url, "multi/app", "v3", b"3")).status_code == 201
+        after = await eventually(fresh_history, lambda p: len(p["records"]) == 13)
+    assert after["records"][3:] == complete["records"]
+    assert after["records"][0]["id"] > complete["records"][0]["id"]
