@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import trio
 
+from registry_trio.config import HistoryConfig
 from registry_trio.events import Action, Event, Source, Target
 from registry_trio.events.queue import Attempt, HistoryQuery, Outbox, OwedEvent
 from registry_trio.events.queue.history import SCAN_MAX
@@ -557,3 +558,64 @@ async def test_every_worker_serves_the_same_history_and_it_outlives_the_delivere
         after = await eventually(fresh_history, lambda p: len(p["records"]) == 13)
     assert after["records"][3:] == complete["records"]
     assert after["records"][0]["id"] > complete["records"][0]["id"]
+
+
+def stored_seqs(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT seq FROM events ORDER BY seq")]
+
+
+async def test_pruning_keeps_an_event_while_a_record_names_it_or_a_sink_owes_it(tmp_path):
+    outbox = Outbox(tmp_path, history=HistoryConfig(max_rows=2))
+    first, second = (
+        Event(Action.BLOB_PUSHED, Target(repository="prune/app"), Source("a", "i"))
+        for _ in range(2)
+    )
+    ok, refused = Attempt(time.time(), 0.001, 1, "HTTP 200"), Attempt(time.time(), 0.001, 1)
+    owed_first, owed_second = OwedEvent(1, first, 0, 0.0), OwedEvent(2, second, 0, 0.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await outbox.append([(first, ["a", "b"]), (second, ["a"])])
+        await outbox.ack("a", [owed_first], [ok])
+        await outbox.ack("a", [owed_second], [ok])
+        await outbox.retry_later("b", [owed_first], time.time(), refused)
+        # Three records, a budget of two: the oldest goes, but "b" still owes its event.
+        assert await outbox.prune_history() == 1
+        assert await trio.to_thread.run_sync(stored_seqs, outbox.path) == [1, 2]
+        await outbox.ack("b", [OwedEvent(1, first, 1, 0.0)], [ok])
+        # The second event's only record goes: so does the event. The first has two left.
+        assert await outbox.prune_history() == 1
+        assert await trio.to_thread.run_sync(stored_seqs, outbox.path) == [1]
+        trace = await outbox.trace(first.id)
+        assert trace is not None and [r.step for r in trace.records] == ["failed", "delivered"]
+        assert trace.owed == {} and trace.event == first
+        assert await outbox.trace(second.id) is None
+        outbox.close()
+
+
+async def test_pruning_a_long_history_does_not_hold_up_delivery(nursery, tmp_path, sink):
+    # A history far past the budget the server starts with: pruning it takes many batches.
+    outbox = Outbox(tmp_path / "queue_data")
+    backlog = [
+        Event(Action.BLOB_PUSHED, Target(repository="old/app"), Source("a", "i"))
+        for _ in range(30_000)
+    ]
+    async with trio.open_nursery() as setup:
+        await setup.start(outbox.run)
+        await outbox.append([(e, ["audit"]) for e in backlog])
+        owed = [OwedEvent(seq, e, 0, 0.0) for seq, e in enumerate(backlog, start=1)]
+        await outbox.ack("audit", owed, [Attempt(time.time(), 0.001, 1, "HTTP 200")] * len(owed))
+        outbox.close()
+    assert (await history_rows(tmp_path))[0] == 30_000
+
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink), history={"maxRows": 10})
+    )
+    async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+        digest = await push_blob(http, "new/app", b"delivered while pruning")
+        # Its acknowledgement (and record) lands between two of the pruner's transactions.
+        page = await eventually(lambda: history(http, digest=digest), lambda p: p["records"])
+        rows_then = (await history_rows(tmp_path))[0]
+        await eventually(lambda: history_rows(tmp_path), lambda n: n == (10, 10))
+    assert page["records"][0]["outcome"] == "delivered"
+    assert rows_then > 1000, "pruning was over before the event was delivered: no evidence"

@@ -289,7 +289,9 @@ def read_trace(conn: sqlite3.Connection, event_id: str) -> EventTrace | None:
     )
 
 
-def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float) -> int:
+def prune(
+    conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float
+) -> int:
     """Delete up to ``batch`` of the oldest rows past the age or the row budget, and the
     events no row names any more and no sink owes; how many rows went (in the caller's
     transaction)."""
@@ -302,18 +304,16 @@ def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, n
         "SELECT id FROM history WHERE at >= ? ORDER BY at LIMIT 1", (now - max_age,)
     ).fetchone()
     keep_from = max(keep_from, young[0] if young is not None else last + 1)
-    doomed = conn.execute(
-        "SELECT id, seq, event_id FROM history WHERE id < ? ORDER BY id LIMIT ?",
-        (keep_from, batch),
-    ).fetchall()
-    if not doomed:
+    doomed = (first, min(keep_from - 1, first + batch - 1))
+    if doomed[1] < doomed[0]:
         return 0
-    conn.execute("DELETE FROM history WHERE id <= ?", (doomed[-1][0],))
-    conn.executemany(
-        "DELETE FROM events WHERE seq = ?1 AND event_id = ?2 "
-        "AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.seq = ?1) "
-        "AND NOT EXISTS (SELECT 1 FROM history WHERE history.event_id = ?2 "
-        "AND history.seq = ?1)",
-        sorted({(seq, event_id) for _, seq, event_id in doomed}),
+    # Whole statements, not a statement per row: each step of executemany re-takes the GIL.
+    conn.execute(
+        "DELETE FROM events WHERE seq IN (SELECT h.seq FROM history h "
+        "WHERE h.id BETWEEN ?1 AND ?2 "
+        "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = h.seq) "
+        "AND NOT EXISTS (SELECT 1 FROM history o WHERE o.event_id = h.event_id "
+        "AND o.seq = h.seq AND o.id > ?2))",
+        doomed,
     )
-    return len(doomed)
+    return conn.execute("DELETE FROM history WHERE id BETWEEN ? AND ?", doomed).rowcount
