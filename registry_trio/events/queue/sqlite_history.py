@@ -289,9 +289,7 @@ def read_trace(conn: sqlite3.Connection, event_id: str) -> EventTrace | None:
     )
 
 
-def prune(
-    conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float
-) -> int:
+def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float) -> int:
     """Delete up to ``batch`` of the oldest rows past the age or the row budget, and the
     events no row names any more and no sink owes; how many rows went (in the caller's
     transaction)."""
