@@ -619,3 +619,41 @@ async def test_pruning_a_long_history_does_not_hold_up_delivery(nursery, tmp_pat
         await eventually(lambda: history_rows(tmp_path), lambda n: n == (10, 10))
     assert page["records"][0]["outcome"] == "delivered"
     assert rows_then > 1000, "pruning was over before the event was delivered: no evidence"
+
+
+async def test_the_jetstream_history_keeps_to_its_limits_and_skips_what_is_no_record(
+    nursery, tmp_path, sink, caplog
+):
+    from registry_trio.events.queue import running_queue
+    from tests.nats_server import nats_server
+    from tests.test_jetstream_queue import jetstream_queue, on_jetstream
+
+    async with nats_server(tmp_path / "nats") as server:
+        queue = jetstream_queue(server.url, tmp_path / "queue_data")
+        config = events_config(tmp_path, http_sink(sink), queue=queue, history={"maxRows": 50})
+        registry = await start_registry(nursery, config)
+        async with httpx.AsyncClient(base_url=registry.url, timeout=30) as http:
+            await push_blob(http, "js/app", b"a record among junk")
+            (record,) = (await eventually(lambda: history(http), lambda p: p["records"]))["records"]
+
+            # Anyone allowed to publish on the history's subjects can put anything there.
+            async def junk(js):
+                for body in (b"not json", b"[1, 2]", b'{"sink": 1}', b'{"step": "nonsense"}'):
+                    await js.publish("REGISTRY_EVENTS.history.junk.junk", body)
+
+            await on_jetstream(server.url, junk)
+            assert (await history(http))["records"] == [record]
+            assert (await trace(http, record["event"]))["steps"][-1] == record
+
+        info = await on_jetstream(server.url, lambda js: js.stream_info("REGISTRY_EVENTS_HISTORY"))
+        assert (info.config.max_msgs, info.config.max_age) == (50, 7 * 24 * 3600)
+        assert info.config.storage == "file" and info.config.discard == "old"
+        # Another budget at the next start: the stream is brought in line with it.
+        fewer = events_config(tmp_path, queue=queue, history={"maxRows": 20, "maxAge": "1h"})
+        async with running_queue(fewer.extensions.events):
+            pass
+        info = await on_jetstream(server.url, lambda js: js.stream_info("REGISTRY_EVENTS_HISTORY"))
+        assert (info.config.max_msgs, info.config.max_age) == (20, 3600)
+        changed = [r.getMessage() for r in caplog.records if "brought in line" in r.getMessage()]
+        assert any("extensions.events.history.maxRows: 50 -> 20" in line for line in changed)
+        assert any("extensions.events.history.maxAge: 604800s -> 3600s" in line for line in changed)

@@ -67,7 +67,7 @@ def check_event_id(value: str, parameter: str = "event") -> str:
     return _text(parameter, value, MAX_EVENT_ID)
 
 
-def _count(parameter: str, value: str, lowest: int, highest: int) -> int:
+def _whole_number(parameter: str, value: str, lowest: int, highest: int) -> int:
     if not value.isdigit() or len(value) > 19 or not lowest <= int(value) <= highest:
         raise BadParameter(parameter, f"must be a whole number from {lowest} to {highest}")
     return int(value)
@@ -123,8 +123,8 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         steps=_steps(one["outcome"]) if "outcome" in one else None,
         since=since,
         until=until,
-        before=_count("before", one["before"], 1, MAX_CURSOR) if "before" in one else None,
-        limit=_count("limit", one["limit"], 1, PAGE_MAX) if "limit" in one else 100,
+        before=_whole_number("before", one["before"], 1, MAX_CURSOR) if "before" in one else None,
+        limit=_whole_number("limit", one["limit"], 1, PAGE_MAX) if "limit" in one else 100,
     )
 
 

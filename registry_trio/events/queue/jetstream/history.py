@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -137,7 +137,16 @@ class _Read:
     doc: dict[str, Any]
 
 
-def _record(read: _Read) -> HistoryRecord:
+def _record(read: _Read) -> HistoryRecord | None:
+    """The record a message holds; None for one that is not a record of ours (the subjects
+    are open to any NATS client allowed to publish on them)."""
+    try:
+        return _parse(read)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parse(read: _Read) -> HistoryRecord:
     doc = read.doc
     payload = doc.get("payload")
     return HistoryRecord(
@@ -175,7 +184,7 @@ def _matches(record: HistoryRecord, query: HistoryQuery) -> bool:
 class HistoryStream:
     """The history stream of one queue; every method runs on the queue's asyncio thread."""
 
-    def __init__(self, js: JetStreamContext, stream: str, sink_token: Any) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, sink_token: Callable[[str], str]) -> None:
         self._js = js
         self.name = f"{stream}_HISTORY"
         self._prefix = f"{stream}.history"
@@ -217,7 +226,11 @@ class HistoryStream:
             return None
         # A stored message always has its sequence and time (nats-py types them optional).
         when = raw.time.timestamp() if raw.time is not None else 0.0
-        return _Read(cast(int, raw.seq), when, json.loads(raw.data or b"{}"))
+        try:
+            doc = json.loads(raw.data or b"{}")
+        except ValueError:
+            doc = {}
+        return _Read(cast(int, raw.seq), when, doc if isinstance(doc, dict) else {})
 
     async def _bounds(self) -> tuple[int, int] | None:
         try:
@@ -254,7 +267,9 @@ class HistoryStream:
             yield found
             seq = found.seq + 1
 
-    async def _walk(self, query: HistoryQuery) -> tuple[list[_Read], int | None]:
+    async def _walk(
+        self, query: HistoryQuery
+    ) -> tuple[list[tuple[_Read, HistoryRecord]], int | None]:
         """Matching records newest first, up to ``query.limit``, and the next cursor."""
         bounds = await self._bounds()
         if bounds is None:
@@ -267,19 +282,24 @@ class HistoryStream:
         if query.until is not None:
             high = await self._first_at(query.until + 1e-6, low, high) - 1
         subject = self._filter(query)
-        found: list[_Read] = []
+        found: list[tuple[_Read, HistoryRecord]] = []
         calls, window, top = 0, WINDOW, high
         while top >= low and calls < CALLS_MAX:
-            bottom = max(low, top - window + 1)
+            # A window is read forward, so it is read whole: never wider than the calls left
+            # (a window of n sequences takes at most n + 1 calls).
+            bottom = max(low, top - min(window, CALLS_MAX - calls) + 1)
             reads = []
             async for read in self._forward(subject, bottom, top):
                 reads.append(read)
                 calls += 1
             calls += 1  # the call that found the window's end
-            found += [read for read in reversed(reads) if _matches(_record(read), query)]
+            for read in reversed(reads):
+                record = _record(read)
+                if record is not None and _matches(record, query):
+                    found.append((read, record))
             top = bottom - 1
             if len(found) > query.limit:
-                return found[: query.limit], found[query.limit - 1].seq
+                return found[: query.limit], found[query.limit - 1][0].seq
             if len(reads) < WINDOW // 8:
                 # Sparse (one event's records, a quiet sink): look further back per call.
                 window = min(window * 2, WINDOW_MAX)
@@ -287,20 +307,22 @@ class HistoryStream:
         return found, top + 1 if top >= low else None
 
     async def page(self, query: HistoryQuery) -> HistoryPage:
-        reads, cursor = await self._walk(query)
-        return HistoryPage([_record(read) for read in reads], cursor)
+        found, cursor = await self._walk(query)
+        return HistoryPage([record for _, record in found], cursor)
 
     async def trace(self, event_id: str) -> EventTrace | None:
         newest, cursor = await self._walk(HistoryQuery(event_id=event_id, limit=TRACE_MAX))
         if not newest:
             return None
-        reads = newest[::-1]
-        records = [_record(read) for read in reads]
+        found = newest[::-1]
+        records = [record for _, record in found]
         event = next((r.event for r in reversed(records) if r.event is not None), None)
         # Each position the event took in the queue stream (a replay publishes it again).
         commits: dict[int, float | None] = {}
-        for read in reads:
-            commits.setdefault(read.doc["seq"], read.doc.get("committed"))
+        for read, record in found:
+            committed = read.doc.get("committed")
+            known = isinstance(committed, int | float) and not isinstance(committed, bool)
+            commits.setdefault(record.seq, float(committed) if known else None)
         return EventTrace(
             event_id,
             event,
