@@ -321,8 +321,9 @@ class HistoryStream:
         commits: dict[int, float | None] = {}
         for read, record in found:
             committed = read.doc.get("committed")
-            known = isinstance(committed, int | float) and not isinstance(committed, bool)
-            commits.setdefault(record.seq, float(committed) if known else None)
+            if not isinstance(committed, int | float) or isinstance(committed, bool):
+                committed = None
+            commits.setdefault(record.seq, committed)
         return EventTrace(
             event_id,
             event,
