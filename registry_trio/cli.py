@@ -143,7 +143,7 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
             records = events_cli.history(config, args.sink, args.failed, args.limit, args.before)
             _show(args.json, records, _history_table)
         elif args.verb == "trace":
-            _show(args.json, events_cli.trace(config, args.event_id), _trace_text)
+            _show(args.json, events_cli.event_trace(config, args.event_id), _trace_text)
         else:
             _show(args.json, events_cli.replay(config, args.sink, args.ids), _replayed_line)
     except events_cli.OperatorError as exc:

@@ -25,7 +25,7 @@ from .events.history import BadParameter, check_event_id, page_json, parse_query
 from .events.queue import EventQueue, running_queue
 from .events.status import SinkNotChosen, choose_sink, dead_letter_page, sink_status
 
-__all__ = ["OperatorError", "dead_letters", "history", "replay", "status", "trace"]
+__all__ = ["OperatorError", "dead_letters", "event_trace", "history", "replay", "status"]
 
 # Credentials for an admin API behind authentication: REGISTRY_TRIO_USER=user:password.
 CREDENTIALS_ENV = "REGISTRY_TRIO_USER"
@@ -241,7 +241,7 @@ def history(
     return trio.run(offline)
 
 
-def trace(config: Config, event_id: str) -> dict[str, Any]:
+def event_trace(config: Config, event_id: str) -> dict[str, Any]:
     try:
         check_event_id(event_id, "EVENT_ID")
     except BadParameter as exc:

@@ -262,7 +262,7 @@ class JetStreamSinkQueue:
         retry_at: float | None = None,
     ) -> list[tuple[Event, bytes]]:
         """The history records of these attempts (none while the history is off)."""
-        if not self._nats.recording:
+        if self._nats.history is None:
             return []
         return [
             attempt_record(

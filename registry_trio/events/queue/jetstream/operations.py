@@ -29,7 +29,6 @@ from ...failures import describe_failure, sensitive_values
 from ...model import Event
 from ...natsconn import connect_options, new_client
 from ..base import DeadLetter, OwedEvent, SinkCounts, take_limit
-from ..history import EventTrace, HistoryPage, HistoryQuery
 from .history import HistoryStream, replay_record
 from .stream import align_stream, ensure_stream
 
@@ -78,8 +77,9 @@ class JetStreamOperations:
     ) -> None:
         self._config = config
         self._history_config = history
-        # The history stream, once open (None while the history is off).
-        self._history: HistoryStream | None = None
+        # The history stream, once open (None while the history is off); its reads run on
+        # the queue's thread like every method here.
+        self.history: HistoryStream | None = None
         # Whether the last history publish failed: a run of failures is logged once.
         self._history_failing = False
         self._stream = config.stream
@@ -179,7 +179,7 @@ class JetStreamOperations:
                     self._config.replicas,
                 ),
             )
-            self._history = history
+            self.history = history
         # Consumers exist before the first append: with interest retention, a message no
         # consumer is interested in would not be kept.
         for sink in self._sinks:
@@ -298,10 +298,10 @@ class JetStreamOperations:
         """Publish history records. A failure is logged and dropped: the history describes
         delivery and must not stop it (a history stream deleted by hand would otherwise
         fail every acknowledgement)."""
-        if self._history is None or not records:
+        if self.history is None or not records:
             return
         try:
-            await self._history.publish(sink, records)
+            await self.history.publish(sink, records)
         except Exception as exc:
             if not self._history_failing:
                 log.warning(
@@ -311,21 +311,6 @@ class JetStreamOperations:
             self._history_failing = True
         else:
             self._history_failing = False
-
-    @property
-    def recording(self) -> bool:
-        """Whether attempts are recorded (the history is on and its stream open)."""
-        return self._history is not None
-
-    async def history_page(self, query: HistoryQuery) -> HistoryPage:
-        if self._history is None:
-            return HistoryPage([], None)
-        return await self._history.page(query)
-
-    async def history_trace(self, event_id: str) -> EventTrace | None:
-        if self._history is None:
-            return None
-        return await self._history.trace(event_id)
 
     async def bury(
         self, sink: str, letters: Sequence[tuple[Msg | None, bytes, OwedEvent]], error: str

@@ -195,10 +195,16 @@ class JetStreamQueue:
         return await self.call(self._jetstream().replay, sink, event_ids, by)
 
     async def history(self, query: HistoryQuery) -> HistoryPage:
-        return await self.call(self._jetstream().history_page, query)
+        stream = self._jetstream().history
+        if stream is None:
+            return HistoryPage([], None)  # the history is off
+        return await self.call(stream.page, query)
 
     async def trace(self, event_id: str) -> EventTrace | None:
-        return await self.call(self._jetstream().history_trace, event_id)
+        stream = self._jetstream().history
+        if stream is None:
+            return None
+        return await self.call(stream.trace, event_id)
 
     async def keep_history(self) -> None:
         """Nothing to do: the history stream's own limits (max_age, max_msgs) prune it."""
