@@ -586,8 +586,8 @@ class HistoryConfig:
     max_rows: int = HISTORY_MAX_ROWS
 
     def __post_init__(self) -> None:
-        if self.max_age <= 0:
-            raise ConfigError("maxAge", "must be greater than zero")
+        if self.max_age < 1:
+            raise ConfigError("maxAge", "must be at least 1s")
         if not 1 <= self.max_rows <= 1_000_000_000:
             raise ConfigError("maxRows", "must be between 1 and 1000000000")
 

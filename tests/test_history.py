@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
-from registry_trio.config import HistoryConfig
+from registry_trio.config import ConfigError, HistoryConfig
 from registry_trio.events import Action, Event, Source, Target
 from registry_trio.events.queue import Attempt, HistoryQuery, Outbox, OwedEvent
 from registry_trio.events.queue.history import SCAN_MAX
@@ -662,3 +663,22 @@ async def test_the_jetstream_history_keeps_to_its_limits_and_skips_what_is_no_re
         changed = [r.getMessage() for r in caplog.records if "brought in line" in r.getMessage()]
         assert any("extensions.events.history.maxRows: 50 -> 20" in line for line in changed)
         assert any("extensions.events.history.maxAge: 604800s -> 3600s" in line for line in changed)
+
+
+@pytest.mark.parametrize(
+    ("history", "key", "reason"),
+    [
+        ({"maxAge": "0s"}, "maxAge", "must be at least 1s"),
+        ({"maxAge": "500ms"}, "maxAge", "must be at least 1s"),
+        ({"maxAge": "a week"}, "maxAge", "invalid duration"),
+        ({"maxRows": 0}, "maxRows", "must be between 1 and 1000000000"),
+        ({"maxRows": "1000"}, "maxRows", "expected an integer"),
+        ({"enable": "yes"}, "enable", "expected true or false"),
+        ({"maxrows": 5}, "maxrows", "unknown key"),
+    ],
+)
+def test_a_misconfigured_history_names_its_key(tmp_path, history, key, reason):
+    with pytest.raises(ConfigError) as refused:
+        events_config(tmp_path, history=history)
+    assert refused.value.path == f"extensions.events.history.{key}"
+    assert reason in str(refused.value)
