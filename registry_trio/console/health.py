@@ -1,0 +1,87 @@
+"""A sink's state and delivery rate, from the figures the shared queue keeps.
+
+The queue knows, per sink, the events pending and the time of the oldest, the time of the
+last failed attempt, and how many events were delivered since it was created. From these:
+
+- **delivering**: nothing owed has failed: no event is pending, or every pending event is
+  younger than the last failed attempt (so none of them failed);
+- **failing**: an event pending now was already there at the last failure, and nothing was
+  delivered since;
+- **retrying**: the same, but events were delivered since the last failure: a receiver that
+  fails now and then, or one back from an outage and working through the backlog.
+
+"Delivered since" and the rate per minute compare the delivered count with what this
+process read before (:class:`DeliveryRates`), so they are as fine as the console's refresh:
+every worker process can answer the console, and what one saw needs no other.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DeliveryRates", "SinkState", "sink_state"]
+
+# Samples further apart than this are enough: a console refreshing fast adds none between.
+SAMPLE_EVERY = 1.0
+# How far back samples are kept: the rate is over the last minute, with room to spare.
+SAMPLE_KEEP = 120.0
+RATE_WINDOW = 60.0
+
+
+class SinkState(enum.StrEnum):
+    DELIVERING = "delivering"
+    RETRYING = "retrying"
+    FAILING = "failing"
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    delivered: int
+
+
+class DeliveryRates:
+    """Per sink, the delivered count as this process read it over the last two minutes.
+
+    Bounded whatever the callers do: at most one sample per :data:`SAMPLE_EVERY` per sink,
+    none older than :data:`SAMPLE_KEEP`, for the configured sinks only.
+    """
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[_Sample]] = {}
+
+    def observe(self, sink: str, delivered: int, now: float) -> float | None:
+        """Record a reading; the rate per minute over the last minute of readings (None
+        until they span a second)."""
+        samples = self._samples.setdefault(sink, deque())
+        if samples and delivered < samples[-1].delivered:
+            samples.clear()  # the queue was recreated: its counts started over
+        while samples and samples[0].at < now - SAMPLE_KEEP:
+            samples.popleft()
+        if not samples or now - samples[-1].at >= SAMPLE_EVERY:
+            samples.append(_Sample(now, delivered))
+        window = [s for s in samples if s.at >= now - RATE_WINDOW]
+        first = window[0] if window else samples[-1]
+        elapsed = now - first.at
+        if elapsed < SAMPLE_EVERY:
+            return None
+        return (delivered - first.delivered) / elapsed * 60
+
+    def delivered_since(self, sink: str, when: float, delivered: int) -> bool:
+        """Whether the count moved past what it was at ``when``, as far as the readings go
+        back (the last reading at or before ``when``, else the oldest)."""
+        samples = self._samples.get(sink, ())
+        before = [s for s in samples if s.at <= when]
+        baseline = before[-1] if before else next(iter(samples), None)
+        return baseline is not None and delivered > baseline.delivered
+
+
+def sink_state(status: dict[str, Any], now: float, delivered_since_failure: bool) -> SinkState:
+    """The state of a sink from its status (:func:`~registry_trio.events.status.sink_status`)."""
+    failed_at, age = status["lastErrorAt"], status["oldestPendingAge"]
+    if not status["pending"] or failed_at is None or age is None or now - age > failed_at:
+        return SinkState.DELIVERING
+    return SinkState.RETRYING if delivered_since_failure else SinkState.FAILING
