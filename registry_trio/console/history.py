@@ -10,7 +10,7 @@ from typing import Any
 
 from ..api.context import Registry
 
-__all__ = ["recent_attempts", "trace"]
+__all__ = ["event_path", "recent_attempts"]
 
 
 async def recent_attempts(registry: Registry, sink: str) -> list[dict[str, Any]] | None:
@@ -18,6 +18,6 @@ async def recent_attempts(registry: Registry, sink: str) -> list[dict[str, Any]]
     return None
 
 
-async def trace(registry: Registry, event_id: str) -> dict[str, Any] | None:
+async def event_path(registry: Registry, event_id: str) -> dict[str, Any] | None:
     """The whole path of one event across sinks; None without history."""
     return None

@@ -263,7 +263,7 @@ async def event() -> Response:
     if sink_name:
         config = _sink_config(registry, sink_name)
         letter = await _dead_letter(queue, str(config.name), _int_arg("seq"), event_id)
-    path = await history.trace(registry, event_id)
+    path = await history.event_path(registry, event_id)
     payload = (path or {}).get("event") or (letter.event.to_json() if letter else None)
     if payload is None:
         raise RegistryError(
