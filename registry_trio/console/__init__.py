@@ -1,6 +1,7 @@
 """The operator console: server-rendered pages under ``/_registry/ui/`` for administrators.
 
-- :mod:`.pages`: the Quart views (routes are declared in ``api/routes.py``, as every route);
+- :mod:`.pages`: the Quart views (their routes are declared with every other route, in
+  ``registry_trio/api/routes.py``);
 - :mod:`.health`: a sink's state and delivery rate from the queue's figures;
 - :mod:`.csrf`: the token its forms carry;
 - :mod:`.render`: Jinja2 templates (``templates/``, everything escaped) and the security

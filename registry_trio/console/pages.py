@@ -1,6 +1,6 @@
-"""The console's views. Their routes are in ``api/routes.py`` with :attr:`Access.CONSOLE`:
-by the time a view runs, the caller is an administrator (or, without authentication, a
-loopback client addressing localhost).
+"""The console's views. Their routes are in ``registry_trio/api/routes.py``, with
+:attr:`Access.CONSOLE`: by the time a view runs, the caller is an administrator (or, without
+authentication, a loopback client addressing localhost).
 
 Every parameter is a query parameter: repository and sink names hold slashes, and a path
 template would make ``a/manifests/b`` ambiguous. Pages show at most a page of anything

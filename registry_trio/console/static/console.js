@@ -9,7 +9,10 @@ function keepFresh(element) {
   const tick = async () => {
     if (!document.hidden) {
       try {
-        const response = await fetch(element.dataset.refresh, { credentials: "same-origin" });
+        // From the origin, not the page's URL: a page opened as http://user:password@host/
+        // resolves relative URLs with the credentials in them, which fetch() refuses.
+        const url = new URL(element.dataset.refresh, window.location.origin);
+        const response = await fetch(url, { credentials: "same-origin" });
         if (response.ok) {
           element.innerHTML = await response.text();
           element.removeAttribute("data-stale");
