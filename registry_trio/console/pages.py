@@ -264,13 +264,13 @@ async def event() -> Response:
         config = _sink_config(registry, sink_name)
         letter = await _dead_letter(queue, str(config.name), _int_arg("seq"), event_id)
     path = await history.event_path(registry, event_id)
-    payload = (path or {}).get("event") or (letter.event.to_json() if letter else None)
+    payload = (path or {}).get("payload") or (letter.event.to_json() if letter else None)
     if payload is None:
         raise RegistryError(
             "UNSUPPORTED",
             404,
-            f"event {event_id[:EVENT_ID_MAX]!r} is neither in the delivery history nor "
-            "the dead letter named",
+            f"event {event_id!r} is neither in the delivery history (where the queue keeps "
+            "one) nor among the dead letters named: open it from its sink's dead letters",
         )
     return _with_form(
         "event.html",

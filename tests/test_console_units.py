@@ -1,5 +1,6 @@
-"""A sink's state and rate as the console derives them from the queue's figures (pure code:
-the states over a real outage are in tests/test_console_browser.py)."""
+"""The console's parts on their own: a sink's state and rate from the queue's figures, the
+forms' token, the pages that show the delivery history (its JSON as the admin API serves it).
+The states over a real outage are in tests/test_console_browser.py."""
 
 from __future__ import annotations
 
@@ -58,3 +59,75 @@ def test_a_form_token_is_good_for_its_nonce_and_login_only():
     assert not is_valid(None, "Basic Y2Fyb2w6c2VjcmV0", token)
     assert not is_valid(nonce, "Basic Y2Fyb2w6c2VjcmV0", None)
     assert not is_valid("x" * 100, "", form_token("x" * 100, ""))  # not a nonce we issue
+
+
+# The delivery history as GET /_registry/events/history and /trace/{id} answer it (the
+# record and trace shapes of issue #17 part 1), with a receiver's hostile error text.
+HOSTILE = "<img src=x onerror=alert(1)>"
+RECORD = {
+    "id": 7,
+    "time": "2026-12-02T11:30:00.000001Z",
+    "sink": "audit",
+    "event": "0f8e-1",
+    "seq": 3,
+    "outcome": "failed",
+    "attempt": 2,
+    "status": 502,
+    "error": HOSTILE,
+    "latencyMs": 12.5,
+    "batch": 1,
+    "retryAt": None,
+    "by": None,
+    "action": "manifest.pushed",
+    "repository": "team/app",
+    "digest": None,
+}
+TRACE = {
+    "event": "0f8e-1",
+    "payload": {"action": "manifest.pushed", "request": {"useragent": HOSTILE}},
+    "sinks": [{"sink": "audit", "state": "retrying", "attempts": 2}],
+    "steps": [{"outcome": "committed", "time": None, "seq": 3}, RECORD],
+    "truncated": False,
+}
+
+
+async def test_the_history_pages_render_the_history_json_escaped():
+    from registry_trio.console.render import page
+
+    sink_status = {
+        "name": "audit",
+        "type": "http",
+        "address": "http://receiver/",
+        "format": "cloudevents",
+        "state": "retrying",
+        "pending": 1,
+        "oldestPendingAge": 3.0,
+        "delivered": 5,
+        "failedAttempts": 2,
+        "dead": 0,
+        "lastError": None,
+        "lastErrorAt": None,
+    }
+    sink = await page(
+        "sink.html",
+        sink=sink_status,
+        attempts=[RECORD],
+        letters=[],
+        next=None,
+        replayed=None,
+        csrf_token="t",
+    ).get_data(as_text=True)
+    event = await page(
+        "event.html",
+        event_id="0f8e-1",
+        payload="{}",
+        trace=TRACE,
+        letter=None,
+        sink_name=None,
+        csrf_token="t",
+    ).get_data(as_text=True)
+    assert '<tr class="attempt outcome-failed">' in sink and "12.5 ms" in sink
+    assert "History not available" not in sink + event
+    assert '<tr class="step outcome-committed">' in event and "retrying" in event
+    for text in (sink, event):
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text and HOSTILE not in text
