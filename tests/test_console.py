@@ -57,10 +57,14 @@ async def pending(http: httpx.AsyncClient, sink: str = "audit") -> int:
     return next(s["pending"] for s in sinks if s["name"] == sink)
 
 
-async def registry_with_dead_letters(nursery, tmp_path, sink, n: int = 2) -> RunningRegistry:
+async def registry_with_dead_letters(
+    nursery, tmp_path, sink, n: int = 2, queue: dict[str, object] | None = None
+) -> RunningRegistry:
     """No auth (the console answers loopback clients), ``n`` pushes buried by a 400."""
     sink.status = 400
-    registry = await start_registry(nursery, events_config(tmp_path, sink_config(sink.url)))
+    queue = queue or {"directory": str(tmp_path / "queue_data")}
+    config = events_config(tmp_path, sink_config(sink.url), queue=queue)
+    registry = await start_registry(nursery, config)
     async with httpx.AsyncClient(base_url=registry.url) as http:
         for i in range(n):
             await push_image(http, f"team/app{i}", "v1")
@@ -111,8 +115,8 @@ async def test_pages_show_sinks_dead_letters_and_an_event(nursery, tmp_path, sin
             assert_console_headers(static)
 
 
-async def test_replay_from_a_form_reaches_the_receiver(nursery, tmp_path, sink):
-    registry = await registry_with_dead_letters(nursery, tmp_path, sink)
+async def test_replay_from_a_form_reaches_the_receiver(nursery, tmp_path, sink, queue):
+    registry = await registry_with_dead_letters(nursery, tmp_path, sink, queue=queue)
     async with httpx.AsyncClient(base_url=registry.url) as http:
         page = await http.get(f"{UI}sink", params={"name": "audit"})
         token = CSRF.search(page.text).group(1)
@@ -372,3 +376,29 @@ async def test_the_console_works_with_events_off(nursery, tmp_path: Path):
         overview = await http.get(UI)
         assert overview.status_code == 200 and "events extension is off" in overview.text
         assert_oci_error(await http.get(f"{UI}sink?name=audit"), 404, "UNSUPPORTED")
+
+
+async def test_any_worker_takes_a_form_that_another_rendered(nursery, tmp_path, sink):
+    from tests.procs import server_process
+    from tests.test_workers import workers_config
+
+    sink.status = 400
+    async with server_process(workers_config(tmp_path, sink)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            await push_image(http, "team/app", "v1")
+            page = await http.get(f"{UI}sink", params={"name": sink.url})
+            assert page.status_code == 200, page.text
+            token, cookies = CSRF.search(page.text).group(1), dict(http.cookies)
+        # Each post on a connection of its own: the kernel spreads them over the workers.
+        # (An id that is no dead letter: every post is taken, and replays nothing.)
+        form = {"csrf": token, "sink": sink.url, "ids": "no-such-event"}
+        for _ in range(12):
+            async with httpx.AsyncClient(base_url=server.url, cookies=cookies) as fresh:
+                posted = await fresh.post(f"{UI}sink/replay", data=form)
+                assert posted.status_code == 303, posted.text
+                assert posted.headers["Location"].endswith("replayed=0")
+        takers = re.findall(
+            r"\[(worker \d)\] registry_trio\.access .* POST /_registry/ui/sink/replay 303",
+            server.current_output,
+        )
+        assert set(takers) == {"worker 1", "worker 2"}, server.current_output
