@@ -6,6 +6,7 @@ them (the browser itself drives the console in ``tests/test_console_browser.py``
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import httpx
 import trio
 
 from bench.registry_client import RegistryClient, make_image
-from tests.api_helpers import assert_oci_error, push_image
+from tests.api_helpers import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    assert_oci_error,
+    push_blob,
+    push_image,
+    push_manifest,
+)
 from tests.conftest import RunningRegistry, events_config, make_config, start_registry
 from tests.test_auth import PASSWORDS, auth_overrides
 from tests.waiting import eventually
@@ -319,6 +327,27 @@ async def test_repositories_tags_manifest_layers_referrers_and_the_pull_command(
     )
     assert f"docker pull {host}/team/app@{_digest(signature)}" in by_digest.text
     assert "Refers to" in by_digest.text
+
+
+async def test_a_deeply_nested_manifest_is_shown(registry, http):
+    # A push takes a manifest nested hundreds of levels deep; its page must not recurse
+    # into a 500.
+    config = await push_blob(http, "team/deep", b"{}")
+    for depth in (300, 900):
+        head = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config, "size": 2},
+            "layers": [],
+        }
+        nested = "[" * depth + '"deep"' + "]" * depth
+        body = (json.dumps(head)[:-1] + f', "x": {nested}}}').encode()
+        await push_manifest(http, "team/deep", f"d{depth}", body, OCI_MANIFEST)
+        shown = await http.get(
+            f"{UI}manifest", params={"name": "team/deep", "reference": f"d{depth}"}
+        )
+        assert shown.status_code == 200, shown.text
+        assert "deep" in shown.text
 
 
 def _digest(body: bytes) -> str:
