@@ -231,7 +231,8 @@ async def test_without_auth_only_requests_addressed_to_loopback_are_served(regis
     async with httpx.AsyncClient(base_url=registry.url) as http:
         assert (await http.get(UI)).status_code == 200
         assert (await http.get(UI, headers={"Host": "localhost"})).status_code == 200
-        for host in ("evil.example", "evil.example:5000", "127.0.0.1.evil.example", ""):
+        hosts = ("evil.example", "evil.example:5000", "127.0.0.1.evil.example", "", "[::1", "[")
+        for host in hosts:
             refused = await http.get(UI, headers={"Host": host})
             assert_oci_error(refused, 403, "DENIED")
             admin = await http.get("/_registry/events/sinks", headers={"Host": host})
@@ -245,7 +246,14 @@ async def test_the_admin_api_refuses_a_post_another_site_made(nursery, tmp_path,
     plain = {"Content-Type": "text/plain"}
     async with httpx.AsyncClient(base_url=registry.url) as http:
         before = await dead_letters(http)
-        for foreign in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        foreigners = (
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},  # another port of the same host
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+            {"Origin": "http://["},
+        )
+        for foreign in foreigners:
             refused = await http.post(
                 "/_registry/events/dead/replay", content=body, headers={**plain, **foreign}
             )

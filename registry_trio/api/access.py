@@ -151,7 +151,10 @@ def _refuse_cross_site(scope: MutableMapping[str, Any]) -> None:
     if site:
         foreign = site not in ("same-origin", "none")
     else:
-        foreign = bool(origin) and urlsplit(origin).netloc.lower() != header(scope, b"host").lower()
+        # An origin is scheme://host[:port]; "null" (a sandboxed page) is nobody's.
+        foreign = (
+            bool(origin) and origin.partition("://")[2].lower() != header(scope, b"host").lower()
+        )
     if foreign:
         raise RegistryError(
             "DENIED",
@@ -163,7 +166,10 @@ def _refuse_cross_site(scope: MutableMapping[str, Any]) -> None:
 
 def _loopback_host(host: str) -> bool:
     """Whether a ``Host`` header names this machine: localhost, or a loopback address."""
-    name = urlsplit(f"//{host}").hostname or ""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # "[::1", an unclosed IPv6 literal
+        return False
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
