@@ -44,7 +44,9 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         unavailable("selenium is not installed (the test extras of pyproject.toml)")
     options = Options()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"):
+    # No sandbox: CI runs as root. /dev/shm may be small in a container.
+    flags = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu")
+    for argument in (*flags, "--window-size=1280,900"):
         options.add_argument(argument)
     # Its profile under pytest's directory, not the user's.
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")

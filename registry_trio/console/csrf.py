@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["COOKIE", "FIELD", "form_token", "is_valid", "new_nonce"]
+__all__ = ["COOKIE", "FIELD", "form_token", "is_valid", "new_nonce", "nonce_of"]
 
 COOKIE = "registry_console_csrf"
 FIELD = "csrf"
@@ -32,6 +32,11 @@ def new_nonce() -> str:
     return secrets.token_urlsafe(32)
 
 
+def nonce_of(cookie: str | None) -> str | None:
+    """The cookie's value if it can be a nonce we issued (None: issue one)."""
+    return cookie if cookie and len(cookie) <= _NONCE_MAX else None
+
+
 def form_token(nonce: str, authorization: str) -> str:
     mac = hmac.new(nonce.encode(), b"registry-trio console form\n", hashlib.sha256)
     mac.update(authorization.encode())
@@ -40,6 +45,7 @@ def form_token(nonce: str, authorization: str) -> str:
 
 def is_valid(nonce: str | None, authorization: str, token: str | None) -> bool:
     """Whether a posted ``token`` was issued with the cookie's ``nonce`` to these credentials."""
-    if not nonce or not token or len(nonce) > _NONCE_MAX:
+    nonce = nonce_of(nonce)
+    if nonce is None or not token:
         return False
     return hmac.compare_digest(form_token(nonce, authorization).encode(), token.encode())

@@ -100,9 +100,9 @@ def _authorization() -> str:
 
 def _with_form(template: str, **context: Any) -> Response:
     """A page with a form: it carries a token for this login and the cookie's nonce."""
-    nonce = request.cookies.get(csrf.COOKIE, "")
-    fresh = not nonce or len(nonce) > 64
-    if fresh:
+    nonce = csrf.nonce_of(request.cookies.get(csrf.COOKIE))
+    fresh = nonce is None
+    if nonce is None:
         nonce = csrf.new_nonce()
     response = page(template, csrf_token=csrf.form_token(nonce, _authorization()), **context)
     if fresh:
