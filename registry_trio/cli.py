@@ -87,7 +87,7 @@ def _add_events_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _page_size(text: str) -> int:
     from .events.status import DEAD_PAGE_MAX
 
-    if not text.isdigit() or not 1 <= int(text) <= DEAD_PAGE_MAX:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= DEAD_PAGE_MAX:
         raise argparse.ArgumentTypeError(f"must be a number from 1 to {DEAD_PAGE_MAX}")
     return int(text)
 

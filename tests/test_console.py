@@ -371,6 +371,9 @@ async def test_bad_input_gets_oci_errors_never_a_500(nursery, tmp_path, sink):
         (f"{UI}sink?name=nope", 404, "UNSUPPORTED"),
         (f"{UI}sink?name=audit&after=-1", 400, "UNSUPPORTED"),
         (f"{UI}sink?name=audit&after=99999999999999999999999", 400, "UNSUPPORTED"),
+        (f"{UI}sink?name=audit&after=²", 400, "UNSUPPORTED"),  # a digit int() refuses
+        (f"{UI}sink?name=audit&replayed=²", 400, "UNSUPPORTED"),
+        ("/_registry/events/dead?sink=audit&limit=²", 400, "UNSUPPORTED"),
         (f"{UI}event?id=" + "x" * 500, 400, "UNSUPPORTED"),
         (f"{UI}event?id=nope&sink=audit&seq=1", 404, "UNSUPPORTED"),
         (f"{UI}event?id=nope&sink=audit&seq=abc", 400, "UNSUPPORTED"),

@@ -371,3 +371,10 @@ async def test_admin_api_answers_only_loopback_clients_without_auth(nursery, tmp
         assert (await remote.get("/_registry/events/dead")).status_code == 403
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as local:
         assert (await local.get("/_registry/events/sinks")).status_code == 200
+
+
+async def test_a_page_size_in_other_digits_is_refused_by_name(tmp_path):
+    config_path, _ = write_config(tmp_path, "http://127.0.0.1:9/events", free_port())
+    # "²" is a digit to str.isdigit(), not to int(): it once ended in a traceback.
+    code, _, err = await cli_text("dead", "-c", str(config_path), "--limit", "²")
+    assert code == 2 and "--limit: must be a number from 1 to 1000" in err, err

@@ -26,7 +26,7 @@ from .. import oci
 from ..api.context import Registry, current_registry, header, identity
 from ..api.errors import RegistryError
 from ..config import SinkConfig
-from ..events.queue import EventQueue, Outbox
+from ..events.queue import DeadLetter, EventQueue, Outbox
 from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
 from ..storage import FilesystemStorage, ManifestUnknown
 from . import csrf, history
@@ -69,7 +69,8 @@ def _arg(name: str) -> str:
 
 def _int_arg(name: str) -> int:
     raw = request.args.get(name, "0")
-    if not raw.isdigit() or len(raw) > 18:
+    # ASCII digits only: "²" is a digit to str.isdigit, and int() refuses it.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise RegistryError("UNSUPPORTED", 400, f"{name} must be a non-negative integer")
     return int(raw)
 
@@ -197,14 +198,13 @@ async def sink() -> Response:
     queue = _event_queue(registry)
     config = _sink_config(registry, _arg("name"))
     letters = await dead_letter_page(queue, config, PAGE, _int_arg("after"))
-    replayed = request.args.get("replayed")
     return _with_form(
         "sink.html",
         sink=await _sink_row(registry, queue, config),
         letters=letters["deadLetters"],
         next=letters["next"],
         attempts=await history.recent_attempts(registry, str(config.name)),
-        replayed=int(replayed) if replayed and replayed.isdigit() else None,
+        replayed=_int_arg("replayed") if "replayed" in request.args else None,
     )
 
 
@@ -242,7 +242,7 @@ async def replay() -> Response:
     return cast(Response, redirect(target, 303))
 
 
-async def _dead_letter(queue: EventQueue, sink: str, seq: int, event_id: str) -> Any:
+async def _dead_letter(queue: EventQueue, sink: str, seq: int, event_id: str) -> DeadLetter | None:
     """The dead letter at ``seq`` of ``sink`` if it is still there and is ``event_id``."""
     if seq < 1:
         return None
