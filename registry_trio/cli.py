@@ -110,7 +110,8 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
 
     try:
         if args.verb == "status":
-            _show(args.json, events_cli.status(config), _status_table)
+            sinks, delivered_by = events_cli.status(config)
+            _show(args.json, sinks, lambda rows: f"{_status_table(rows)}\n{delivered_by}")
         elif args.verb == "dead":
             page = events_cli.dead_letters(config, args.sink, args.limit, args.after)
             _show(args.json, page, _dead_letters_table)

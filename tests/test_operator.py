@@ -229,7 +229,9 @@ async def test_status_shows_every_documented_field_in_json_and_the_table(nursery
 
     code, out, err = await cli_text("status", "-c", str(config_path))
     assert code == 0, err
-    header, *rows = table(out)
+    header, *rows, (delivered_by,) = table(out)
+    # One process serves here: it delivers, and has no worker number.
+    assert re.fullmatch(r"delivered by: pid \d+", delivered_by), delivered_by
     assert header == [
         "SINK",
         "TYPE",

@@ -7,8 +7,9 @@ Task tree::
 
 Start-up: the supervisor takes the queue directory's serving lock (events on), creates the
 store and the queue file, binds the listening sockets, writes the parsed config into a
-private directory, and starts the workers. It reports the URL once every worker serves; a worker that exits before it first
-serves fails the start-up (its own message says why), since its siblings would fail alike.
+private directory, and starts the workers. It reports the URL once every worker serves; a
+worker that exits before it first serves fails the start-up (its own message says why),
+since its siblings would fail alike.
 
 Each worker accepts on a socket of its own, all bound to the one port with SO_REUSEPORT,
 so that the kernel spreads connections over the workers by a hash of their addresses.
