@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "Duration",
     "HTTPConfig",
+    "HTTPTLSConfig",
     "LogConfig",
     "StorageConfig",
     "UploadPurgingConfig",
@@ -205,6 +206,18 @@ class AccessControlConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HTTPTLSConfig:
+    """HTTPS, with zot's keys; the files are read and checked at start (registry_trio.tls)."""
+
+    # PEM: the server's certificate (then its chain), and its unencrypted private key.
+    cert: str
+    key: str
+    # PEM CA certificate(s): when set, every client must present a certificate one of them
+    # signed (mutual TLS), and the certificate's name is the actor of its requests.
+    cacert: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class HTTPConfig:
     address: str = "127.0.0.1"
     # zot writes the port as a string; both spellings are accepted.
@@ -228,6 +241,7 @@ class HTTPConfig:
     access_control: AccessControlConfig | None = None
     # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[str, ...] = ()
+    tls: HTTPTLSConfig | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -50,6 +50,14 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class _HideRunningOn(logging.Filter):
+    """Drops Hypercorn's "Running on ..." line: the start-up summary says it, once per server,
+    where Hypercorn says it once per worker, from a logger named ``hypercorn.error``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Running on ")
+
+
 def setup_logging(config: LogConfig, process: str | None = None) -> None:
     """Log as ``config`` says; ``process`` ("supervisor", "worker 2") names the process of a
     server that runs several, in every line (the ``process`` key in JSON)."""
@@ -71,3 +79,5 @@ def setup_logging(config: LogConfig, process: str | None = None) -> None:
     # says less than our own delivery logs, and would show a password in the address.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    hypercorn = logging.getLogger("hypercorn.error")
+    hypercorn.filters[:] = [_HideRunningOn()]

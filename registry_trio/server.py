@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from .api import Registry, create_app
+from .api.locks import RepositoryLocks
 from .auth import Authenticator
 from .config import Config
 from .events import EventRecorder, NullRecorder, Source
@@ -53,10 +55,12 @@ from .events.recorder import QueueRecorder
 from .events.status import Deliverer
 from .maintenance import gc_periodically, purge_periodically
 from .metrics import Metrics
+from .startup import StartupError, summary
 from .storage import FilesystemStorage
+from .tls import HTTPSConfig
 from .workers.leadership import Leadership
 
-__all__ = ["WorkerPlace", "hypercorn_config", "serve"]
+__all__ = ["WorkerPlace", "hypercorn_config", "listening_sockets", "open_storage", "serve"]
 
 log = logging.getLogger("registry_trio")
 
@@ -66,7 +70,7 @@ KEEP_ALIVE_TIMEOUT = 5.0
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
-    hc = HypercornConfig()
+    hc = HypercornConfig() if config.http.tls is None else HTTPSConfig(config.http.tls)
     hc.bind = [f"{config.http.address}:{config.http.port}"]
     hc.accesslog = None  # the dispatcher writes one access line per request itself
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -77,7 +81,50 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     # uploads that had sent 1 MiB hold up to 640 KiB in this process.
     hc.max_app_queue_size = 1
     hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # A connection that never completes its TLS handshake is dropped as soon as an idle one
+    # would be; Hypercorn's 60 s let each silent client hold a connection twelve times longer.
+    hc.ssl_handshake_timeout = KEEP_ALIVE_TIMEOUT
     return hc
+
+
+def listening_sockets(config: Config, count: int) -> tuple[list[socket.socket], str]:
+    """``count`` listening sockets on ``http.address`` and one port, and the URL they serve.
+
+    Several (one per worker) are bound with SO_REUSEPORT; a port 0 bind picks the port for
+    all. Binding fails with a :class:`StartupError` that names the keys and the reason.
+    """
+    hc = hypercorn_config(config)
+    hc.workers = count  # Hypercorn sets SO_REUSEPORT when it is above 1
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            created = hc.create_sockets()
+            (listener,) = created.secure_sockets + created.insecure_sockets
+            sockets.append(listener)
+            listener.listen(hc.backlog)
+            # A port 0 bind chose the port: the other sockets take the same one.
+            hc.bind = [f"{config.http.address}:{listener.getsockname()[1]}"]
+    except OSError as exc:
+        for listener in sockets:
+            listener.close()
+        raise StartupError(
+            f"cannot listen on {config.http.address}:{config.http.port} "
+            f"(http.address, http.port): {exc.strerror or exc}"
+        ) from None
+    host, port = sockets[0].getsockname()[:2]
+    scheme = "https" if hc.ssl_enabled else "http"
+    return sockets, f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def open_storage(config: Config, *, clean_tmp: bool = True) -> FilesystemStorage:
+    """The store at ``storage.rootDirectory`` (blocking); :class:`StartupError` if unusable."""
+    try:
+        return FilesystemStorage(config.storage.root_directory, clean_tmp=clean_tmp)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use storage.rootDirectory {config.storage.root_directory}: "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -144,9 +191,7 @@ async def _serve(
     # A worker's siblings are staging files in tmp/ right now: the supervisor cleared the
     # leftovers of the last run before starting any of them.
     storage = await trio.to_thread.run_sync(
-        functools.partial(
-            FilesystemStorage, config.storage.root_directory, clean_tmp=worker is None
-        )
+        functools.partial(open_storage, config, clean_tmp=worker is None)
     )
 
     metrics = Metrics(
@@ -178,6 +223,7 @@ async def _serve(
             events=recorder,
             auth=Authenticator(config.http),
             metrics=metrics,
+            locks=RepositoryLocks(storage.layout),
             queue=queue,
             deliverer=Deliverer.this_process if leadership is None else leadership.current,
             source=Source(f"{config.http.address}:{config.http.port}", instance_id),
@@ -185,19 +231,28 @@ async def _serve(
         )
         app = create_app(registry, nursery)
         http_config = hypercorn_config(config)
-        if worker is not None:
+        if worker is None:
+            # Bound here rather than by Hypercorn, so that a failure is one clear line; the
+            # descriptor is Hypercorn's from now on (it closes it).
+            (listener,), _ = listening_sockets(config, 1)
+            http_config.bind = [f"fd://{listener.detach()}"]
+        else:
             http_config.bind = [f"fd://{worker.listen_fd}"]
         lead = _Lead(config, registry, metrics, leadership, worker, wake_sender)
 
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
             # Hypercorn's TypedDict scopes and events are plain dicts at run time; the app
             # takes them as such (it adds its own keys to the scope, which no TypedDict names).
-            await hypercorn_serve(
-                cast(ASGIFramework, app),
-                http_config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
+            try:
+                await hypercorn_serve(
+                    cast(ASGIFramework, app),
+                    http_config,
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+            finally:
+                # Every request has ended, so none holds or waits for a repository lock.
+                registry.locks.close()
             # HTTP is drained: no request of this process can append any more.
             lead.stop()
 
@@ -208,7 +263,7 @@ async def _serve(
         # Started only now, so that GC events name the address too.
         nursery.start_soon(lead.run)
         if worker is None:
-            log.info("listening on %s", url)
+            log.info("%s", summary(config, url))
         task_status.started(url)
         await shutdown.wait()
         lead.stop_waiting()
@@ -301,7 +356,6 @@ class _Lead:
                     functools.partial(
                         purge_periodically,
                         registry.storage,
-                        registry.busy_uploads,
                         interval=purging.interval,
                         age=purging.age,
                     )

@@ -32,7 +32,7 @@ __all__ = ["ServerProcess", "WatchedProcess", "server_process", "write_config"]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
-_LISTENING = re.compile(rb"listening on (http://[^\s\"]+)")
+_LISTENING = re.compile(rb"listening on (https?://[^\s\"]+)")
 
 
 def write_config(tmp_path: Path, **overrides: object) -> Path:

@@ -442,3 +442,35 @@ async def test_any_worker_takes_a_form_that_another_rendered(nursery, tmp_path, 
             server.current_output,
         )
         assert set(takers) == {"worker 1", "worker 2"}, server.current_output
+
+
+async def test_an_administrator_by_client_certificate_uses_the_console(nursery, tmp_path, sink):
+    from tests.test_auth import write_htpasswd
+    from tests.test_tls import CLIENT_NAME, client_context, tls_config
+    from tests.tls_certs import make_tls_files
+
+    sink.status = 400
+    files = make_tls_files(tmp_path / "tls", client=True)
+    access = {
+        "repositories": {"**": {"policies": [{"users": ["alice"], "actions": ["create"]}]}},
+        "adminPolicy": {"users": [CLIENT_NAME, "alice"], "actions": ["read"]},
+    }
+    htpasswd = {"htpasswd": {"path": str(write_htpasswd(tmp_path / "htpasswd"))}}
+    config = tls_config(tmp_path, files, sink.url, mtls=True, auth=htpasswd, accessControl=access)
+    registry = await start_registry(nursery, config)
+    sink_name = config.extensions.events.sinks[0].name
+    context = client_context(files.ca, client=files)
+    async with httpx.AsyncClient(base_url=registry.url, verify=context) as http:
+        alice = ("alice", PASSWORDS["alice"])
+        async with httpx.AsyncClient(base_url=registry.url, verify=context, auth=alice) as a:
+            await RegistryClient(registry.url, client=a).push_image("a/b", "v1", make_image())
+        await eventually(lambda: dead_letters(http, sink_name), bool)
+        page = await http.get(f"{UI}sink", params={"name": sink_name})
+        assert page.status_code == 200, page.text
+        assert "Secure" in page.headers["Set-Cookie"]  # served over https
+        form = {"csrf": CSRF.search(page.text).group(1), "sink": sink_name, "all": "1"}
+        # The token is the certificate's: another administrator's login on the same
+        # connection, with the same cookie, does not carry it.
+        refused = await http.post(f"{UI}sink/replay", data=form, auth=alice)
+        assert "security token" in assert_oci_error(refused, 403, "DENIED")["message"]
+        assert (await http.post(f"{UI}sink/replay", data=form)).status_code == 303

@@ -6,6 +6,8 @@ sink, and real clients on fresh connections (so that both workers take some).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -19,8 +21,9 @@ import trio
 
 from bench.registry_client import RegistryClient, make_image
 from tests.procs import ServerProcess, server_process, write_config
+from tests.raw_http import RawConnection
 from tests.sink import HTTPSinkServer
-from tests.test_instance_lock import assert_refused
+from tests.test_instance_lock import assert_refused, registry_trio
 
 UPDATED = "zotregistry.image.updated"
 
@@ -128,6 +131,17 @@ async def test_two_workers_serve_pushes_and_pulls_and_metrics_count_both(nursery
             if route != "/metrics"
         )
         assert counted == tally, scrape
+        # The operator's status says which worker delivers, as the admin API does.
+        leader = await leader_pid(server)
+        # The command finds the server by the config's address: the port it got, not 0.
+        config = json.loads(server.config.read_text())
+        config["http"]["port"] = int(server.url.rsplit(":", 1)[1])
+        (tmp_path / "cli.json").write_text(json.dumps(config))
+        status = await registry_trio("events", "status", "-c", str(tmp_path / "cli.json"))
+        assert status.returncode == 0, status.stderr
+        assert re.search(
+            rf"^delivered by: worker [12], pid {leader}$", status.stdout.decode(), re.MULTILINE
+        ), status.stdout
         await sink.wait_for(lambda events: len(updated(sink)) == len(images))
 
 
@@ -212,6 +226,73 @@ async def test_kill_9_of_a_worker_under_push_load_loses_no_acknowledged_event(
         now_leading = await leader_pid(server, other_than=target)
         if victim == "the other worker":
             assert now_leading == leader
+
+
+async def connection_on_each_worker(server: ServerProcess) -> dict[str, RawConnection]:
+    """A kept-alive connection accepted by each worker (the access log tells which)."""
+    found: dict[str, RawConnection] = {}
+    with trio.fail_after(20):
+        while len(found) < 2:
+            connection = await RawConnection.open(server.url)
+            local_port = connection.stream.socket.getsockname()[1]
+            await connection.send_head("GET", "/v2/", {})
+            assert (await connection.response()).status_code == 200
+            pattern = rf"\[(worker \d)\] registry_trio\.access \S+ 127\.0\.0\.1:{local_port} "
+            match = await server.wait_for_output(re.compile(pattern.encode()))
+            worker = match[1].decode()
+            if worker in found:
+                await connection.stream.aclose()
+            else:
+                found[worker] = connection
+    return found
+
+
+async def test_one_upload_session_takes_one_writer_whichever_worker_serves_it(nursery, tmp_path):
+    sink = HTTPSinkServer()
+    await sink.start(nursery)
+    async with server_process(workers_config(tmp_path, sink)) as server:
+        first, second = (await connection_on_each_worker(server)).values()
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            session = await http.post("/v2/shared/app/blobs/uploads/")
+        location = session.headers["Location"]
+        part_one, part_two = b"1" * 50_000, b"2" * 30_000
+
+        # Worker A holds the session: its PATCH has sent half its body and waits.
+        await first.send_head(
+            "PATCH", location, {"Content-Length": str(len(part_one)), "Content-Range": "0-49999"}
+        )
+        await first.send(part_one[:25_000])
+        await server.wait_until(
+            lambda: any(
+                p.stat().st_size > 0 for p in (tmp_path / "registry_data" / "uploads").iterdir()
+            )
+        )
+        # Worker B may not write into it meanwhile, nor finish or cancel it.
+        for method, headers in (
+            ("PATCH", {"Content-Length": "3", "Content-Range": "25000-25002"}),
+            ("DELETE", {"Content-Length": "0"}),
+        ):
+            await second.send_head(method, location, headers)
+            if method == "PATCH":
+                await second.send(b"xyz")
+            refused = await second.response()
+            assert refused.status_code == 409, (method, refused.text)
+            assert refused.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+
+        await first.send(part_one[25_000:])
+        assert (await first.response()).status_code == 202
+        # The session goes on through the other worker, and the blob is what was sent.
+        blob = part_one + part_two
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        await second.send_head(
+            "PUT",
+            f"{location}{'&' if '?' in location else '?'}digest={digest}",
+            {"Content-Length": str(len(part_two)), "Content-Range": "50000-79999"},
+        )
+        await second.send(part_two)
+        assert (await second.response()).status_code == 201
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get(f"/v2/shared/app/blobs/{digest}")).content == blob
 
 
 async def test_sigterm_drains_every_worker_and_a_second_instance_is_refused(nursery, tmp_path):

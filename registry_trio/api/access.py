@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..auth import Identity, Unauthorized
-from .context import CLIENT_ADDR_KEY, IDENTITY_KEY, Registry, header
+from .context import CERTIFICATE_NAME_KEY, CLIENT_ADDR_KEY, IDENTITY_KEY, Registry, header
 from .errors import RegistryError
 
 __all__ = ["KNOWN_METHODS", "Access", "authorize", "method_label", "repository_action"]
@@ -77,7 +77,9 @@ async def authorize(
     auth = registry.auth
     action = repository_action(scope["method"]) if access is Access.REPOSITORY else None
     try:
-        who = await auth.authenticate(header(scope, b"authorization"), scope[CLIENT_ADDR_KEY])
+        who = await auth.authenticate(
+            header(scope, b"authorization"), scope[CLIENT_ADDR_KEY], scope[CERTIFICATE_NAME_KEY]
+        )
     except Unauthorized as exc:
         log.warning("authentication failed from %s: %s", scope[CLIENT_ADDR_KEY], exc)
         if access is Access.CONSOLE:

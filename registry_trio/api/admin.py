@@ -10,7 +10,13 @@ from quart import Response, jsonify, request
 
 from ..config import SinkConfig
 from ..events.queue import EventQueue
-from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
+from ..events.status import (
+    DEAD_PAGE_MAX,
+    SinkNotChosen,
+    choose_sink,
+    dead_letter_page,
+    sink_status,
+)
 from .context import Registry, current_registry
 from .errors import RegistryError
 
@@ -24,14 +30,10 @@ def _event_queue(registry: Registry) -> EventQueue:
 
 
 def _sink(registry: Registry, name: str | None) -> SinkConfig:
-    sinks = registry.config.extensions.events.sinks
-    if name is None and len(sinks) == 1:
-        return sinks[0]
-    for sink in sinks:
-        if sink.name == name:
-            return sink
-    known = ", ".join(str(s.name) for s in sinks)
-    raise RegistryError("UNSUPPORTED", 404, f"no sink named {name!r}; sinks: {known}")
+    try:
+        return choose_sink(registry.config.extensions.events.sinks, name, '"sink"')
+    except SinkNotChosen as exc:
+        raise RegistryError("UNSUPPORTED", 404 if exc.unknown else 400, str(exc)) from None
 
 
 async def sinks() -> Response:

@@ -6,9 +6,10 @@ cannot have:
 
 - a random nonce in a cookie (``HttpOnly``, ``SameSite=Strict``, the console's path only):
   another site can neither read it nor have it sent along with its post;
-- the form's token, an HMAC of the request's credentials (its ``Authorization`` header) under
-  that nonce: good only for the login the page was rendered for, so a cookie planted by a
-  sibling site on the same host (cookie tossing) is of no use without the credentials.
+- the form's token, an HMAC of the request's login (its ``Authorization`` header, and the
+  identity it proved) under that nonce: good only for the login the page was rendered for,
+  so a cookie planted by a sibling site on the same host (cookie tossing) is of no use
+  without the credentials.
 
 Nothing is kept on the server: any worker process checks a token that any other issued.
 """
@@ -37,15 +38,15 @@ def nonce_of(cookie: str | None) -> str | None:
     return cookie if cookie and len(cookie) <= _NONCE_MAX else None
 
 
-def form_token(nonce: str, authorization: str) -> str:
+def form_token(nonce: str, login: str) -> str:
     mac = hmac.new(nonce.encode(), b"registry-trio console form\n", hashlib.sha256)
-    mac.update(authorization.encode())
+    mac.update(login.encode())
     return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
 
-def is_valid(nonce: str | None, authorization: str, token: str | None) -> bool:
-    """Whether a posted ``token`` was issued with the cookie's ``nonce`` to these credentials."""
+def is_valid(nonce: str | None, login: str, token: str | None) -> bool:
+    """Whether a posted ``token`` was issued with the cookie's ``nonce`` to this login."""
     nonce = nonce_of(nonce)
     if nonce is None or not token:
         return False
-    return hmac.compare_digest(form_token(nonce, authorization).encode(), token.encode())
+    return hmac.compare_digest(form_token(nonce, login).encode(), token.encode())

@@ -1,18 +1,19 @@
 """A sink's state and delivery rate, from the figures the shared queue keeps.
 
-The queue knows, per sink, the events pending and the time of the oldest, the time of the
-last failed attempt, and how many events were delivered since it was created. From these:
+The queue knows, per sink, the events pending and the time of the oldest, the times of the
+last failed attempt and of the last acknowledged delivery, and how many events were
+delivered since it was created. From these:
 
 - **delivering**: nothing owed has failed: no event is pending, or every pending event is
   younger than the last failed attempt (so none of them failed);
 - **failing**: an event pending now was already there at the last failure, and nothing was
   delivered since;
-- **retrying**: the same, but events were delivered since the last failure: a receiver that
-  fails now and then, or one back from an outage and working through the backlog.
+- **retrying**: the same, but a delivery was acknowledged since the last failure: a receiver
+  that fails now and then, or one back from an outage and working through the backlog.
 
-"Delivered since" and the rate per minute compare the delivered count with what this
-process read before (:class:`DeliveryRates`), so they are as fine as the console's refresh:
-every worker process can answer the console, and what one saw needs no other.
+The rate per minute compares the delivered count with what this process read before
+(:class:`DeliveryRates`): every worker process can answer the console, and what one saw
+needs no other.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 __all__ = ["DeliveryRates", "SinkState", "sink_state"]
@@ -70,18 +72,12 @@ class DeliveryRates:
             return None
         return (delivered - first.delivered) / elapsed * 60
 
-    def delivered_since(self, sink: str, when: float, delivered: int) -> bool:
-        """Whether the count moved past what it was at ``when``, as far as the readings go
-        back (the last reading at or before ``when``, else the oldest)."""
-        samples = self._samples.get(sink, ())
-        before = [s for s in samples if s.at <= when]
-        baseline = before[-1] if before else next(iter(samples), None)
-        return baseline is not None and delivered > baseline.delivered
 
-
-def sink_state(status: dict[str, Any], now: float, delivered_since_failure: bool) -> SinkState:
+def sink_state(status: dict[str, Any], now: float) -> SinkState:
     """The state of a sink from its status (:func:`~registry_trio.events.status.sink_status`)."""
     failed_at, age = status["lastErrorAt"], status["oldestPendingAge"]
-    if not status["pending"] or failed_at is None or age is None or now - age > failed_at:
+    if not status["pending"] or failed_at is None or age is None:
         return SinkState.DELIVERING
-    return SinkState.RETRYING if delivered_since_failure else SinkState.FAILING
+    if now - age > datetime.fromisoformat(failed_at).timestamp():
+        return SinkState.DELIVERING  # every pending event came after the last failure
+    return SinkState.RETRYING if status["recovered"] else SinkState.FAILING

@@ -95,8 +95,12 @@ def _url(path: str, **query: object) -> str:
 # -- the CSRF token of the forms --------------------------------------------------------
 
 
-def _authorization() -> str:
-    return header(cast(Any, request.scope), b"authorization")
+def _login() -> str:
+    """What a form's token is bound to: the request's credentials, and who they proved
+    (a client certificate proves a name without any ``Authorization``)."""
+    scope = cast(Any, request.scope)
+    who = identity(scope)
+    return f"{header(scope, b'authorization')}\n{who.method}:{who.name or ''}"
 
 
 def _with_form(template: str, **context: Any) -> Response:
@@ -105,7 +109,7 @@ def _with_form(template: str, **context: Any) -> Response:
     fresh = nonce is None
     if nonce is None:
         nonce = csrf.new_nonce()
-    response = page(template, csrf_token=csrf.form_token(nonce, _authorization()), **context)
+    response = page(template, csrf_token=csrf.form_token(nonce, _login()), **context)
     if fresh:
         response.set_cookie(
             csrf.COOKIE,
@@ -121,7 +125,7 @@ def _with_form(template: str, **context: Any) -> Response:
 async def _checked_form() -> dict[str, list[str]]:
     """The posted form, once its token is known good; a 403 before anything else if not."""
     form = await request.form
-    if not csrf.is_valid(request.cookies.get(csrf.COOKIE), _authorization(), form.get(csrf.FIELD)):
+    if not csrf.is_valid(request.cookies.get(csrf.COOKIE), _login(), form.get(csrf.FIELD)):
         raise RegistryError(
             "DENIED",
             403,
@@ -146,15 +150,9 @@ def _in_flight(registry: Registry) -> dict[str, int]:
 
 async def _sink_row(registry: Registry, queue: EventQueue, sink: SinkConfig) -> dict[str, Any]:
     status = await sink_status(queue, sink, _in_flight(registry).get(sink.name))
-    rates = _rates()
     now = time.time()
-    per_minute = rates.observe(sink.name, status["delivered"], now)
-    failed_at = status["lastErrorAt"]
-    since = failed_at is not None and rates.delivered_since(
-        sink.name, failed_at, status["delivered"]
-    )
-    state = sink_state(status, now, since)
-    return {**status, "state": str(state), "perMinute": per_minute}
+    per_minute = _rates().observe(sink.name, status["delivered"], now)
+    return {**status, "state": str(sink_state(status, now)), "perMinute": per_minute}
 
 
 def _queue_file_size(path: Path) -> int:

@@ -7,13 +7,14 @@ the render (a typo in a template is a test failure, not an empty cell).
 
 from __future__ import annotations
 
-import datetime
 import functools
 import importlib.resources
 from typing import Any
 
 import jinja2
 from quart import Response
+
+from ..events.status import iso_time
 
 __all__ = ["STATIC_FILES", "page", "static_file"]
 
@@ -55,13 +56,6 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f} d"
 
 
-def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return NOTHING
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _size(size: int | None) -> str:
     if size is None:
         return NOTHING
@@ -82,7 +76,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(age=_age, when=_when, size=_size)
+    env.filters.update(age=_age, when=iso_time, size=_size)
     return env
 
 

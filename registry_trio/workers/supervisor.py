@@ -1,14 +1,15 @@
-"""The supervisor: one listening socket, ``http.workers`` processes serving it, kept alive.
+"""The supervisor: ``http.workers`` processes serving one port, kept alive.
 
 Task tree::
 
     supervise
     └── one keeper per worker   (starts its process, restarts it when it dies)
 
-Start-up: the supervisor takes the queue directory's serving lock (events on), binds the
-listening socket, writes the parsed config into a private directory, and starts the
-workers. It reports the URL once every worker serves; a worker that exits before it first
-serves fails the start-up (its own message says why), since its siblings would fail alike.
+Start-up: the supervisor takes the queue directory's serving lock (events on), creates the
+store and the queue file, binds the listening sockets, writes the parsed config into a
+private directory, and starts the workers. It reports the URL once every worker serves; a
+worker that exits before it first serves fails the start-up (its own message says why),
+since its siblings would fail alike.
 
 Each worker accepts on a socket of its own, all bound to the one port with SO_REUSEPORT,
 so that the kernel spreads connections over the workers by a hash of their addresses.
@@ -47,9 +48,9 @@ import trio
 from ..config import Config
 from ..events.queue import Outbox
 from ..events.queue.instance_lock import InstanceLock
-from ..server import hypercorn_config
-from ..storage import FilesystemStorage
-from .worker import CONFIG_FILE, READY
+from ..server import listening_sockets, open_storage
+from ..startup import summary
+from .worker import CONFIG_FILE, EXPLAINED, READY
 
 __all__ = ["WorkerFailedToStart", "supervise"]
 
@@ -62,7 +63,11 @@ KILL_MARGIN = 5.0
 
 
 class WorkerFailedToStart(Exception):
-    """A worker exited before it first served."""
+    """A worker exited before it first served; ``explained`` when it said why itself."""
+
+    def __init__(self, message: str, *, explained: bool) -> None:
+        super().__init__(message)
+        self.explained = explained
 
 
 class _Keeper:
@@ -87,7 +92,10 @@ class _Keeper:
             assert self.process is not None
             status = _describe_exit(self.process.returncode)
             if not self.ready.is_set():
-                raise WorkerFailedToStart(f"worker {self.number} {status} before serving")
+                raise WorkerFailedToStart(
+                    f"worker {self.number} {status} before serving",
+                    explained=self.process.returncode == EXPLAINED,
+                )
             if not served or trio.current_time() - started < HEALTHY_RUN:
                 restarts += 1
             else:
@@ -187,12 +195,12 @@ async def supervise(
             await trio.to_thread.run_sync(Outbox(events.queue.directory).prepare)
     # The store is created, and what the last run left staged in tmp/ is removed, once
     # here: a worker started again later must not remove what its siblings are staging.
-    await trio.to_thread.run_sync(FilesystemStorage, config.storage.root_directory)
+    await trio.to_thread.run_sync(open_storage, config)
     runtime = Path(tempfile.mkdtemp(prefix="registry-trio-"))
     try:
         (runtime / "metrics").mkdir()
         (runtime / CONFIG_FILE).write_bytes(pickle.dumps(config))
-        listeners, url = _listening_sockets(config)
+        listeners, url = listening_sockets(config, config.http.workers)
         with contextlib.ExitStack() as open_sockets:
             for listener in listeners:
                 open_sockets.enter_context(listener)
@@ -201,29 +209,6 @@ async def supervise(
         shutil.rmtree(runtime, ignore_errors=True)
         if lock is not None:
             lock.release()
-
-
-def _listening_sockets(config: Config) -> tuple[list[socket.socket], str]:
-    """One listening socket per worker, all on the configured address and one port; and
-    the URL they serve."""
-    hc = hypercorn_config(config)
-    hc.workers = config.http.workers  # Hypercorn sets SO_REUSEPORT when it is above 1
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(config.http.workers):
-            created = hc.create_sockets()
-            (listener,) = created.secure_sockets + created.insecure_sockets
-            sockets.append(listener)
-            listener.listen(hc.backlog)
-            # A port 0 bind chose the port: the other sockets take the same one.
-            hc.bind = [f"{config.http.address}:{listener.getsockname()[1]}"]
-    except BaseException:
-        for listener in sockets:
-            listener.close()
-        raise
-    host, port = sockets[0].getsockname()[:2]
-    scheme = "https" if hc.ssl_enabled else "http"
-    return sockets, f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def _run_workers(
@@ -244,7 +229,7 @@ async def _run_workers(
             nursery.start_soon(keeper.run)
         for keeper in keepers:
             await keeper.ready.wait()
-        log.info("listening on %s (%d workers)", url, len(keepers))
+        log.info("%s", summary(config, url))
         task_status.started(url)
         await shutdown.wait()
         for keeper in keepers:

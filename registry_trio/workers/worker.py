@@ -25,13 +25,15 @@ from ..config import Config
 from ..events.queue import QueueError
 from ..logs import setup_logging
 from ..server import WorkerPlace, serve
-from ..startup import leaves
+from ..startup import StartupError, leaves
 
-__all__ = ["CONFIG_FILE", "READY", "main"]
+__all__ = ["CONFIG_FILE", "EXPLAINED", "READY", "main"]
 
 # In the supervisor's private directory: the parsed config, as every worker must run it.
 CONFIG_FILE = "config.pickle"
 READY = b"ready\n"
+# The exit status of a worker that could not start and said why on stderr.
+EXPLAINED = 3
 
 log = logging.getLogger("registry_trio")
 
@@ -83,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     place = WorkerPlace(args.number, args.listen_fd, args.runtime)
     try:
         trio.run(_serve_worker, config, place, args.control_fd)
-    except* QueueError as group:
+    except* (QueueError, StartupError) as group:
         for exc in leaves(group):
-            print(f"registry-trio: worker {args.number} cannot start: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+            print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(EXPLAINED) from None
 
 
 if __name__ == "__main__":

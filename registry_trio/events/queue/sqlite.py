@@ -11,8 +11,9 @@ Schema::
     deliveries(sink, seq, state, attempts, next_attempt, last_error)
                                                 one row per (sink, event) still owed;
                                                 state 0 = pending, 2 = dead letter
-    sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at)
-                                                totals since the queue was created
+    sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at,
+                  last_delivered_at)            totals since the queue was created, and
+                                                when the last error and delivery were
     meta(key, value)                            instance id, schema version
 
 An event and its delivery rows are written in one transaction, so an event becomes visible to
@@ -103,10 +104,29 @@ CREATE TABLE IF NOT EXISTS sink_counters (
     failed_attempts INTEGER NOT NULL DEFAULT 0,
     dead INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    last_error_at REAL
+    last_error_at REAL,
+    last_delivered_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+# Columns added since the first schema, each with its definition: CREATE TABLE IF NOT EXISTS
+# leaves an existing table as it was, so a queue file from before gets them at open.
+_ADDED_COLUMNS = {"sink_counters": {"last_delivered_at": "REAL"}}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a queue file written by an older registry up to :data:`_SCHEMA`.
+
+    Inside the caller's write transaction: processes opening the same old file at once (a
+    server's workers, an ``events`` command) add each column once, the others finding it.
+    """
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, definition in columns.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -179,6 +199,7 @@ class Outbox:
             # and a transaction that begins reading and then writes gets "database is
             # locked" at once when another holds the write lock, where BEGIN IMMEDIATE waits.
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}")
+            _migrate(conn)
             row = conn.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
             if row is None:
                 self.instance_id = uuid.uuid4().hex
@@ -635,7 +656,12 @@ def _count(
     conn: sqlite3.Connection, sink: str, column: str, n: int, error: str | None = None
 ) -> None:
     conn.execute("INSERT OR IGNORE INTO sink_counters(sink) VALUES (?)", (sink,))
-    if error is None:
+    if column == "delivered":
+        conn.execute(
+            "UPDATE sink_counters SET delivered=delivered+?, last_delivered_at=? WHERE sink=?",
+            (n, time.time(), sink),
+        )
+    elif error is None:
         conn.execute(f"UPDATE sink_counters SET {column}={column}+? WHERE sink=?", (n, sink))
     else:
         conn.execute(
@@ -731,10 +757,10 @@ class OutboxReader:
             (sink, PENDING),
         ).fetchone()[0]
         counters = conn.execute(
-            "SELECT delivered, failed_attempts, last_error, last_error_at "
+            "SELECT delivered, failed_attempts, last_error, last_error_at, last_delivered_at "
             "FROM sink_counters WHERE sink=?",
             (sink,),
-        ).fetchone() or (0, 0, None, None)
+        ).fetchone() or (0, 0, None, None, None)
         return SinkCounts(
             pending=states.get(PENDING, 0),
             dead=states.get(DEAD, 0),
@@ -743,6 +769,7 @@ class OutboxReader:
             oldest_pending=oldest,
             last_error=counters[2],
             last_error_at=counters[3],
+            last_delivered_at=counters[4],
         )
 
     async def counts(self, sink: str) -> SinkCounts:
