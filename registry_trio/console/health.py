@@ -28,8 +28,7 @@ __all__ = ["DeliveryRates", "SinkState", "sink_state"]
 
 # Samples further apart than this are enough: a console refreshing fast adds none between.
 SAMPLE_EVERY = 1.0
-# How far back samples are kept: the rate is over the last minute, with room to spare.
-SAMPLE_KEEP = 120.0
+# The rate is over the readings of the last minute; older ones are dropped.
 RATE_WINDOW = 60.0
 
 
@@ -46,10 +45,10 @@ class _Sample:
 
 
 class DeliveryRates:
-    """Per sink, the delivered count as this process read it over the last two minutes.
+    """Per sink, the delivered count as this process read it over the last minute.
 
     Bounded whatever the callers do: at most one sample per :data:`SAMPLE_EVERY` per sink,
-    none older than :data:`SAMPLE_KEEP`, for the configured sinks only.
+    none older than :data:`RATE_WINDOW`, for the configured sinks only.
     """
 
     def __init__(self) -> None:
@@ -61,12 +60,11 @@ class DeliveryRates:
         samples = self._samples.setdefault(sink, deque())
         if samples and delivered < samples[-1].delivered:
             samples.clear()  # the queue was recreated: its counts started over
-        while samples and samples[0].at < now - SAMPLE_KEEP:
+        while samples and samples[0].at < now - RATE_WINDOW:
             samples.popleft()
         if not samples or now - samples[-1].at >= SAMPLE_EVERY:
             samples.append(_Sample(now, delivered))
-        window = [s for s in samples if s.at >= now - RATE_WINDOW]
-        first = window[0] if window else samples[-1]
+        first = samples[0]
         elapsed = now - first.at
         if elapsed < SAMPLE_EVERY:
             return None
