@@ -474,3 +474,36 @@ async def test_an_administrator_by_client_certificate_uses_the_console(nursery, 
         refused = await http.post(f"{UI}sink/replay", data=form, auth=alice)
         assert "security token" in assert_oci_error(refused, 403, "DENIED")["message"]
         assert (await http.post(f"{UI}sink/replay", data=form)).status_code == 303
+
+
+async def test_no_page_shows_a_secret(nursery, tmp_path, sink):
+    secrets = ("url-password-1", "bearer-token-2", "hmac-key-3")
+    sink.status = 400  # a dead letter too, so that every part of the pages is shown
+    address = sink.url.replace("http://", f"http://hook-user:{secrets[0]}@")
+    config = events_config(
+        tmp_path,
+        {
+            "type": "http",
+            "address": address,
+            "credentials": {"token": secrets[1]},
+            "hmac": {"secret": secrets[2]},
+        },
+    )
+    registry = await start_registry(nursery, config)
+    name = config.extensions.events.sinks[0].name
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await push_image(http, "team/app", "v1")
+        (letter, *_) = await eventually(lambda: dead_letters(http, name), bool)
+        pages = [
+            await http.get(UI),
+            await http.get(f"{UI}sinks"),
+            await http.get(f"{UI}sink", params={"name": name}),
+            await http.get(
+                f"{UI}event", params={"id": letter["id"], "sink": name, "seq": letter["seq"]}
+            ),
+        ]
+    for page in pages:
+        assert page.status_code == 200, page.text
+        assert sink.url in page.text  # the address, less its credentials
+        for secret in (*secrets, "hook-user"):
+            assert secret not in page.text
