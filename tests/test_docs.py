@@ -166,7 +166,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def names_a_test(reference: str) -> bool:
-    """Whether ``tests/file.py::test_name`` names a test function of that file."""
+    """Whether ``tests/<file>.py::<name>`` names a test function of that file."""
     path, _, name = reference.partition("::")
     file = REPO / path
     if not file.is_file():

@@ -21,6 +21,7 @@ import hmac
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,7 +54,7 @@ MANIFEST_ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 
 
 def test_there_are_examples() -> None:
-    assert {"minimal", "htpasswd-access", "webhooks-nats", "jetstream"} <= set(EXAMPLE_NAMES)
+    assert {"minimal", "htpasswd-access", "webhooks-nats", "jetstream", "tls"} <= set(EXAMPLE_NAMES)
 
 
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
@@ -152,6 +153,8 @@ class Served:
     # Per sink of the example, in its order: the receiver its events reach.
     http_sinks: list[tuple[dict[str, Any], HTTPSinkServer]]
     nats: str | None
+    # Where the example's relative paths resolve (a copy of the repository's examples/).
+    root: Path
 
     def receiver(self, name: str) -> HTTPSinkServer:
         (found,) = [sink for config, sink in self.http_sinks if config.get("name") == name]
@@ -217,7 +220,9 @@ async def test_example_serves_a_push_and_its_event_reaches_every_sink(
         server = await stack.enter_async_context(server_process(path, cwd=tmp_path))
         auth = config["http"].get("auth", {})
         credentials = (PUSHER, DEMO_PASSWORDS[PUSHER]) if "htpasswd" in auth else None
-        async with httpx.AsyncClient(base_url=server.url, auth=credentials, timeout=30) as http:
+        async with httpx.AsyncClient(
+            base_url=server.url, auth=credentials, verify=client_tls(config, tmp_path), timeout=30
+        ) as http:
             pushed = await RegistryClient(server.url, client=http).push_image(
                 REPOSITORY, TAG, image
             )
@@ -230,10 +235,23 @@ async def test_example_serves_a_push_and_its_event_reaches_every_sink(
         for observer in observers:
             await observer.wait_for(lambda _, o=observer: expected in manifest_pushes(published(o)))
 
-        served = Served(server, config, image, http_sinks, nats)
+        served = Served(server, config, image, http_sinks, nats, tmp_path)
         await CHECKS.get(name, nothing_more)(served)
         assert await server.terminate() == 0
         assert "Traceback" not in server.current_output, server.current_output
+
+
+def client_tls(config: dict[str, Any], root: Path) -> ssl.SSLContext | bool:
+    """What a client needs for the example's TLS: its CA, and the demo client certificate
+    when it asks for one (examples/README.md); True (the default) without TLS."""
+    tls = config["http"].get("tls")
+    if tls is None:
+        return True
+    context = ssl.create_default_context(cafile=root / "examples" / "tls" / "ca.pem")
+    if "cacert" in tls:
+        demo = root / "examples" / "tls"
+        context.load_cert_chain(demo / "client.pem", demo / "client-key.pem")
+    return context
 
 
 def assert_signed(receiver: HTTPSinkServer, settings: dict[str, str]) -> None:
@@ -320,7 +338,24 @@ async def jetstream(served: Served) -> None:
         assert await observer.stream_last_sequence(stream) >= 4
 
 
+async def tls(served: Served) -> None:
+    """The client certificate names the actor; without one, or over plain HTTP, no answer."""
+    (event,) = [
+        e for e in served.receiver("receiver").events() if e["type"].endswith("image.updated")
+    ]
+    assert event["data"]["actor"] == {"name": "alice", "authType": "mtls"}
+    assert served.server.url.startswith("https://")
+    no_certificate = ssl.create_default_context(cafile=served.root / "examples/tls/ca.pem")
+    async with httpx.AsyncClient(verify=no_certificate) as anonymous:
+        with pytest.raises(httpx.TransportError):
+            await anonymous.get(f"{served.server.url}/v2/")
+    async with httpx.AsyncClient() as plain:
+        with pytest.raises(httpx.TransportError):
+            await plain.get(served.server.url.replace("https://", "http://") + "/v2/")
+
+
 CHECKS: dict[str, Callable[[Served], Awaitable[None]]] = {
+    "tls": tls,
     "htpasswd-access": htpasswd_access,
     "webhooks-nats": webhooks_nats,
     "jetstream": jetstream,
