@@ -75,6 +75,10 @@ RUN_BY = {
     "skopeo copy --src-tls-verify=false": QUICK_START,
     "python -c 'import oras.client": QUICK_START,
     "docker push": DOCKER,
+    "docker login": "tests/test_docker_client.py::test_docker_login_against_htpasswd",
+    "skopeo copy --dest-tls-verify=false --dest-creds": (
+        "tests/test_auth.py::test_skopeo_push_with_and_without_credentials"
+    ),
     "docker pull": DOCKER,
     "skopeo copy --dest-cert-dir": (
         "tests/test_tls.py::test_skopeo_pushes_and_pulls_over_https_and_urls_say_https"
