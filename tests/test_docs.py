@@ -47,6 +47,8 @@ from tests.waiting import eventually
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
+OPERATIONS = REPO / "docs" / "operations.md"
+SECURITY = REPO / "docs" / "security.md"
 # Where commands and configs are shown, and where links are followed as well.
 COMMAND_PAGES = [README, *DOCS]
 LINKED_PAGES = [*COMMAND_PAGES, REPO / "SECURITY.md", REPO / "examples" / "README.md"]
@@ -58,6 +60,8 @@ START_TIMEOUT = 30.0
 QUICK_START = "tests/test_docs.py::test_the_readme_quick_start_runs_as_a_user_runs_it"
 OPERATOR = "tests/test_docs.py::test_the_operator_commands_run_against_a_live_server"
 BACKUP = "tests/test_docs.py::test_a_live_backup_restores_the_content_and_the_pending_events"
+# The make targets that install and test are read with ``make -n`` (what they would run): the
+# suite cannot run itself.
 MAKEFILE = (
     "tests/test_makefile.py::"
     "test_make_test_after_make_run_adds_the_extras_and_make_run_after_it_installs_nothing"
@@ -450,13 +454,9 @@ async def test_the_readme_quick_start_runs_as_a_user_runs_it(tmp_path: Path) -> 
         assert await server.interrupt() == 0, server.current_output
 
 
-OPERATIONS = REPO / "docs" / "operations.md"
-SECURITY = REPO / "docs" / "security.md"
-
-
-def shown_by(page: Path, test: str, text: str | None = None) -> list[str]:
-    """The commands of a page (or of ``text``, a part of it) that RUN_BY gives ``test``."""
-    return [c for c in commands(page.read_text() if text is None else text) if run_by(c) == test]
+def shown_by(page: Path, test: str) -> list[str]:
+    """The commands of a page that RUN_BY gives ``test``."""
+    return [c for c in commands(page.read_text()) if run_by(c) == test]
 
 
 def served_config(sink_name: str, sink_url: str) -> dict[str, Any]:
