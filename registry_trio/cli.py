@@ -106,7 +106,7 @@ def _add_events_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _page_size(text: str) -> int:
     from .events.status import DEAD_PAGE_MAX
 
-    if not text.isdigit() or not 1 <= int(text) <= DEAD_PAGE_MAX:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= DEAD_PAGE_MAX:
         raise argparse.ArgumentTypeError(f"must be a number from 1 to {DEAD_PAGE_MAX}")
     return int(text)
 
@@ -135,7 +135,8 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
 
     try:
         if args.verb == "status":
-            _show(args.json, events_cli.status(config), _status_table)
+            sinks, delivered_by = events_cli.status(config)
+            _show(args.json, sinks, lambda rows: f"{_status_table(rows)}\n{delivered_by}")
         elif args.verb == "dead":
             page = events_cli.dead_letters(config, args.sink, args.limit, args.after)
             _show(args.json, page, _dead_letters_table)

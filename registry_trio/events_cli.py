@@ -129,18 +129,23 @@ def _sink(config: Config, name: str | None) -> SinkConfig:
         raise OperatorError(str(exc)) from None
 
 
-def status(config: Config) -> list[dict[str, Any]]:
+def status(config: Config) -> tuple[list[dict[str, Any]], str]:
+    """Every sink's status, and a line saying who delivers (or that no server answered)."""
     answer = _admin(config, "GET", "/_registry/events/sinks")
     if answer is not None:
         sinks: list[dict[str, Any]] = answer["sinks"]
-        return sinks
+        deliverer = answer.get("deliverer")
+        if deliverer is None:
+            return sinks, "delivered by: no process right now (a new leader is taking over)"
+        worker = "" if deliverer["worker"] is None else f"worker {deliverer['worker']}, "
+        return sinks, f"delivered by: {worker}pid {deliverer['pid']}"
     running = _offline_queue(config)
 
     async def offline() -> list[dict[str, Any]]:
         async with running as queue:
             return [await sink_status(queue, s, 0) for s in config.extensions.events.sinks]
 
-    return trio.run(offline)
+    return trio.run(offline), "no server answered: read from the queue directory"
 
 
 def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> dict[str, Any]:

@@ -528,3 +528,11 @@ async def test_batches_hold_at_most_max_events(nursery, tmp_path, sink, fmt):
     sizes = [len(r.json()["events"] if fmt == "distribution" else r.json()) for r in sink.received]
     assert sum(sizes) == total and max(sizes) == 3, sizes
     assert len({e["id"] for e in events}) == total
+
+
+def test_backoff_after_thousands_of_failed_attempts_stays_within_its_cap():
+    from registry_trio.events.delivery import full_jitter
+
+    # An outage long enough for 1026 attempts used to crash the sink's task on every retry.
+    for attempt in (1, 2, 1025, 1026, 5000, 10**6):
+        assert 0 <= full_jitter(attempt, 0.5, 60.0) <= 60.0

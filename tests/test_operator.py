@@ -163,7 +163,7 @@ async def test_admin_api_is_loopback_only_without_auth(registry, http):
     assert response.json()["errors"][0]["message"] == "the events extension is not enabled"
 
 
-# -- what the README promises of the operator surface ------------------------------------------
+# -- what docs/operations.md promises of the operator surface ----------------------------------
 
 
 async def cli_text(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
@@ -229,7 +229,9 @@ async def test_status_shows_every_documented_field_in_json_and_the_table(nursery
 
     code, out, err = await cli_text("status", "-c", str(config_path))
     assert code == 0, err
-    header, *rows = table(out)
+    header, *rows, (delivered_by,) = table(out)
+    # One process serves here: it delivers, and has no worker number.
+    assert re.fullmatch(r"delivered by: pid \d+", delivered_by), delivered_by
     assert header == [
         "SINK",
         "TYPE",
@@ -498,3 +500,10 @@ async def test_dead_and_replay_name_an_unknown_sink_and_list_the_configured_ones
         assert choose.json()["errors"][0]["message"] == (
             'name a sink with "sink"; configured sinks: audit, backup'
         )
+
+
+async def test_a_page_size_in_other_digits_is_refused_by_name(tmp_path):
+    config_path, _ = write_config(tmp_path, "http://127.0.0.1:9/events", free_port())
+    # "²" is a digit to str.isdigit(), not to int(): it once ended in a traceback.
+    code, _, err = await cli_text("dead", "-c", str(config_path), "--limit", "²")
+    assert code == 2 and "--limit: must be a number from 1 to 1000" in err, err

@@ -7,6 +7,7 @@ sink, and real clients on fresh connections (so that both workers take some).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from bench.registry_client import RegistryClient, make_image
 from tests.procs import ServerProcess, server_process, write_config
 from tests.raw_http import RawConnection
 from tests.sink import HTTPSinkServer
-from tests.test_instance_lock import assert_refused
+from tests.test_instance_lock import assert_refused, registry_trio
 
 UPDATED = "zotregistry.image.updated"
 
@@ -130,6 +131,17 @@ async def test_two_workers_serve_pushes_and_pulls_and_metrics_count_both(nursery
             if route != "/metrics"
         )
         assert counted == tally, scrape
+        # The operator's status says which worker delivers, as the admin API does.
+        leader = await leader_pid(server)
+        # The command finds the server by the config's address: the port it got, not 0.
+        config = json.loads(server.config.read_text())
+        config["http"]["port"] = int(server.url.rsplit(":", 1)[1])
+        (tmp_path / "cli.json").write_text(json.dumps(config))
+        status = await registry_trio("events", "status", "-c", str(tmp_path / "cli.json"))
+        assert status.returncode == 0, status.stderr
+        assert re.search(
+            rf"^delivered by: worker [12], pid {leader}$", status.stdout.decode(), re.MULTILINE
+        ), status.stdout
         await sink.wait_for(lambda events: len(updated(sink)) == len(images))
 
 

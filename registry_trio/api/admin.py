@@ -60,7 +60,7 @@ def _int_arg(name: str, default: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²" is a digit int() refuses
         raise RegistryError("UNSUPPORTED", 400, f"{name} must be a non-negative integer")
     return int(raw)
 

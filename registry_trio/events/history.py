@@ -15,12 +15,12 @@ from typing import Any
 
 from .queue import EventTrace, HistoryPage, HistoryQuery, HistoryRecord, Step
 from .queue.history import PAGE_MAX, RECORDED_STEPS
+from .status import iso_time
 
 __all__ = [
     "HISTORY_PARAMETERS",
     "BadParameter",
     "check_event_id",
-    "iso_time",
     "page_json",
     "parse_query",
     "record_json",
@@ -87,9 +87,10 @@ def _time(parameter: str, value: str) -> float:
     return when.timestamp()
 
 
-# Records show their time to the microsecond; a range given in those times includes the
-# records at its ends, whatever the digits the display rounded away.
-_SHOWN = 1e-6
+# Records show their time cut to the millisecond (as every time of the admin API), after
+# rounding to the microsecond: a range given in shown times holds exactly the records shown
+# within it, the ends included.
+_MILLISECOND, _MICROSECOND = 1e-3, 1e-6
 
 
 def _steps(value: str) -> frozenset[Step]:
@@ -111,8 +112,11 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         if len(values) != 1:
             raise BadParameter(name, "give it once")
     one = {name: values[0] for name, values in args.items()}
-    since = _time("since", one["since"]) - _SHOWN if "since" in one else None
-    until = _time("until", one["until"]) + _SHOWN if "until" in one else None
+    since = _time("since", one["since"]) - _MICROSECOND / 2 if "since" in one else None
+    if "until" in one:
+        until: float | None = _time("until", one["until"]) + _MILLISECOND - _MICROSECOND / 2
+    else:
+        until = None
     if since is not None and until is not None and since > until:
         raise BadParameter("since", "is after until")
     return HistoryQuery(
@@ -126,13 +130,6 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         before=_whole_number("before", one["before"], 1, MAX_CURSOR) if "before" in one else None,
         limit=_whole_number("limit", one["limit"], 1, PAGE_MAX) if "limit" in one else 100,
     )
-
-
-def iso_time(when: float | None) -> str | None:
-    """A Unix time as ISO-8601 UTC with microseconds (``2026-11-23T11:30:00.123456Z``)."""
-    if when is None:
-        return None
-    return datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
 
 
 def record_json(record: HistoryRecord) -> dict[str, Any]:
@@ -216,7 +213,7 @@ def trace_json(trace: EventTrace) -> dict[str, Any]:
         "action": None if event is None else str(event.action),
         "repository": None if event is None else event.target.repository,
         "digest": None if event is None else event.target.digest,
-        "eventTime": None if event is None else event.time.isoformat().replace("+00:00", "Z"),
+        "eventTime": None if event is None else iso_time(event.time.timestamp()),
         "payload": None if event is None else event.to_json(),
         "sinks": _sinks(trace),
         "steps": steps,
