@@ -156,6 +156,11 @@ async def test_replay_from_a_form_reaches_the_receiver(nursery, tmp_path, sink, 
         assert everything.status_code == 303
         await sink.wait_for(lambda events: any(e["id"] == second["id"] for e in events))
         assert await dead_letters(http) == []
+        # The delivery history names who replayed them from the console.
+        history = await http.get("/_registry/events/history", params={"outcome": "replayed"})
+        replays = history.json()["records"]
+        assert {r["event"] for r in replays} == {first["id"], second["id"]}
+        assert all(r["by"].startswith("anonymous at 127.0.0.1") for r in replays)
 
 
 async def test_a_post_without_a_valid_token_is_refused_and_changes_nothing(nursery, tmp_path, sink):

@@ -6,6 +6,9 @@ configured, otherwise only clients on the loopback interface.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from quart import Response, jsonify, request
 
 from ..config import SinkConfig
@@ -21,7 +24,7 @@ from ..events.status import (
 from .context import CLIENT_ADDR_KEY, Registry, current_registry, identity
 from .errors import RegistryError
 
-__all__ = ["dead", "event_trace", "history", "replay", "sinks"]
+__all__ = ["dead", "event_trace", "history", "replay", "replayer", "sinks"]
 
 
 def _event_queue(registry: Registry) -> EventQueue:
@@ -87,9 +90,14 @@ async def replay() -> Response:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RegistryError("UNSUPPORTED", 400, "ids must be a list of event ids")
-    who = identity(request.scope).name or f"anonymous at {request.scope.get(CLIENT_ADDR_KEY)}"
-    replayed = await queue.replay(str(sink.name), ids, by=who)
+    replayed = await queue.replay(str(sink.name), ids, by=replayer(request.scope))
     return jsonify({"sink": sink.name, "replayed": replayed})
+
+
+def replayer(scope: Mapping[str, Any]) -> str:
+    """Who replays, as the delivery history records it: the admin user, or, without
+    authentication, the loopback client's address."""
+    return identity(scope).name or f"anonymous at {scope.get(CLIENT_ADDR_KEY)}"
 
 
 def _bad(exc: BadParameter) -> RegistryError:
