@@ -21,7 +21,14 @@ import httpx
 import trio
 
 from .config import Config, SinkConfig
-from .events.history import BadParameter, check_event_id, page_json, parse_query, trace_json
+from .events.history import (
+    BadParameter,
+    check_event_id,
+    page_json,
+    parse_query,
+    trace_json,
+    unknown_event,
+)
 from .events.queue import EventQueue, running_queue
 from .events.status import SinkNotChosen, choose_sink, dead_letter_page, sink_status
 
@@ -210,38 +217,37 @@ def history(
         params["sink"] = sink
     if failed:
         params["outcome"] = FAILED_OUTCOMES
-    records: list[dict[str, Any]] = []
-    cursor = before
+    collected: dict[str, Any] = {"records": [], "next": before}
 
     def query() -> dict[str, str]:
-        page = {**params, "limit": str(min(limit - len(records), 1000))}
-        return page if cursor is None else {**page, "before": str(cursor)}
+        wanted = {**params, "limit": str(min(limit - len(collected["records"]), 1000))}
+        cursor = collected["next"]
+        return wanted if cursor is None else {**wanted, "before": str(cursor)}
+
+    def enough(page: dict[str, Any]) -> bool:
+        """Take a page in; whether the listing is complete."""
+        collected["records"] += page["records"]
+        collected["next"] = page["next"]
+        return page["next"] is None or len(collected["records"]) >= limit
 
     online = _admin(config, "GET", "/_registry/events/history", params=query())
     if online is not None:
-        while True:
-            records += online["records"]
-            cursor = online["next"]
-            if cursor is None or len(records) >= limit:
-                return {"records": records, "next": cursor}
+        while not enough(online):
             online = _admin(config, "GET", "/_registry/events/history", params=query())
             if online is None:
                 raise OperatorError("the server stopped answering while paging")
+        return collected
     running = _offline_queue(config)
 
     async def offline() -> dict[str, Any]:
-        nonlocal cursor, records
         async with running as queue:
             while True:
                 try:
                     parsed = parse_query({k: [v] for k, v in query().items()})
                 except BadParameter as exc:
                     raise OperatorError(str(exc)) from None
-                page = page_json(await queue.history(parsed))
-                records += page["records"]
-                cursor = page["next"]
-                if cursor is None or len(records) >= limit:
-                    return {"records": records, "next": cursor}
+                if enough(page_json(await queue.history(parsed))):
+                    return collected
 
     return trio.run(offline)
 
@@ -260,10 +266,7 @@ def event_trace(config: Config, event_id: str) -> dict[str, Any]:
         async with running as queue:
             found = await queue.trace(event_id)
         if found is None:
-            raise OperatorError(
-                f"the queue knows nothing of event {event_id!r}: it was never attempted (and "
-                "is not among the newest queued events), or its history was pruned"
-            )
+            raise OperatorError(unknown_event(event_id))
         return trace_json(found)
 
     return trio.run(offline)

@@ -12,7 +12,14 @@ from typing import Any
 from quart import Response, jsonify, request
 
 from ..config import SinkConfig
-from ..events.history import BadParameter, check_event_id, page_json, parse_query, trace_json
+from ..events.history import (
+    BadParameter,
+    check_event_id,
+    page_json,
+    parse_query,
+    trace_json,
+    unknown_event,
+)
 from ..events.queue import EventQueue
 from ..events.status import (
     DEAD_PAGE_MAX,
@@ -123,10 +130,5 @@ async def event_trace(event: str) -> Response:
         raise _bad(exc) from None
     found = await queue.trace(event_id)
     if found is None:
-        raise RegistryError(
-            "UNSUPPORTED",
-            404,
-            f"the queue knows nothing of event {event_id!r}: it was never attempted (and is "
-            "not among the newest queued events), or its history was pruned",
-        )
+        raise RegistryError("UNSUPPORTED", 404, unknown_event(event_id))
     return jsonify(trace_json(found))

@@ -25,6 +25,7 @@ __all__ = [
     "parse_query",
     "record_json",
     "trace_json",
+    "unknown_event",
 ]
 
 # The query parameters of GET /_registry/events/history; any other is refused.
@@ -129,6 +130,14 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         until=until,
         before=_whole_number("before", one["before"], 1, MAX_CURSOR) if "before" in one else None,
         limit=_whole_number("limit", one["limit"], 1, PAGE_MAX) if "limit" in one else 100,
+    )
+
+
+def unknown_event(event_id: str) -> str:
+    """What to say of an event id the queue has no trace of."""
+    return (
+        f"the queue knows nothing of event {event_id!r}: it was never attempted (and is not "
+        "among the newest queued events), or its history was pruned"
     )
 
 
