@@ -532,6 +532,9 @@ class Outbox:
     async def prune_history(self) -> int:
         """Prune the history to its limits now, a batch per transaction; rows deleted."""
         limits = self._history
+        async with self._reading() as reader:
+            if not await reader.history_overdue(limits.max_age, limits.max_rows):
+                return 0  # no write transaction (and no fsync) for nothing
         deleted = 0
         while True:
             count = 0
@@ -818,6 +821,15 @@ class OutboxReader:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    async def history_overdue(self, max_age: float, max_rows: int) -> bool:
+        """Whether any history row is past ``max_age`` or the ``max_rows`` budget."""
+
+        def overdue() -> bool:
+            span = history.overdue(self._connection(), max_age, max_rows, 1, time.time())
+            return span is not None
+
+        return await trio.to_thread.run_sync(overdue)
 
     def _pending(self, sink: str, limit: int, after: int) -> list[tuple[OwedEvent, float]]:
         rows = (

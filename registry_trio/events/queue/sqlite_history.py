@@ -289,13 +289,15 @@ def read_trace(conn: sqlite3.Connection, event_id: str) -> EventTrace | None:
     )
 
 
-def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float) -> int:
-    """Delete up to ``batch`` of the oldest rows past the age or the row budget, and the
-    events no row names any more and no sink owes; how many rows went (in the caller's
-    transaction)."""
+def overdue(
+    conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float
+) -> tuple[int, int] | None:
+    """The ids of up to ``batch`` of the oldest rows past the age or the row budget (first,
+    last); None when every row is within both. Read-only: a reader may ask it first, so that
+    a prune with nothing to do costs no write transaction."""
     first, last = conn.execute("SELECT MIN(id), MAX(id) FROM history").fetchone()
     if first is None:
-        return 0
+        return None
     # Rows are only ever deleted oldest first, so ids are contiguous: last - first + 1 rows.
     keep_from = max(first, last + 1 - max_rows)
     young = conn.execute(
@@ -303,7 +305,15 @@ def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, n
     ).fetchone()
     keep_from = max(keep_from, young[0] if young is not None else last + 1)
     doomed = (first, min(keep_from - 1, first + batch - 1))
-    if doomed[1] < doomed[0]:
+    return None if doomed[1] < doomed[0] else doomed
+
+
+def prune(conn: sqlite3.Connection, max_age: float, max_rows: int, batch: int, now: float) -> int:
+    """Delete up to ``batch`` of the oldest rows past the age or the row budget, and the
+    events no row names any more and no sink owes; how many rows went (in the caller's
+    transaction)."""
+    doomed = overdue(conn, max_age, max_rows, batch, now)
+    if doomed is None:
         return 0
     # Whole statements, not a statement per row: each step of executemany re-takes the GIL.
     conn.execute(
