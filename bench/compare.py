@@ -39,6 +39,8 @@ What it measures
 How to run
     .venv/bin/python bench/compare.py                     # N=300, C=8
     .venv/bin/python bench/compare.py -n 1000 -c 16 --rounds 3
+    .venv/bin/python bench/compare.py --pin --rounds 3     # server alone on one core
+    .venv/bin/python bench/compare.py --pin --workers 2
     .venv/bin/python bench/compare.py --distribution-binary /opt/registry/bin/registry --json
 
 The servers are always started by the script; --url is not supported.
@@ -142,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         "per POST)",
     )
     group.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each server on the first usable CPU and the load generator and receiver "
+        "on the others (taskset -c); needs at least 2 usable CPUs",
+    )
+    group.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="start registry-trio with http.workers N (worker processes behind a "
+        "supervisor); default: the key is left out of its config",
+    )
+    group.add_argument(
         "--delivery-deadline",
         type=float,
         default=30.0,
@@ -155,7 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.server_cpus, args.client_cpus = None, None
+    if args.pin:
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) < 2:
+            parser.error(f"--pin needs at least 2 usable CPUs; this process may use {usable}")
+        args.server_cpus, args.client_cpus = usable[:1], usable[1:]
     return args
+
+
+def trio_http_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Keys added to registry-trio's ``http`` config section: only what was asked for."""
+    return {} if args.workers is None else {"workers": args.workers}
+
+
+def cpu_list(cpus: list[int] | None) -> str | None:
+    """``[1, 2]`` -> ``"1,2"``, as ``taskset -c`` reads it."""
+    return None if cpus is None else ",".join(map(str, cpus))
 
 
 # -- Docker distribution ----------------------------------------------------------------------
@@ -182,9 +213,13 @@ class DistributionProcess(ManagedProcess):
         notify_url: str | None = None,
         data_dir: str | None = None,
         start_timeout: float = 30.0,
+        cpus: str | None = None,
     ) -> None:
         super().__init__(
-            root_prefix="distribution-bench-", data_dir=data_dir, start_timeout=start_timeout
+            root_prefix="distribution-bench-",
+            data_dir=data_dir,
+            start_timeout=start_timeout,
+            cpus=cpus,
         )
         self._binary = binary
         self._notify_url = notify_url
@@ -358,7 +393,11 @@ def measure(
         "server_cpu_s": cpu_push,
         "server_cpu_with_delivery_s": cpu_push,
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
+        # Read from the kernel while the server runs: what --pin asked for, or not.
+        "cpus": {"server": server.allowed_cpus(), "client": sorted(os.sched_getaffinity(0))},
     }
+    if receiver is not None:
+        entry["cpus"]["receiver"] = sorted(os.sched_getaffinity(receiver.pid))
     if receiver is not None:
         expected = EVENTS_PER_IMAGE * (len(warm) + len(images))
         started = time.perf_counter()
@@ -383,14 +422,17 @@ def run_target(
             notify_url=receiver.url if notify else None,
             data_dir=args.data_dir,
             start_timeout=args.start_timeout,
+            cpus=cpu_list(args.server_cpus),
         )
     else:
         sinks = [{"type": "http", "address": receiver.url, "format": args.format}]
         server = ServerProcess(
             data_dir=args.data_dir,
             sinks=sinks if notify else (),
+            http=trio_http_settings(args),
             log_file=args.server_log,
             start_timeout=args.start_timeout,
+            cpus=cpu_list(args.server_cpus),
         )
     with server:
         try:
@@ -456,6 +498,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         targets = tuple(t for t in TARGETS if not t.startswith("distribution"))
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    if args.client_cpus is not None:
+        # This thread, every thread it starts from now on and the receiver (a child
+        # process) inherit it; each server is started on args.server_cpus instead.
+        os.sched_setaffinity(0, args.client_cpus)
     with Receiver() as receiver:
         for round_ in range(args.rounds):
             for target in targets:
@@ -485,6 +531,11 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         f"({args.layer_size} B layer + config + manifest), {args.repos} repos, "
         f"concurrency {args.concurrency}"
     )
+    if args.pin:
+        print(
+            f"pinned: servers on CPU {cpu_list(args.server_cpus)}, load generator and receiver "
+            f"on CPU {cpu_list(args.client_cpus)}"
+        )
     print()
     header = (
         f"{'server':24} {'images/s':>9} {'PUT p50':>8} {'PUT p99':>8} "
@@ -537,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         "repos": args.repos,
         "upload": args.upload,
         "trio_sink_format": args.format,
+        "trio_http": trio_http_settings(args),
+        "pin": {"server": args.server_cpus, "client": args.client_cpus} if args.pin else None,
         "distribution_binary": args.distribution_binary,
     }
     if not args.json:
