@@ -262,7 +262,7 @@ async def start_upload(req: RawRequest) -> None:
 
     monolithic = req.query("digest")
     if monolithic is None:
-        upload_id = await registry.io(registry.storage.create_upload, req.name)
+        upload_id = registry.io_inline(registry.storage.create_upload, req.name)
         await req.respond(202, _session_headers(req, upload_id, 0))
         return
     # Monolithic: the whole blob in this request, staged in one file rather than a session;
@@ -413,7 +413,7 @@ async def get_blob(req: RawRequest) -> None:
     registry = req.registry
     digest = oci.parse_digest(req.params["digest"])
     if req.method == "HEAD":
-        f, size = None, await registry.io(registry.storage.blob_size, req.name, digest)
+        f, size = None, registry.io_inline(registry.storage.blob_size, req.name, digest)
     else:
         f, size = await registry.io(registry.storage.open_blob, req.name, digest)
     try:

@@ -115,6 +115,19 @@ class Registry:
         call = functools.partial(_on_storage, self.storage.root, fn, *args)
         return await trio.to_thread.run_sync(call, limiter=self.io_limiter)
 
+    def io_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a storage call that only looks up or creates a directory entry, on the loop.
+
+        For those alone a worker thread costs more than the call: a ``to_thread`` round
+        trip is ~40 us of CPU (and two context switches) against ~25 us for a blob HEAD's
+        two stats and ~35 us for creating an empty session file, measured on one core with
+        another thread fsyncing beside it (wall: p99 85 us / 180 us, max 0.5 ms). Cutting
+        the push path's 4 such hops per image saved ~0.9 ms of server CPU per image in
+        ``compare.py --pin``. Anything that reads or writes content, or fsyncs, takes
+        :meth:`io`. A full disk raises :class:`StorageFull`, as there.
+        """
+        return _on_storage(self.storage.root, fn, *args)
+
     async def emit(self, scope: MutableMapping[str, Any], *changes: tuple[Action, Target]) -> None:
         """Record this request's events in one commit; returns once they are durable."""
         await self._begin_emit(scope, changes).wait()
