@@ -262,7 +262,7 @@ async def start_upload(req: RawRequest) -> None:
 
     monolithic = req.query("digest")
     if monolithic is None:
-        upload_id = registry.io_inline(registry.storage.create_upload, req.name)
+        upload_id = await registry.io(registry.storage.create_upload, req.name)
         await req.respond(202, _session_headers(req, upload_id, 0))
         return
     # Monolithic: the whole blob in this request, staged in one file rather than a session;

@@ -116,15 +116,15 @@ class Registry:
         return await trio.to_thread.run_sync(call, limiter=self.io_limiter)
 
     def io_inline(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a storage call that only looks up or creates a directory entry, on the loop.
+        """Run a storage call that only looks names up (``stat``), on the loop.
 
-        For those alone a worker thread costs more than the call: a ``to_thread`` round
-        trip is ~40 us of CPU (and two context switches) against ~25 us for a blob HEAD's
-        two stats and ~35 us for creating an empty session file, measured on one core with
-        another thread fsyncing beside it (wall: p99 85 us / 180 us, max 0.5 ms). Cutting
-        the push path's 4 such hops per image saved ~0.9 ms of server CPU per image in
-        ``compare.py --pin``. Anything that reads or writes content, or fsyncs, takes
-        :meth:`io`. A full disk raises :class:`StorageFull`, as there.
+        For those a worker thread costs more than the call: a ``to_thread`` round trip is
+        ~40 us of CPU and two context switches, a blob HEAD's two stats ~25 us (measured on
+        one core with another thread fsyncing beside it; wall p99 85 us, max 0.5 ms); path
+        lookups take no directory lock. Inlining the two HEADs of a push saved ~0.8 ms of
+        server CPU per image in ``compare.py --pin``. Creating a file is not for here: on a
+        filesystem that scans for a free inode it held the loop ~0.4 ms per call under
+        push load, for no CPU saved. A full disk raises :class:`StorageFull`, as in :meth:`io`.
         """
         return _on_storage(self.storage.root, fn, *args)
 
