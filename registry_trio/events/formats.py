@@ -129,7 +129,7 @@ def structured_document(event: Event, prefix: str) -> dict[str, Any]:
     return {**attributes, "specversion": "1.0", "data": data}
 
 
-def _json(document: Any) -> bytes:
+def _encode_json(document: Any) -> bytes:
     # OPT_UTC_Z: the time as CloudEvents (RFC 3339) and JSONFormat write it, "...Z".
     return orjson.dumps(document, option=orjson.OPT_UTC_Z)
 
@@ -167,7 +167,7 @@ def distribution_event(event: Event) -> dict[str, Any]:
 
 def _structured(events: Sequence[Event], prefix: str) -> Encoded:
     (event,) = events
-    return {"content-type": STRUCTURED_MEDIA_TYPE}, _json(structured_document(event, prefix))
+    return {"content-type": STRUCTURED_MEDIA_TYPE}, _encode_json(structured_document(event, prefix))
 
 
 def _binary(events: Sequence[Event], prefix: str) -> Encoded:
@@ -177,7 +177,7 @@ def _binary(events: Sequence[Event], prefix: str) -> Encoded:
 
 
 def _batch(events: Sequence[Event], prefix: str) -> Encoded:
-    body = _json([structured_document(e, prefix) for e in events])
+    body = _encode_json([structured_document(e, prefix) for e in events])
     return {"content-type": BATCH_MEDIA_TYPE}, body
 
 
