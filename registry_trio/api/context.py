@@ -21,7 +21,6 @@ from ..events.queue import APPENDED, EventQueue, PendingAppend
 from ..metrics import Metrics
 from ..storage import FilesystemStorage, StorageFull
 from ..storage.errors import DISK_FULL_ERRNOS
-from ..threads import yield_to_event_loop
 from .locks import RepositoryLocks
 
 __all__ = [
@@ -189,7 +188,6 @@ class Registry:
 
 def _on_storage(root: Path, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, on a worker thread, where a full disk can be measured without blocking."""
-    yield_to_event_loop()
     try:
         return fn(*args)
     except OSError as exc:

@@ -46,7 +46,6 @@ from typing import Any
 import trio
 
 from ...config import SinkConfig
-from ...threads import yield_to_event_loop
 from ..model import Event
 from .base import (
     APPENDED,
@@ -211,7 +210,6 @@ class Outbox:
 
     def _writer(self, token: trio.lowlevel.TrioToken) -> None:
         assert self._conn is not None
-        yield_to_event_loop()
         try:
             while (first := self._queue.get()) is not None:
                 group, stopping = [first], False
