@@ -349,7 +349,8 @@ class ManagedProcess(abc.ABC):
     SIGTERM (``kill -9`` after 20 s) and removes ``root``. A reader thread keeps the last
     lines of the output for :meth:`log_tail`, so the process never blocks on a full pipe.
     ``cpus`` (a ``taskset -c`` list, e.g. ``"0"``) runs the process, and every thread and
-    child it starts, on those CPUs only.
+    child it starts, on those CPUs only. ``keep_root`` leaves ``root`` for the caller to
+    remove (compare.py removes every server's at the end of its run).
     """
 
     def __init__(
@@ -359,11 +360,13 @@ class ManagedProcess(abc.ABC):
         data_dir: str | None = None,
         start_timeout: float = 30.0,
         cpus: str | None = None,
+        keep_root: bool = False,
     ) -> None:
         self._root_prefix = root_prefix
         self._data_dir = data_dir
         self._start_timeout = start_timeout
         self._cpus = cpus
+        self._keep_root = keep_root
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -463,7 +466,7 @@ class ManagedProcess(abc.ABC):
                 self.proc.kill()
                 self.proc.wait()
         self._reap()
-        if self.root is not None:
+        if self.root is not None and not self._keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -489,12 +492,14 @@ class ServerProcess(ManagedProcess):
         start_timeout: float = 30.0,
         python: str = sys.executable,
         cpus: str | None = None,
+        keep_root: bool = False,
     ) -> None:
         super().__init__(
             root_prefix="registry-trio-bench-",
             data_dir=data_dir,
             start_timeout=start_timeout,
             cpus=cpus,
+            keep_root=keep_root,
         )
         self._events = events or bool(sinks)
         self._sinks = list(sinks)

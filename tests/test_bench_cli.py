@@ -537,6 +537,24 @@ def test_compare_pinned_tiny_run() -> None:
     assert events_round["cpus"]["receiver"] == rest
 
 
+def test_compare_keeps_every_server_s_data_until_the_end_of_the_run(
+    bench_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """A server stopped with keep_root leaves its directory (compare.py removes them all at
+    the end, so one server's removal does not cost the next one CPU); the run leaves none."""
+    with bench_modules["common"].ServerProcess(data_dir=str(tmp_path), keep_root=True) as server:
+        root = server.root
+    assert root is not None and (root / "registry_data").is_dir()
+    root_dir = tmp_path / "compare-run"
+    root_dir.mkdir()
+    doc = run_json(
+        "compare.py", "-n", "2", "-c", "2", "--distribution-binary", "/nonexistent",
+        "--data-dir", str(root_dir),
+    )  # fmt: skip
+    assert doc["targets"]["registry-trio"]["images"] == 2
+    assert list(root_dir.iterdir()) == []
+
+
 def test_server_cpu_counts_the_processes_it_started(
     bench_modules: dict[str, ModuleType],
 ) -> None:
