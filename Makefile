@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What serving needs (make run), and that plus the test and bench tools (everything else).
+# The full install covers the serving one, so it touches both stamps: make run after make
+# test installs nothing more, make test after make run adds the extras.
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: install run test bench lint clean
 
@@ -10,21 +14,25 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
+	touch $(DEV_STAMP) $(SERVE_STAMP)
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/registry-trio serve $(if $(CONFIG),-c $(CONFIG))
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/ruff check registry_trio tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python bench/push.py
 	$(BIN)/python bench/bigblob.py
 	$(BIN)/python bench/nats_sink.py
@@ -34,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/crash_soak.py
 	$(BIN)/python bench/compare.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check registry_trio tests bench
 	$(BIN)/ruff format --check registry_trio tests bench
 	$(BIN)/mypy

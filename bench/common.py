@@ -64,7 +64,6 @@ __all__ = [
     "read_memory",
     "report_failure",
     "reset_peak",
-    "tree_cpu_times",
 ]
 
 MB = 1_000_000
@@ -444,7 +443,7 @@ class ManagedProcess(abc.ABC):
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds the server has used so far: all threads, and the
         processes it started (a supervisor's workers), living or ended."""
-        return tree_cpu_times(self.pid)
+        return cpu_times(self.pid)
 
     def allowed_cpus(self) -> list[int]:
         """The CPUs the server may run on, as the kernel has it now."""
@@ -517,7 +516,8 @@ class ServerProcess(ManagedProcess):
         assert self.root is not None
         doc: dict[str, Any] = {
             "storage": {"rootDirectory": str(self.root / "registry_data")},
-            "http": {"address": "127.0.0.1", "port": 0, **self._http},
+            # One process unless the bench asks for workers: figures stay per process.
+            "http": {"address": "127.0.0.1", "port": 0, "workers": 1, **self._http},
             "log": {"level": "info"},
         }
         if self._events:
@@ -598,34 +598,29 @@ class ServerProcess(ManagedProcess):
         return reset_peak(self.pid)
 
 
-def _cpu_ticks(pid: int) -> list[int]:
-    """utime, stime, cutime, cstime of ``pid`` (/proc/<pid>/stat), in clock ticks."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Field 2 (comm) may hold spaces; the fields after its closing parenthesis are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return [int(f) for f in fields[11:15]]
-
-
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds ``pid`` has used so far, all threads (/proc/<pid>/stat)."""
-    utime, stime, _, _ = _cpu_ticks(pid)
-    return utime / _clock_ticks(), stime / _clock_ticks()
+    """(user, system) CPU seconds ``pid`` has used so far, all threads, with its children's
+    (a supervisor's workers: the live ones, and those it has reaped) (/proc/<pid>/stat)."""
+    user = system = 0.0
+    for process in [pid, *_children(pid)]:
+        try:
+            stat = Path(f"/proc/{process}/stat").read_text()
+        except FileNotFoundError:
+            continue  # a child that exited meanwhile: its time is in the parent's cutime
+        # Field 2 (comm) may hold spaces; the fields after its closing parenthesis are fixed.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime, and the waited-for children's cutime, cstime.
+        user += (int(fields[11]) + int(fields[13])) / _clock_ticks()
+        system += (int(fields[12]) + int(fields[14])) / _clock_ticks()
+    return user, system
 
 
-def tree_cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid``, of its children that ended and were waited
-    for, and of its living descendants (``/proc/<pid>/task/<tid>/children``), recursively."""
-    user = system = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it just ended
-            utime, stime, cutime, cstime = _cpu_ticks(current)
-            user, system = user + utime + cutime, system + stime + cstime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                with contextlib.suppress(FileNotFoundError):
-                    pending += [int(child) for child in (task / "children").read_text().split()]
-    return user / _clock_ticks(), system / _clock_ticks()
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
 
 
 def read_memory(pid: int) -> dict[str, int]:

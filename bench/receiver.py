@@ -1,9 +1,12 @@
 """A counting webhook receiver for the benchmarks, run as its own process.
 
-``python bench/receiver.py [--delay SECONDS] [--record]`` prints ``listening on URL``; POSTs to
-any path are answered 200 (after ``--delay``), and ``GET /count`` returns how many events and
-requests arrived (a CloudEvents batch or a distribution envelope counts all its events). It
-runs in a separate process so that its CPU is not taken from the registry's delivery loop.
+``python bench/receiver.py [--delay SECONDS] [--record] [--port N] [--print]`` prints
+``listening on URL``; POSTs to any path are answered 200 (after ``--delay``), and ``GET /count``
+returns how many events and requests arrived (a CloudEvents batch or a distribution envelope
+counts all its events). It runs in a separate process so that its CPU is not taken from the
+registry's delivery loop. ``--port`` listens on a fixed port (default: a free one), and
+``--print`` prints every POST as it arrives (path, content type, signature header, body): the
+receiver the configs in examples/ send to.
 
 With ``--record`` it also parses every event (CloudEvents structured, binary and batch, and
 distribution envelopes) and ``GET /ids`` returns::
@@ -11,7 +14,8 @@ distribution envelopes) and ``GET /ids`` returns::
     {"events": N, "requests": N,
      "ids": {"<event id>": <copies received>, ...},
      "conflicting_ids": [ids whose copies were not byte-for-byte the same event],
-     "manifests": [{"id", "repository", "reference", "digest", "request_id"}, ...]}
+     "manifests": [{"id", "repository", "reference", "digest", "request_id",
+                    "received_at"}, ...]}
 
 ``manifests`` lists each manifest-push event once (by id). ``--record`` is off by default so
 that the drain benchmarks do not pay for the parsing.
@@ -28,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +118,10 @@ class Record:
             if first != fingerprint:
                 self.conflicting.add(event_id)
             if manifest is not None:
-                self.manifests.setdefault(event_id, {"id": event_id, **manifest})
+                # received_at (wall clock, first copy): for the end-to-end lag of bench/workers.py.
+                self.manifests.setdefault(
+                    event_id, {"id": event_id, **manifest, "received_at": time.time()}
+                )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,7 +131,14 @@ class Record:
         }
 
 
-async def main(delay: float, record: bool = False) -> None:
+def show(path: str, headers: dict[str, str], body: bytes) -> None:
+    """One POST as a person reads it: what came where, its signature, the body."""
+    signature = {k: v for k, v in headers.items() if k.endswith("-signature")}
+    print(f"POST {path} {headers.get('content-type', '')} {signature or ''}".rstrip(), flush=True)
+    print(body.decode(errors="replace"), flush=True)
+
+
+async def main(delay: float, record: bool = False, port: int = 0, show_posts: bool = False) -> None:
     totals = {"events": 0, "requests": 0}
     recorded = Record() if record else None
 
@@ -159,6 +174,8 @@ async def main(delay: float, record: bool = False) -> None:
             totals["requests"] += 1
             if recorded is not None:
                 recorded.add(headers, bytes(body))
+            if show_posts:
+                show(scope["path"], headers, bytes(body))
             payload = b""
         await send(
             {
@@ -170,7 +187,7 @@ async def main(delay: float, record: bool = False) -> None:
         await send({"type": "http.response.body", "body": payload})
 
     config = Config()
-    config.bind = ["127.0.0.1:0"]
+    config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.keep_alive_timeout = 600
     async with trio.open_nursery() as nursery:
@@ -253,5 +270,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--record", action="store_true", help="keep every event id; GET /ids returns them"
     )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: free)")
+    parser.add_argument(
+        "--print", action="store_true", dest="show", help="print every POST as it arrives"
+    )
     options = parser.parse_args()
-    trio.run(main, options.delay, options.record)
+    trio.run(main, options.delay, options.record, options.port, options.show)

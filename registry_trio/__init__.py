@@ -1,3 +1,5 @@
-"""registry-trio: an OCI registry on Trio with crash-safe, enriched event notifications."""
+"""registry-trio: an OCI registry on Trio with crash-safe, enriched event notifications.
 
-__version__ = "0.1.0"
+Its version is the installed distribution's (``registry-trio --version``), kept in one place:
+pyproject.toml.
+"""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
+import importlib.metadata
 import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -27,10 +30,12 @@ _Answer = TypeVar("_Answer")
 
 async def _serve_until_signalled(config: Config) -> None:
     from .server import serve
+    from .workers.supervisor import supervise
 
     shutdown = trio.Event()
+    run = serve if config.http.workers == 1 else supervise
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(serve, config, shutdown=shutdown))
+        nursery.start_soon(functools.partial(run, config, shutdown=shutdown))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logging.getLogger("registry_trio").info(
@@ -41,11 +46,14 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def _load(path: str | None) -> Config:
+    from . import tls
     from .auth import check_files
 
     try:
         config = load_config(path)
         check_files(config)
+        if config.http.tls is not None:
+            tls.check_files(config.http.tls)
         return config
     except ConfigError as exc:
         print(f"registry-trio: configuration error: {exc}", file=sys.stderr)
@@ -85,7 +93,7 @@ def _add_events_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _page_size(text: str) -> int:
     from .events.status import DEAD_PAGE_MAX
 
-    if not text.isdigit() or not 1 <= int(text) <= DEAD_PAGE_MAX:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= DEAD_PAGE_MAX:
         raise argparse.ArgumentTypeError(f"must be a number from 1 to {DEAD_PAGE_MAX}")
     return int(text)
 
@@ -102,7 +110,8 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
 
     try:
         if args.verb == "status":
-            _show(args.json, events_cli.status(config), _status_table)
+            sinks, delivered_by = events_cli.status(config)
+            _show(args.json, sinks, lambda rows: f"{_status_table(rows)}\n{delivered_by}")
         elif args.verb == "dead":
             page = events_cli.dead_letters(config, args.sink, args.limit, args.after)
             _show(args.json, page, _dead_letters_table)
@@ -142,15 +151,38 @@ def _status_table(sinks: list[dict[str, Any]]) -> str:
                 str(s["name"]),
                 s["type"],
                 str(s["pending"]),
-                str(s["inFlight"]),
+                "-" if s["inFlight"] is None else str(s["inFlight"]),
                 str(s["delivered"]),
                 str(s["failedAttempts"]),
                 str(s["dead"]),
                 "-" if age is None else f"{age:.0f}s",
-                s["lastError"] or "-",
+                _last_error(s),
             ]
         )
     return _table(rows)
+
+
+def _last_error(sink: dict[str, Any]) -> str:
+    """``12s ago: <error>``, and whether a delivery was acknowledged since."""
+    if not sink["lastError"]:
+        return "-"
+    text = str(sink["lastError"])
+    if sink["lastErrorAt"]:
+        at = datetime.datetime.fromisoformat(sink["lastErrorAt"])
+        ago = datetime.datetime.now(datetime.UTC) - at
+        text = f"{_age(ago.total_seconds())} ago: {text}"
+    if sink["recovered"]:
+        text += " (recovered since)"
+    return text
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``: whole units, rounded down."""
+    seconds = max(seconds, 0)  # another host's clock may be ahead
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def _dead_letters_table(page: dict[str, Any]) -> str:
@@ -180,6 +212,15 @@ async def _maintain_once(config: Config, dry_run: bool) -> tuple[GCReport, list[
 
 
 def _gc_command(config: Config, args: argparse.Namespace) -> None:
+    root = Path(config.storage.root_directory)
+    if not root.is_dir():
+        # Collecting would create an empty store there: say that this is not the server's.
+        print(
+            f"registry-trio: storage.rootDirectory: no storage at {root} "
+            "(is this the config the server runs with?)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     report, purged = trio.run(_maintain_once, config, args.dry_run)
     if args.json:
         print(json.dumps({**report.to_json(), "purgedUploads": purged}, indent=2))
@@ -193,6 +234,11 @@ def _gc_command(config: Config, args: argparse.Namespace) -> None:
         print(f"  manifest {manifest.repository}@{manifest.digest}")
     for blob in report.blobs:
         print(f"  blob {blob.digest} ({blob.size} bytes)")
+    if report.held_back_manifests or report.held_back_blobs:
+        print(
+            f"kept {report.held_back_manifests} manifest(s) and {report.held_back_blobs} "
+            f"blob(s) younger than storage.gcDelay ({config.storage.gc_delay:g}s)"
+        )
     if report.skipped_repositories:
         print("skipped (changed during the run): " + ", ".join(report.skipped_repositories))
     if purged is not None:
@@ -206,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="registry-trio",
         description="An OCI registry with crash-safe, enriched event notifications.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('registry-trio')}",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="serve the registry")
@@ -236,23 +287,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "gc":
         _gc_command(config, args)
         return
-    setup_logging(config.log)
+    setup_logging(config.log, None if config.http.workers == 1 else "supervisor")
     from .events.queue import QueueError
     from .events.queue.instance_lock import InstanceLocked
+    from .startup import StartupError, leaves
+    from .workers.supervisor import WorkerFailedToStart
 
     try:
         trio.run(_serve_until_signalled, config)
-    except* (QueueError, InstanceLocked) as group:
-        # The queue cannot open (unreachable JetStream, unreadable SQLite file, another
-        # process serving it): no point serving pushes that could not be acknowledged.
-        for exc in _leaves(group):
-            print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
+    except* (QueueError, InstanceLocked, StartupError, WorkerFailedToStart) as group:
+        # The address is taken, the store or the queue cannot open (unreachable JetStream,
+        # unreadable SQLite file, another process serving it), or a worker could not start:
+        # no point serving pushes that could not be acknowledged. One line each.
+        for exc in leaves(group):
+            if not getattr(exc, "explained", False):  # a worker that said why already
+                print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    """The exceptions in a (nested) group: one per nursery level wraps them."""
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found

@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "Duration",
     "HTTPConfig",
+    "HTTPTLSConfig",
     "LogConfig",
     "StorageConfig",
     "UploadPurgingConfig",
@@ -114,6 +115,8 @@ class StorageConfig:
 
 
 ACCESS_ACTIONS = ("read", "create", "update", "delete")
+# http.workers above this is a typo, not a machine: each worker is a Python process.
+MAX_WORKERS = 256
 
 
 def _check_actions(actions: tuple[str, ...], key: str) -> None:
@@ -203,6 +206,18 @@ class AccessControlConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HTTPTLSConfig:
+    """HTTPS, with zot's keys; the files are read and checked at start (registry_trio.tls)."""
+
+    # PEM: the server's certificate (then its chain), and its unencrypted private key.
+    cert: str
+    key: str
+    # PEM CA certificate(s): when set, every client must present a certificate one of them
+    # signed (mutual TLS), and the certificate's name is the actor of its requests.
+    cacert: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class HTTPConfig:
     address: str = "127.0.0.1"
     # zot writes the port as a string; both spellings are accepted.
@@ -211,6 +226,9 @@ class HTTPConfig:
     max_manifest_size: int = 4 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests before closing connections.
     graceful_timeout: Duration = Duration(10.0)
+    # Worker processes serving the one listening socket: one per CPU this process may run
+    # on. 1 serves from this process alone, with no supervisor.
+    workers: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))
     # A request body is given up (408, connection closed) when nothing of it arrives for
     # bodyIdleTimeout, or when it averages under bodyMinRate bytes/s (0: no minimum) once
     # past a first bodyIdleTimeout: a stalled or trickling client cannot hold a connection.
@@ -223,6 +241,7 @@ class HTTPConfig:
     access_control: AccessControlConfig | None = None
     # Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[str, ...] = ()
+    tls: HTTPTLSConfig | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -245,6 +264,8 @@ class HTTPConfig:
             raise ConfigError("bodyMinRate", "must be 0 (no minimum) or more bytes per second")
         if self.chunk_min_length < 0:
             raise ConfigError("chunkMinLength", "must be 0 (not announced) or more bytes")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError("workers", f"must be from 1 to {MAX_WORKERS}")
 
 
 @dataclasses.dataclass(frozen=True)

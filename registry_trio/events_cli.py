@@ -9,6 +9,7 @@ shared by design, so this is safe even if a server starts meanwhile.
 from __future__ import annotations
 
 import os
+import ssl
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import trio
 
 from .config import Config, SinkConfig
 from .events.queue import EventQueue, running_queue
-from .events.status import dead_letter_page, sink_status
+from .events.status import SinkNotChosen, choose_sink, dead_letter_page, sink_status
 
 __all__ = ["OperatorError", "dead_letters", "replay", "status"]
 
@@ -38,7 +39,31 @@ def _base_url(config: Config) -> str | None:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.http.port}"
+    scheme = "http" if config.http.tls is None else "https"
+    return f"{scheme}://{host}:{config.http.port}"
+
+
+def _server_trust(config: Config) -> ssl.SSLContext | bool:
+    """What the admin API's certificate is checked against: under TLS, the server's own
+    certificate file, as the one trust anchor (so whatever name it was issued for, only the
+    server of this config is believed: nothing else on the port gets the credentials)."""
+    if config.http.tls is None:
+        return True  # unused: plain HTTP
+    context = ssl.create_default_context(cafile=config.http.tls.cert)
+    context.check_hostname = False  # the address is the config's, not the certificate's name
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a leaf as a trust anchor
+    return context
+
+
+def _nobody_listening(exc: BaseException) -> bool:
+    """Whether a failed connection was refused: no server on the port (httpx wraps the
+    OSError in two layers of its own)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
@@ -51,14 +76,34 @@ def _admin(config: Config, method: str, path: str, **kwargs: Any) -> dict[str, A
         user, _, password = credentials.partition(":")
         auth = (user, password)
     try:
-        response = httpx.request(method, base + path, auth=auth, timeout=10, **kwargs)
-    except httpx.ConnectError:
-        return None
+        response = httpx.request(
+            method, base + path, auth=auth, timeout=10, verify=_server_trust(config), **kwargs
+        )
+    except httpx.TransportError as exc:
+        if _nobody_listening(exc):
+            return None
+        hint = ""
+        if config.http.tls is not None and config.http.tls.cacert is not None:
+            hint = (
+                " (it wants a client certificate, http.tls.cacert, which these commands do "
+                "not present: stop the server to work on the queue directly, or call the "
+                "admin API with one, e.g. curl --cert)"
+            )
+        raise OperatorError(
+            f"cannot talk to the server at {base}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
     if response.status_code >= 400:
         try:
             message = response.json()["errors"][0]["message"]
         except (ValueError, KeyError, IndexError):
             message = response.text[:200]
+        if response.status_code == 401 and auth is None:
+            message += (
+                f"; log in as an administrator (adminPolicy) with "
+                f"{CREDENTIALS_ENV}=user:password in the environment"
+            )
+        elif response.status_code == 401:
+            message += f"; the user and password in {CREDENTIALS_ENV} were refused"
         raise OperatorError(f"the server at {base} answered {response.status_code}: {message}")
     answer: dict[str, Any] = response.json()  # the admin API answers with a JSON object
     return answer
@@ -74,38 +119,40 @@ def _offline_queue(config: Config) -> AbstractAsyncContextManager[EventQueue]:
 
 
 def _sink(config: Config, name: str | None) -> SinkConfig:
-    sinks = config.extensions.events.sinks
-    if name is None and len(sinks) == 1:
-        return sinks[0]
-    for sink in sinks:
-        if sink.name == name:
-            return sink
-    known = ", ".join(s.name for s in sinks) or "none configured"
-    raise OperatorError(f"name a sink with --sink; sinks: {known}")
+    try:
+        return choose_sink(config.extensions.events.sinks, name)
+    except SinkNotChosen as exc:
+        raise OperatorError(str(exc)) from None
 
 
-def status(config: Config) -> list[dict[str, Any]]:
+def status(config: Config) -> tuple[list[dict[str, Any]], str]:
+    """Every sink's status, and a line saying who delivers (or that no server answered)."""
     answer = _admin(config, "GET", "/_registry/events/sinks")
     if answer is not None:
         sinks: list[dict[str, Any]] = answer["sinks"]
-        return sinks
+        deliverer = answer.get("deliverer")
+        if deliverer is None:
+            return sinks, "delivered by: no process right now (a new leader is taking over)"
+        worker = "" if deliverer["worker"] is None else f"worker {deliverer['worker']}, "
+        return sinks, f"delivered by: {worker}pid {deliverer['pid']}"
     running = _offline_queue(config)
 
     async def offline() -> list[dict[str, Any]]:
         async with running as queue:
             return [await sink_status(queue, s, 0) for s in config.extensions.events.sinks]
 
-    return trio.run(offline)
+    return trio.run(offline), "no server answered: read from the queue directory"
 
 
 def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"limit": limit, "after": after}
-    if sink is not None:
-        params["sink"] = sink
+    # Chosen from the config first: the server runs with the same sinks, and the message
+    # is then the same whether it answers or not.
+    chosen = _sink(config, sink)
+    params: dict[str, Any] = {"sink": chosen.name, "limit": limit, "after": after}
     answer = _admin(config, "GET", "/_registry/events/dead", params=params)
     if answer is not None:
         return answer
-    running, chosen = _offline_queue(config), _sink(config, sink)
+    running = _offline_queue(config)
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
@@ -115,13 +162,14 @@ def dead_letters(config: Config, sink: str | None, limit: int, after: int) -> di
 
 
 def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"ids": ids} if ids else {}
-    if sink is not None:
-        body["sink"] = sink
+    chosen = _sink(config, sink)  # as for dead_letters
+    body: dict[str, Any] = {"sink": chosen.name}
+    if ids:
+        body["ids"] = ids
     answer = _admin(config, "POST", "/_registry/events/dead/replay", json=body)
     if answer is not None:
         return answer
-    running, chosen = _offline_queue(config), _sink(config, sink)
+    running = _offline_queue(config)
 
     async def offline() -> dict[str, Any]:
         async with running as queue:

@@ -29,6 +29,10 @@ ACCESS_FIELDS = (
 
 
 class JSONFormatter(logging.Formatter):
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self._process = process
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -36,6 +40,8 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._process is not None:
+            doc["process"] = self._process
         for field in ACCESS_FIELDS:
             if field in record.__dict__:
                 doc[field] = record.__dict__[field]
@@ -44,14 +50,27 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def setup_logging(config: LogConfig) -> None:
+class _HideRunningOn(logging.Filter):
+    """Drops Hypercorn's "Running on ..." line: the start-up summary says it, once per server,
+    where Hypercorn says it once per worker, from a logger named ``hypercorn.error``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Running on ")
+
+
+def setup_logging(config: LogConfig, process: str | None = None) -> None:
+    """Log as ``config`` says; ``process`` ("supervisor", "worker 2") names the process of a
+    server that runs several, in every line (the ``process`` key in JSON)."""
     handler: logging.Handler = (
         logging.FileHandler(config.output) if config.output else logging.StreamHandler()
     )
     if config.format == "json":
-        handler.setFormatter(JSONFormatter())
+        handler.setFormatter(JSONFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        tag = "" if process is None else f"[{process}] "
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     level = config.level.upper()
@@ -60,3 +79,5 @@ def setup_logging(config: LogConfig) -> None:
     # says less than our own delivery logs, and would show a password in the address.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    hypercorn = logging.getLogger("hypercorn.error")
+    hypercorn.filters[:] = [_HideRunningOn()]

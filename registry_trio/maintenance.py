@@ -112,11 +112,14 @@ async def run_gc(
 def _log_report(report: GCReport) -> None:
     verb = "would delete" if report.dry_run else "deleted"
     log.info(
-        "gc: %s %d manifests and %d blobs (%d bytes)",
+        "gc: %s %d manifests and %d blobs (%d bytes); kept %d manifests and %d blobs younger "
+        "than the delay",
         verb,
         len(report.manifests),
         len(report.blobs),
         report.bytes_freed,
+        report.held_back_manifests,
+        report.held_back_blobs,
     )
     if report.skipped_repositories:
         log.info(
@@ -126,26 +129,23 @@ def _log_report(report: GCReport) -> None:
 
 
 async def purge_uploads(
-    storage: FilesystemStorage, *, age: float, busy: set[str], dry_run: bool = False
+    storage: FilesystemStorage, *, age: float, dry_run: bool = False
 ) -> list[str]:
     """Remove the upload sessions nothing was written to for ``age`` seconds; their ids.
 
-    ``busy`` holds the sessions a request of this process is writing (the API's
-    ``Registry.busy_uploads``): those stay. The sessions being purged join it meanwhile, so a
-    request arriving for one is refused as for any busy session (409), then finds it gone
-    (404), and never writes into a file being removed.
+    A session a request holds stays, whichever process serves the request: the purge claims
+    each session as requests do (see :meth:`FilesystemStorage.purge_uploads`), one at a time,
+    for as long as it takes to remove it. A request arriving for it meanwhile is refused as
+    for any busy session (409), then finds it gone (404). ``dry_run`` lists the sessions a
+    run would remove now, the held ones left out likewise: it claims each for an instant to
+    tell, so a request for it arriving in that instant is refused as during a real purge.
     """
     cutoff = time.time() - age
     idle = await trio.to_thread.run_sync(storage.idle_uploads, cutoff)
-    if dry_run:
-        return idle
-    claimed = [upload_id for upload_id in idle if upload_id not in busy]
-    busy.update(claimed)
-    try:
-        purged = await trio.to_thread.run_sync(storage.purge_uploads, claimed, cutoff)
-    finally:
-        busy.difference_update(claimed)
-    log.info("uploads: purged %d session(s) idle for %.0fs or more", len(purged), age)
+    purge = functools.partial(storage.purge_uploads, idle, cutoff, dry_run=dry_run)
+    purged = await trio.to_thread.run_sync(purge)
+    if not dry_run:
+        log.info("uploads: purged %d session(s) idle for %.0fs or more", len(purged), age)
     return purged
 
 
@@ -189,14 +189,13 @@ async def gc_periodically(
 
 async def purge_periodically(
     storage: FilesystemStorage,
-    busy: set[str],
     *,
     interval: float,
     age: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run :func:`purge_uploads` now and then every ``interval`` seconds, until cancelled."""
-    run = functools.partial(purge_uploads, storage, age=age, busy=busy)
+    run = functools.partial(purge_uploads, storage, age=age)
     await _every(interval, "uploads", run, task_status)
 
 
@@ -211,7 +210,10 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
 
     Its events go through a queue connection of its own: on the SQLite queue SQLite serialises
     the two writers and the server's idle delivery workers pick the events up; on JetStream
-    they are one more publisher.
+    they are one more publisher. It holds no repository lock (the API's manifest and tag
+    changes hold theirs, :class:`registry_trio.api.locks.RepositoryLocks`): each batch is
+    re-checked just before it is announced and deleted, and the delay keeps the run away
+    from anything recent (see :mod:`registry_trio.storage.gc`).
     """
     storage = await _open_storage(config)
     events = config.extensions.events
@@ -231,12 +233,12 @@ async def collect_once(config: Config, *, dry_run: bool = False) -> GCReport:
 async def purge_once(config: Config, *, dry_run: bool = False) -> list[str] | None:
     """``registry-trio gc``'s upload purge; None when ``storage.uploadPurging`` is off.
 
-    Beside a running server it cannot see which sessions that server's requests are writing
-    (see :func:`purge_uploads`); it relies on the age, as the collector relies on its delay,
-    and re-checks each session just before removing it.
+    Beside running servers it holds what their purgers hold: each idle session's claim, one
+    at a time, while it removes it; a session one of their requests holds is left alone (see
+    :func:`purge_uploads`).
     """
     purging = config.storage.upload_purging
     if not purging.enable:
         return None
     storage = await _open_storage(config)
-    return await purge_uploads(storage, age=purging.age, busy=set(), dry_run=dry_run)
+    return await purge_uploads(storage, age=purging.age, dry_run=dry_run)

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .config import redact_address
@@ -84,7 +85,18 @@ class _ScrapeCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, uploads: Path, sinks: Sequence[str] = ()) -> None:
+    """The server's metrics; ``multiprocess``: the directory its worker processes share.
+
+    A scrape is answered by whichever worker accepted it, and must report the whole server.
+    So in a worker, counters and histograms live in prometheus-client's memory-mapped files
+    in that directory (its multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR``,
+    which the supervisor sets for its workers), and a scrape sums every worker's files.
+    The queue's figures are read from the shared queue, so they need no summing.
+    """
+
+    def __init__(
+        self, uploads: Path, sinks: Sequence[str] = (), multiprocess: Path | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -119,7 +131,14 @@ class Metrics:
             registry=r,
         )
         self._scraped = _ScrapeCollector(uploads, sinks)
-        r.register(self._scraped)
+        if multiprocess is None:
+            r.register(self._scraped)
+            self._exposed = r
+        else:
+            # What this process counts is in the files; the scrape reads all of them.
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, str(multiprocess))  # type: ignore[no-untyped-call]
+            self._exposed.register(self._scraped)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def watch_queue(self, queue: EventQueue) -> None:
@@ -154,4 +173,4 @@ class Metrics:
             histogram.observe(latency)
 
     async def render(self) -> bytes:
-        return await trio.to_thread.run_sync(generate_latest, self.registry)
+        return await trio.to_thread.run_sync(generate_latest, self._exposed)

@@ -203,6 +203,15 @@ class NATSObserver:
 
         return await self._thread.run(count)
 
+    async def stream_last_sequence(self, name: str) -> int:
+        """The sequence of the last message stream ``name`` stored: how many it ever took."""
+
+        async def last() -> int:
+            info = await self._nc.jetstream().stream_info(name)
+            return int(info.state.last_seq)
+
+        return await self._thread.run(last)
+
     async def stream_messages(self, name: str) -> list[Received]:
         """Every message stored in stream ``name``, in stream order."""
 

@@ -55,15 +55,18 @@ def _write_blob(root: Path, data: bytes) -> str:
     return digest
 
 
-def write_layout(root: Path, layers: list[dict[str, bytes]], tag: str = "latest") -> OCILayout:
-    """Write an image with one gzip tar layer per entry of ``layers`` (file name -> bytes)."""
+def write_layout(
+    root: Path, layers: list[dict[str, bytes]], tag: str = "latest", architecture: str = "amd64"
+) -> OCILayout:
+    """Write an image (linux/``architecture``) with one gzip tar layer per entry of ``layers``
+    (file name -> bytes)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     tars = [_tar(files) for files in layers]
     blobs = [gzip.compress(tar, mtime=0) for tar in tars]
     config = json.dumps(
         {
-            "architecture": "amd64",
+            "architecture": architecture,
             "os": "linux",
             "config": {},
             "rootfs": {"type": "layers", "diff_ids": [_sha256(tar) for tar in tars]},

@@ -32,14 +32,18 @@ __all__ = ["ServerProcess", "WatchedProcess", "server_process", "write_config"]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
-_LISTENING = re.compile(rb"listening on (http://[^\s\"]+)")
+_LISTENING = re.compile(rb"listening on (https?://[^\s\"]+)")
 
 
 def write_config(tmp_path: Path, **overrides: object) -> Path:
-    """A JSON config on 127.0.0.1:0 with storage under ``tmp_path``; top-level overrides."""
+    """A JSON config on 127.0.0.1:0 with storage under ``tmp_path``; top-level overrides.
+
+    One process unless ``http`` overrides ``workers``: what a crash test kills is then the
+    whole server (tests/test_workers.py runs several).
+    """
     data: dict[str, object] = {
         "storage": {"rootDirectory": str(tmp_path / "registry_data")},
-        "http": {"address": "127.0.0.1", "port": 0},
+        "http": {"address": "127.0.0.1", "port": 0, "workers": 1},
         "log": {"level": "info"},
     }
     for key, value in overrides.items():
@@ -179,6 +183,16 @@ class ServerProcess(WatchedProcess):
         await self._stop(signal.SIGTERM)
         assert self.process is not None
         return self.process.returncode  # type: ignore[return-value]
+
+    def children(self) -> list[int]:
+        """The pids of the running process's children (a supervisor's workers)."""
+        assert self.process is not None
+        # Per thread: the process may start children from any of its threads.
+        return [
+            int(child)
+            for task in Path(f"/proc/{self.process.pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
 
     async def restart(self) -> str:
         """``kill -9`` the current process, then start a new one on the same config."""

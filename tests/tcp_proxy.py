@@ -13,7 +13,8 @@ Usage::
         await proxy.restore()   # listening again, on the same port
 
 Each accepted connection is forwarded to ``127.0.0.1:<target port>`` in both directions,
-byte for byte; when either side closes, both are closed.
+byte for byte; when either side closes, both are closed. With ``delay``, what the client sends
+is held back that long on its way (a slow link to the server, one direction).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class TCPProxy:
     every connection accepted meanwhile, so cutting it ends all of them together.
     """
 
-    def __init__(self, target_port: int, nursery: trio.Nursery) -> None:
+    def __init__(self, target_port: int, nursery: trio.Nursery, delay: float = 0.0) -> None:
         self.target_port = target_port
+        self.delay = delay
         self.port = 0  # random at the first start, then kept
         self._nursery = nursery
         self._period: trio.CancelScope | None = None
@@ -88,14 +90,19 @@ class TCPProxy:
         except OSError:
             return  # the target is down: the client sees its connection closed
         async with upstream, trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
+            nursery.start_soon(_pump, client, upstream, nursery.cancel_scope, self.delay)
             nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
 
 
-async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
-    """Copy ``source`` to ``sink`` until either ends; then end the other direction too."""
+async def _pump(
+    source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope, delay: float = 0.0
+) -> None:
+    """Copy ``source`` to ``sink``, each chunk ``delay`` seconds late, until either ends; then
+    end the other direction too."""
     try:
         async for chunk in source:
+            if delay:
+                await trio.sleep(delay)  # ok-sleep: the slow link's latency, not a wait
             await sink.send_all(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # a reset or a close: the connection is over either way
@@ -104,10 +111,10 @@ async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.C
 
 
 @asynccontextmanager
-async def tcp_proxy(target_port: int) -> AsyncIterator[TCPProxy]:
+async def tcp_proxy(target_port: int, delay: float = 0.0) -> AsyncIterator[TCPProxy]:
     """A listening :class:`TCPProxy` to ``127.0.0.1:<target_port>``; cut at exit."""
     async with trio.open_nursery() as nursery:
-        proxy = TCPProxy(target_port, nursery)
+        proxy = TCPProxy(target_port, nursery, delay)
         await proxy.start()
         try:
             yield proxy

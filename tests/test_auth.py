@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import functools
+import json
 import logging
 import os
 import shutil
@@ -495,6 +497,44 @@ async def test_skopeo_push_with_and_without_credentials(nursery, tmp_path):
         )
     assert manifest.status_code == 200
     assert manifest.headers["Docker-Content-Digest"] == source.manifest_digest
+
+
+async def test_empty_basic_credentials_are_anonymous_not_a_failed_login(nursery, tmp_path):
+    """skopeo, podman and buildah answer a Basic challenge with an empty user and password
+    when they have none (``--no-creds`` too): that is an anonymous request, as without a
+    header, so a public repository is readable to them and the client's login limit stays."""
+    overrides = auth_overrides(tmp_path)
+    overrides["http"]["auth"]["failedLogins"] = {"limit": 2, "window": "1m"}
+    registry = await start_registry(nursery, make_config(tmp_path, **overrides))
+    # alice pushes to public/* (defaultPolicy create); anonymousPolicy reads it.
+    source = write_layout(tmp_path / "src", [{"data.bin": os.urandom(2048)}], tag="v1")
+    await skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"alice:{PASSWORDS['alice']}",
+        f"oci:{source.path}:v1",
+        f"docker://{_host(registry.url)}/public/app:v1",
+    )
+    # What skopeo sends with no credentials: Basic base64(":").
+    empty = {"Authorization": "Basic " + base64.b64encode(b":").decode()}
+    async with httpx.AsyncClient(base_url=registry.url, headers=empty) as http:
+        for _ in range(3):  # over the limit of 2, were these failed logins
+            tags = await http.get("/v2/public/app/tags/list")
+            assert tags.status_code == 200, tags.text
+        # Anonymous may not push to team/: asked to log in, as without the header.
+        refused = await http.post("/v2/team/app/blobs/uploads/")
+        assert refused.status_code == 401
+        assert refused.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="registry-trio"'
+    manifest = await skopeo(
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--no-creds",
+        f"docker://{_host(registry.url)}/public/app:v1",
+    )
+    assert json.loads(manifest)["layers"][0]["digest"] == source.layer_digests[0]
 
 
 async def test_token_access_claims_grant_exactly_their_actions(nursery, tmp_path, signing_key):

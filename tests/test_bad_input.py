@@ -582,6 +582,12 @@ async def pagination_n_negative(ctx: Ctx) -> httpx.Response:
     return await ctx.send("GET", "/v2/_catalog", params={"n": "-1"})
 
 
+@case(400, "UNSUPPORTED", says="'²'")
+async def pagination_n_a_digit_int_refuses(ctx: Ctx) -> httpx.Response:
+    # A digit to str.isdigit(), not to int(): it once made a 500.
+    return await ctx.send("GET", "/v2/_catalog", params={"n": "²"})
+
+
 @case(416, "BLOB_UPLOAD_INVALID", says="range 'bytes=1000-'")
 async def range_past_the_end(ctx: Ctx) -> httpx.Response:
     headers = {"Range": f"bytes={len(ctx.layer)}-"}

@@ -169,6 +169,7 @@ def test_documented_defaults():
     assert (http.body_idle_timeout, http.body_min_rate) == (30.0, 1024)
     assert http.auth is None and http.access_control is None
     assert tuple(http.trusted_proxies) == ()
+    assert http.tls is None
     assert (log.level, log.output, log.format) == ("info", None, "text")  # None: stderr
     events = config.extensions.events
     assert events.enable is False

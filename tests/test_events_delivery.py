@@ -567,3 +567,11 @@ def test_structured_and_batch_bodies_are_the_documents_the_sdk_writes(actor):
     headers, body = encoder_for("cloudevents-batch")(events, "zotregistry")
     assert headers == {"content-type": "application/cloudevents-batch+json"}
     assert json.loads(body) == [json.loads(m.body) for m in sdk]
+
+
+def test_backoff_after_thousands_of_failed_attempts_stays_within_its_cap():
+    from registry_trio.events.delivery import full_jitter
+
+    # An outage long enough for 1026 attempts used to crash the sink's task on every retry.
+    for attempt in (1, 2, 1025, 1026, 5000, 10**6):
+        assert 0 <= full_jitter(attempt, 0.5, 60.0) <= 60.0

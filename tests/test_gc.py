@@ -169,6 +169,8 @@ async def gc_both(registry: RunningRegistry, *, delay: float) -> GCReport:
     real = await gc(registry, delay=delay)
     assert manifest_rows(real) == manifest_rows(dry)
     assert sorted(real.blobs, key=str) == sorted(dry.blobs, key=str)
+    held_back = (real.held_back_manifests, real.held_back_blobs)
+    assert held_back == (dry.held_back_manifests, dry.held_back_blobs)
     return real
 
 
@@ -336,6 +338,10 @@ async def test_gc_spares_everything_younger_than_the_delay(registry, client, htt
     fresh = await gc_both(registry, delay=3600)
     assert fresh.manifests == [] and fresh.blobs == []
     assert all_files(root) == snapshot
+    # The report counts what the delay kept: the untagged manifest with its blobs, and the
+    # unlinked blob.
+    assert fresh.held_back_manifests == 1
+    assert fresh.held_back_blobs == len(content(old)) + 1
 
     # More garbage, and two children pushed by digest; then all of it is two hours old.
     pending = make_image()
@@ -367,6 +373,10 @@ async def test_gc_spares_everything_younger_than_the_delay(registry, client, htt
     assert reused.digest in blob_files(root)
     assert content(index, *children) <= blob_files(root)
     assert revisions(root, "app") == {index.digest, *(c.digest for c in children)}
+    # Held back: the young index, the old children only it keeps, their blobs, and the
+    # re-uploaded blob (old file, young link).
+    assert report.held_back_manifests == 3
+    assert report.held_back_blobs == len(content(index, *children)) + 1
     # The push in progress can finish: its blob is still there and still linked.
     manifest = with_layers(reused)
     await client.push_image("app", "resumed", manifest)

@@ -157,11 +157,14 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
         path.write_text(json.dumps({"storage": {"rootDirectory": str(registry.root), **storage}}))
         return path
 
-    # gcDelay defaults to 1h: garbage made a moment ago is too young to go.
+    # gcDelay defaults to 1h: garbage made a moment ago is too young to go, and the report
+    # says what the delay kept: the untagged manifest, its body, config and layer.
     assert await gc_cli_text(config()) == [
         "deleted 0 manifest(s) and 0 blob(s), 0 bytes",
+        "kept 1 manifest(s) and 3 blob(s) younger than storage.gcDelay (3600s)",
         "purged 0 idle upload session(s)",
     ]
+    assert (await gc_cli(config()))["heldBack"] == {"manifests": 1, "blobs": 3}
     assert blob_files(registry.root) == before
 
     garbage = [dropped.config, *dropped.layers]
@@ -175,6 +178,8 @@ async def test_gc_command_prints_what_it_would_delete_and_honours_gc_delay(nurse
     )
     assert dry[-1] == "would purge 0 idle upload session(s)"
     assert blob_files(registry.root) == before  # a dry run deletes nothing
+    no_delay = await gc_cli(config(gcDelay="0s"), "--dry-run")
+    assert no_delay["heldBack"] == {"manifests": 0, "blobs": 0}
 
     done = await gc_cli_text(config(gcDelay="0s"))
     assert done == [
@@ -218,3 +223,21 @@ async def test_periodic_gc_spares_garbage_younger_than_gc_delay(nursery, tmp_pat
         if "gc: deleted" in r.getMessage()
     )
     assert blob_files(registry.root) == files
+
+
+async def test_gc_command_refuses_a_storage_root_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-storage"
+    config = tmp_path / "gc.json"
+    config.write_text(json.dumps({"storage": {"rootDirectory": str(missing)}}))
+    for extra in ((), ("--dry-run",), ("--json",)):
+        result = await trio.run_process(
+            [sys.executable, "-m", "registry_trio", "gc", "-c", str(config), *extra],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 1, extra
+        (line,) = result.stderr.decode().splitlines()
+        assert line.startswith("registry-trio: storage.rootDirectory: no storage at "), line
+        assert str(missing) in line and result.stdout == b""
+    assert not missing.exists()  # nothing was created in its place

@@ -359,3 +359,23 @@ async def test_environment_proxy_carries_deliveries(nursery, tmp_path, sink, mon
         assert request.headers["host"] == target
         assert request.headers["proxy-authorization"] == f"Basic {credentials}"
         assert request.headers["user-agent"].startswith("registry-trio/")
+
+
+async def test_a_retry_after_in_other_digits_is_a_retry_not_a_crash(nursery, tmp_path, sink):
+    # "²" is a digit to str.isdigit(), not to float(): the sink's task crashed on it.
+    sink.status, sink.retry_after = 503, "²"
+    sink_config = {
+        "type": "http",
+        "address": sink.url,
+        "name": "audit",
+        "retry": {"initialBackoff": "10ms", "maxBackoff": "50ms"},
+    }
+    registry = await start_registry(nursery, events_config(tmp_path, sink_config))
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        await RegistryClient(registry.url, client=http).push_image("a/b", "v1", make_image())
+        await eventually(
+            lambda: http.get("/_registry/events/sinks"),
+            lambda r: "HTTP 503" in (r.json()["sinks"][0]["lastError"] or ""),
+        )
+    sink.status = 200
+    await sink.wait_for(lambda events: len(events) >= 4)

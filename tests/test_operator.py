@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import ipaddress
 import json
 import os
 import re
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -191,7 +194,15 @@ STATUS_FIELDS = {
     "oldestPendingAge",
     "lastError",
     "lastErrorAt",
+    "lastDeliveredAt",
+    "recovered",
 }
+
+
+def unix_time(iso: str) -> float:
+    """An ISO-8601 UTC time of the status (``…Z``) as a Unix time."""
+    assert iso.endswith("Z"), iso
+    return datetime.datetime.fromisoformat(iso).timestamp()
 
 
 async def test_status_shows_every_documented_field_in_json_and_the_table(nursery, tmp_path, sink):
@@ -209,7 +220,8 @@ async def test_status_shows_every_documented_field_in_json_and_the_table(nursery
     assert (status["name"], status["type"]) == ("audit", "http")
     assert (status["pending"], status["delivered"], status["dead"]) == (4, 0, 0)
     assert "HTTP 503" in status["lastError"]
-    assert before <= status["lastErrorAt"] <= time.time()
+    assert before <= unix_time(status["lastErrorAt"]) <= time.time()
+    assert status["lastDeliveredAt"] is None and status["recovered"] is False
     assert 0 < status["oldestPendingAge"] < 60
 
     (cli_status,) = await cli("status", "-c", str(config_path))
@@ -217,7 +229,9 @@ async def test_status_shows_every_documented_field_in_json_and_the_table(nursery
 
     code, out, err = await cli_text("status", "-c", str(config_path))
     assert code == 0, err
-    header, *rows = table(out)
+    header, *rows, (delivered_by,) = table(out)
+    # One process serves here: it delivers, and has no worker number.
+    assert re.fullmatch(r"delivered by: pid \d+", delivered_by), delivered_by
     assert header == [
         "SINK",
         "TYPE",
@@ -233,6 +247,79 @@ async def test_status_shows_every_documented_field_in_json_and_the_table(nursery
     assert row[:3] == ["audit", "http", "4"]
     assert row[4] == "0" and int(row[5]) >= 2 and row[6] == "0"
     assert row[7].endswith("s") and "HTTP 503" in row[8]
+    assert re.fullmatch(r"\d+s ago: .*HTTP 503.*", row[8]) and "recovered" not in row[8]
+
+
+async def test_status_says_how_long_ago_the_last_error_was_and_whether_delivery_recovered(
+    nursery, tmp_path, sink, queue
+):
+    sink.status = 503
+    config_path, doc = write_config(tmp_path, sink.url, free_port(), queue)
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    async with httpx.AsyncClient(base_url=url) as http:
+        await RegistryClient(url, client=http).push_image("ops/app", "v1", make_image((256,)))
+        (failing,) = await eventually(
+            lambda: admin_sinks(http), lambda s: s[0]["failedAttempts"] >= 1
+        )
+        assert failing["recovered"] is False and failing["lastDeliveredAt"] is None
+        code, out, err = await cli_text("status", "-c", str(config_path))
+        assert code == 0, err
+        last_error = table(out)[1][8]
+        assert re.fullmatch(r"\d+s ago: .*HTTP 503.*", last_error), last_error
+        assert "recovered" not in last_error
+
+        sink.status = 200
+        (recovered,) = await eventually(
+            lambda: admin_sinks(http), lambda s: s[0]["delivered"] == 4 and s[0]["recovered"]
+        )
+    # The error is still shown, with its time; the delivery after it says it is over.
+    assert "HTTP 503" in recovered["lastError"]
+    assert unix_time(recovered["lastDeliveredAt"]) > unix_time(recovered["lastErrorAt"])
+    (cli_status,) = await cli("status", "-c", str(config_path))
+    assert cli_status["recovered"] is True
+    assert cli_status["lastErrorAt"] == recovered["lastErrorAt"]
+    code, out, err = await cli_text("status", "-c", str(config_path))
+    assert code == 0, err
+    last_error = table(out)[1][8]
+    assert re.fullmatch(r"\d+s ago: .*HTTP 503.* \(recovered since\)", last_error), last_error
+
+
+# The sink_counters table as registries before last_delivered_at created it.
+OLD_SINK_COUNTERS = """
+CREATE TABLE sink_counters (
+    sink TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_at REAL
+);
+"""
+
+
+async def test_a_queue_file_of_an_older_registry_gets_the_new_column_and_keeps_its_counts(
+    nursery, tmp_path, sink
+):
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    (tmp_path / "queue_data").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "queue_data" / "events.db")) as old:
+        old.executescript(OLD_SINK_COUNTERS)
+        old.execute(
+            "INSERT INTO sink_counters VALUES ('audit', 3, 2, 0, 'HTTP 503 from the sink', ?)",
+            (time.time() - 3600,),
+        )
+        old.commit()
+
+    # Read offline first (the events command opens the file on its own), then served.
+    (offline,) = await cli("status", "-c", str(config_path))
+    assert (offline["delivered"], offline["failedAttempts"]) == (3, 2)
+    assert offline["recovered"] is False and offline["lastDeliveredAt"] is None
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    async with httpx.AsyncClient(base_url=url) as http:
+        await RegistryClient(url, client=http).push_image("ops/app", "v1", make_image((256,)))
+        (status,) = await eventually(lambda: admin_sinks(http), lambda s: s[0]["delivered"] == 7)
+    assert status["lastError"] == "HTTP 503 from the sink"
+    assert status["recovered"] is True
 
 
 DEAD_LETTER_FIELDS = {"seq", "id", "action", "repository", "attempts", "lastError", "event"}
@@ -335,6 +422,11 @@ async def test_admin_api_and_cli_need_an_admin_login_when_auth_is_on(nursery, tm
         "status", "-c", str(config_path), env={"REGISTRY_TRIO_USER": None}
     )
     assert code == 1 and "answered 401" in err, err
+    assert "REGISTRY_TRIO_USER=user:password" in err  # how to log in
+    wrong = {"REGISTRY_TRIO_USER": "carol:not-her-password"}
+    code, _, err = await cli_text("status", "-c", str(config_path), env=wrong)
+    assert code == 1 and "answered 401" in err, err
+    assert "the user and password in REGISTRY_TRIO_USER were refused" in err
     bob = {"REGISTRY_TRIO_USER": f"bob:{PASSWORDS['bob']}"}
     code, _, err = await cli_text("status", "-c", str(config_path), env=bob)
     assert code == 1 and "answered 403" in err and "not an administrator" in err, err
@@ -371,3 +463,47 @@ async def test_admin_api_answers_only_loopback_clients_without_auth(nursery, tmp
         assert (await remote.get("/_registry/events/dead")).status_code == 403
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as local:
         assert (await local.get("/_registry/events/sinks")).status_code == 200
+
+
+async def test_dead_and_replay_name_an_unknown_sink_and_list_the_configured_ones(
+    nursery, tmp_path, sink
+):
+    config_path, doc = write_config(tmp_path, sink.url, free_port())
+    doc["extensions"]["events"]["sinks"].append(
+        {"type": "http", "address": sink.url, "name": "backup"}
+    )
+    config_path.write_text(json.dumps(doc))
+    unknown = "registry-trio: unknown sink 'nosuch'; configured sinks: audit, backup"
+    unnamed = "registry-trio: name a sink with --sink; configured sinks: audit, backup"
+
+    async def refusals() -> list[str]:
+        out = []
+        for verb in ("dead", "replay"):
+            for args in (("--sink", "nosuch"), ()):
+                code, stdout, err = await cli_text(verb, "-c", str(config_path), *args)
+                assert code == 1 and stdout == "", (verb, args)
+                (line,) = err.splitlines()
+                out.append(line)
+        return out
+
+    # With no server (the queue would be read directly), then with one answering.
+    assert await refusals() == [unknown, unnamed] * 2
+    url = await nursery.start(functools.partial(serve, parse_config(doc), shutdown=trio.Event()))
+    assert await refusals() == [unknown, unnamed] * 2
+    # The admin API says the same, naming its own parameter.
+    async with httpx.AsyncClient(base_url=url) as http:
+        missing = await http.get("/_registry/events/dead", params={"sink": "nosuch"})
+        assert missing.status_code == 404
+        assert missing.json()["errors"][0]["message"] == unknown.removeprefix("registry-trio: ")
+        choose = await http.post("/_registry/events/dead/replay", json={})
+        assert choose.status_code == 400
+        assert choose.json()["errors"][0]["message"] == (
+            'name a sink with "sink"; configured sinks: audit, backup'
+        )
+
+
+async def test_a_page_size_in_other_digits_is_refused_by_name(tmp_path):
+    config_path, _ = write_config(tmp_path, "http://127.0.0.1:9/events", free_port())
+    # "²" is a digit to str.isdigit(), not to int(): it once ended in a traceback.
+    code, _, err = await cli_text("dead", "-c", str(config_path), "--limit", "²")
+    assert code == 2 and "--limit: must be a number from 1 to 1000" in err, err

@@ -22,8 +22,9 @@ from tests.waiting import eventually
 
 DIGEST = "sha256:" + "0" * 64
 UPLOAD = "0123456789abcdef0123456789abcdef"
-# What a refused request must never show: the private tag, a manifest, dead letters, sinks.
-LEAKS = re.compile(rb'"v1"|"schemaVersion"|"deadLetters"|"sinks"|"replayed"')
+# What a refused request must never show: the private tag, a manifest, dead letters, sinks,
+# a console page.
+LEAKS = re.compile(rb'"v1"|"schemaVersion"|"deadLetters"|"sinks"|"replayed"|<html|<table')
 
 # Every route that needs a login (anonymousPolicy is empty on team/**), with its method.
 PROTECTED = [
@@ -44,6 +45,15 @@ PROTECTED = [
     ("GET", "/_registry/events/sinks"),
     ("GET", "/_registry/events/dead?limit=100"),
     ("POST", "/_registry/events/dead/replay"),
+    ("GET", "/_registry/ui/"),
+    ("GET", "/_registry/ui/sinks"),
+    ("GET", "/_registry/ui/sink?name=127.0.0.1"),
+    ("POST", "/_registry/ui/sink/replay"),
+    ("GET", "/_registry/ui/event?id=x"),
+    ("GET", "/_registry/ui/repositories"),
+    ("GET", "/_registry/ui/repository?name=team/app"),
+    ("GET", "/_registry/ui/manifest?name=team/app&reference=v1"),
+    ("GET", "/_registry/ui/static/console.js"),
 ]
 
 

@@ -231,9 +231,10 @@ async def test_last_push_event_per_tag_is_what_the_tag_serves(racing, sink):
 
 
 async def test_appends_keep_the_order_they_were_begun_in(tmp_path, queue):
-    """What the lock relies on: it is released once a change's append is begun, before the
-    append is durable, so appends must be stored in the order begun, however their callers
-    then wait (here: all at once, the last begun first)."""
+    """One process's appends are stored in the order begun, however their callers then wait
+    (here: all at once, the last begun first). The repository lock no longer relies on it (it
+    is held until the commit, since other processes append through other connections), but
+    events of one request, and of requests that follow one another, keep their order by it."""
     sink = {"type": "http", "address": "http://127.0.0.1:9/events"}
     config = make_config(
         tmp_path, extensions={"events": {"enable": True, "queue": queue, "sinks": [sink]}}

@@ -9,53 +9,64 @@ from __future__ import annotations
 from quart import Response, jsonify, request
 
 from ..config import SinkConfig
-from ..events.delivery import DeliverySupervisor
 from ..events.queue import EventQueue
-from ..events.status import DEAD_PAGE_MAX, dead_letter_page, sink_status
+from ..events.status import (
+    DEAD_PAGE_MAX,
+    SinkNotChosen,
+    choose_sink,
+    dead_letter_page,
+    sink_status,
+)
 from .context import Registry, current_registry
 from .errors import RegistryError
 
 __all__ = ["dead", "replay", "sinks"]
 
 
-def _events(registry: Registry) -> tuple[EventQueue, DeliverySupervisor]:
-    if registry.queue is None or registry.delivery is None:
+def _event_queue(registry: Registry) -> EventQueue:
+    if registry.queue is None:
         raise RegistryError("UNSUPPORTED", 404, "the events extension is not enabled")
-    return registry.queue, registry.delivery
+    return registry.queue
 
 
 def _sink(registry: Registry, name: str | None) -> SinkConfig:
-    sinks = registry.config.extensions.events.sinks
-    if name is None and len(sinks) == 1:
-        return sinks[0]
-    for sink in sinks:
-        if sink.name == name:
-            return sink
-    known = ", ".join(str(s.name) for s in sinks)
-    raise RegistryError("UNSUPPORTED", 404, f"no sink named {name!r}; sinks: {known}")
+    try:
+        return choose_sink(registry.config.extensions.events.sinks, name, '"sink"')
+    except SinkNotChosen as exc:
+        raise RegistryError("UNSUPPORTED", 404 if exc.unknown else 400, str(exc)) from None
 
 
 async def sinks() -> Response:
+    """Every sink's figures from the shared queue, and which process delivers.
+
+    Sends in flight are known only to the delivering process: another worker answers null.
+    """
     registry = current_registry()
-    queue, delivery = _events(registry)
+    queue = _event_queue(registry)
+    delivery = registry.delivery
+    in_flight = {} if delivery is None else {w.name: w.in_flight for w in delivery.workers}
     statuses = [
-        await sink_status(queue, worker.config, worker.in_flight) for worker in delivery.workers
+        await sink_status(queue, sink, in_flight.get(sink.name))
+        for sink in registry.config.extensions.events.sinks
     ]
-    return jsonify({"sinks": statuses})
+    deliverer = registry.deliverer()
+    return jsonify(
+        {"sinks": statuses, "deliverer": None if deliverer is None else deliverer.to_json()}
+    )
 
 
 def _int_arg(name: str, default: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²" is a digit int() refuses
         raise RegistryError("UNSUPPORTED", 400, f"{name} must be a non-negative integer")
     return int(raw)
 
 
 async def dead() -> Response:
     registry = current_registry()
-    queue, _ = _events(registry)
+    queue = _event_queue(registry)
     sink = _sink(registry, request.args.get("sink"))
     limit = _int_arg("limit", 100)
     if not 1 <= limit <= DEAD_PAGE_MAX:
@@ -65,7 +76,7 @@ async def dead() -> Response:
 
 async def replay() -> Response:
     registry = current_registry()
-    queue, _ = _events(registry)
+    queue = _event_queue(registry)
     body = await request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise RegistryError(

@@ -18,9 +18,18 @@ from typing import Any, cast
 import trio
 
 from .. import oci
+from ..tls import peer_name
 from .access import KNOWN_METHODS, authorize, method_label
 from .body import BodyClock
-from .context import CLIENT_ADDR_KEY, REQUEST_ID_KEY, ROUTE_KEY, Registry, header, identity
+from .context import (
+    CERTIFICATE_NAME_KEY,
+    CLIENT_ADDR_KEY,
+    REQUEST_ID_KEY,
+    ROUTE_KEY,
+    Registry,
+    header,
+    identity,
+)
 from .errors import RegistryError, error_response, to_registry_error
 from .quart_app import create_quart_app
 from .raw import ClientDisconnected, RawRequest
@@ -213,6 +222,8 @@ class RegistryApp:
             header(scope, b"x-forwarded-for") or None,
             header(scope, b"forwarded") or None,
         )
+        # Read here, on the task Hypercorn started for the request (see registry_trio.tls).
+        scope[CERTIFICATE_NAME_KEY] = peer_name()
         if scope["method"] not in KNOWN_METHODS:
             # One answer for every route, before any of them (or a metrics label) sees it.
             raise RegistryError(

@@ -142,26 +142,28 @@ def _append_whole(
     data: bytes,
     digest: oci.Digest | None,
 ) -> int:
-    """Append a body held in memory to a session (and with ``digest``, finish it): one call.
+    """Claim a session, append a body held in memory (and with ``digest``, finish it): one
+    call, on a worker thread.
 
-    Runs on a worker thread. Returns the new offset, or the blob's size when finishing.
-    Nothing is written when ``Content-Range`` does not match the body.
+    Returns the new offset, or the blob's size when finishing. Nothing is written when
+    ``Content-Range`` does not match the body.
     """
-    writer = storage.open_upload(name, upload_id)
-    try:
-        expected = _expected_length(content_range, writer.start, location, upload_id)
-        if expected is not None and len(data) != expected:
-            raise _size_invalid(expected, len(data))
+    with storage.claim_upload(name, upload_id):
+        writer = storage.open_upload(name, upload_id)
         try:
-            writer.write(data)
-        except BaseException:
-            writer.rollback()
-            raise
-    finally:
-        writer.close()
-    if digest is None:
-        return writer.offset
-    return storage.finish_upload(name, upload_id, digest)
+            expected = _expected_length(content_range, writer.start, location, upload_id)
+            if expected is not None and len(data) != expected:
+                raise _size_invalid(expected, len(data))
+            try:
+                writer.write(data)
+            except BaseException:
+                writer.rollback()
+                raise
+        finally:
+            writer.close()
+        if digest is None:
+            return writer.offset
+        return storage.finish_upload(name, upload_id, digest)
 
 
 async def _append(
@@ -170,27 +172,27 @@ async def _append(
     """Append the body to an upload, honouring ``Content-Range``; returns the new offset.
 
     With ``digest`` the upload is then verified and published as a blob: returns its size.
+    Everything from the first write to the publication happens holding the session's claim,
+    so a second request for the session, from this process or another, is refused with 409
+    meanwhile, and the purger leaves the session alone, however long the body stalls.
     """
     registry = req.registry
-    if upload_id in registry.busy_uploads:
-        raise RegistryError(
-            "BLOB_UPLOAD_INVALID", 409, "another request is writing to this upload right now"
-        )
-    registry.busy_uploads.add(upload_id)
     location = _upload_location(req, upload_id)
+    body = await req.read_whole(IO_CHUNK)
+    if body is not None:
+        return await registry.io(
+            _append_whole,
+            registry.storage,
+            req.name,
+            upload_id,
+            location,
+            content_range,
+            body,
+            digest,
+        )
+    # Not abandoned on cancellation (registry.io): a claim taken is always handed back here.
+    claim = await registry.io(registry.storage.claim_upload, req.name, upload_id)
     try:
-        body = await req.read_whole(IO_CHUNK)
-        if body is not None:
-            return await registry.io(
-                _append_whole,
-                registry.storage,
-                req.name,
-                upload_id,
-                location,
-                content_range,
-                body,
-                digest,
-            )
         writer = await registry.io(registry.storage.open_upload, req.name, upload_id)
         try:
             expected = _expected_length(content_range, writer.start, location, upload_id)
@@ -208,7 +210,8 @@ async def _append(
             return offset
         return await registry.io(registry.storage.finish_upload, req.name, upload_id, digest)
     finally:
-        registry.busy_uploads.discard(upload_id)
+        # On the event loop: a release does no disk I/O, and must not wait for a thread.
+        claim.release()
 
 
 def _blob_target(req: RawRequest, digest: oci.Digest, size: int, **extra: Any) -> Target:

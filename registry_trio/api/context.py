@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -18,6 +18,7 @@ from ..config import Config
 from ..events import Action, Actor, Event, EventRecorder, RequestInfo, Source, Target
 from ..events.delivery import DeliverySupervisor
 from ..events.queue import APPENDED, EventQueue, PendingAppend
+from ..events.status import Deliverer
 from ..metrics import Metrics
 from ..storage import FilesystemStorage, StorageFull
 from ..storage.errors import DISK_FULL_ERRNOS
@@ -39,6 +40,8 @@ T = TypeVar("T")
 REQUEST_ID_KEY = "registry_trio.request_id"
 IDENTITY_KEY = "registry_trio.identity"
 CLIENT_ADDR_KEY = "registry_trio.client_addr"
+# The name the connection's verified client certificate gives (mutual TLS), or None.
+CERTIFICATE_NAME_KEY = "registry_trio.certificate_name"
 # Where the Quart app keeps the Registry (see current_registry).
 REGISTRY_EXTENSION = "registry_trio"
 # The template of the route that served the request: its metrics label.
@@ -95,13 +98,14 @@ class Registry:
     # Bounds the threads doing disk I/O so a burst of requests cannot spawn hundreds.
     io_limiter: trio.CapacityLimiter
     metrics: Metrics
+    # Held across a manifest or tag change and the commit of its events.
+    locks: RepositoryLocks
     # The event pipeline, when the events extension is on (the admin API reads them).
     queue: EventQueue | None = None
+    # Set in the process that delivers (in a worker: once it leads).
     delivery: DeliverySupervisor | None = None
-    # Upload ids with a request writing to them: one writer per session at a time.
-    busy_uploads: set[str] = field(default_factory=set)
-    # Held across a manifest or tag change and the queueing of its events.
-    locks: RepositoryLocks = field(default_factory=RepositoryLocks)
+    # Which process delivers: this one, or (in a worker) the leader as it wrote itself down.
+    deliverer: Callable[[], Deliverer | None] = Deliverer.this_process
     # Request body bytes read into memory and not yet written out, across requests (raw.py).
     body_bytes_held: int = 0
 
@@ -152,17 +156,23 @@ class Registry:
         """Change repository ``name``: the block checks and changes the storage, and lists
         the change's events in the list it is given; returns once they are durable.
 
-        The block runs holding the repository's lock, and the events take their place in
-        the queue before it is released: the event stream has a repository's changes in
-        the order its storage had them, so replaying it gives what the registry serves.
-        Durability is awaited after the release; the queue keeps the order already, so a
-        repository's next change need not wait for this one's fsync.
+        The block runs holding the repository's lock, which every process on the storage
+        root sees (:class:`RepositoryLocks`), and it is released only once the events are
+        durable: each process appends through its own queue connection, and nothing orders
+        their appends but this lock. So the event stream has a repository's changes in the
+        order its storage had them, and replaying it gives what the registry serves.
+
+        The wait for durability is shielded: a request cancelled then (a shutdown past its
+        grace period) still holds the lock until its events are committed or have failed,
+        so the next change cannot be queued ahead of them. The wait is bounded by the
+        queue's own timeouts.
         """
         changes: list[tuple[Action, Target]] = []
         async with self.locks.hold(name):
             yield changes
             pending = self._begin_emit(scope, changes)
-        await pending.wait()
+            with trio.CancelScope(shield=True):
+                await pending.wait()
 
     def url(self, scope: MutableMapping[str, Any], path: str) -> str:
         """An absolute URL for ``path`` as the client addressed this registry.

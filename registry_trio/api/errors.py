@@ -40,6 +40,8 @@ _MAPPING: dict[type[Exception], tuple[str, int]] = {
     storage.NameUnknown: ("NAME_UNKNOWN", 404),
     storage.BlobUnknown: ("BLOB_UNKNOWN", 404),
     storage.BlobUploadUnknown: ("BLOB_UPLOAD_UNKNOWN", 404),
+    # One writer per session at a time; the client may retry once its other request is done.
+    storage.UploadBusy: ("BLOB_UPLOAD_INVALID", 409),
     storage.DigestMismatch: ("DIGEST_INVALID", 400),
     storage.ManifestUnknown: ("MANIFEST_UNKNOWN", 404),
     storage.ManifestBlobUnknown: ("MANIFEST_BLOB_UNKNOWN", 400),

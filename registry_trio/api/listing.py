@@ -35,7 +35,7 @@ def _paginate(items: list[str], path: str, key: str, extra: dict[str, str]) -> R
     raw_n = request.args.get("n")
     headers = {"Content-Type": "application/json"}
     if raw_n is not None:
-        if not raw_n.isdigit():
+        if not (raw_n.isascii() and raw_n.isdigit()):  # "²" is a digit int() refuses
             # UNSUPPORTED ("invalid set of parameters"): the spec's codes have no pagination one.
             raise RegistryError(
                 "UNSUPPORTED", 400, f"n must be a non-negative integer, not {raw_n!r}"

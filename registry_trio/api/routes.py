@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..console import pages
 from . import admin, blobs, listing, manifests
 from .access import Access
 from .errors import RegistryError
@@ -88,6 +89,16 @@ ROUTES: list[Route] = [
     Route("/_registry/events/sinks", {"GET": admin.sinks}, Access.ADMIN),
     Route("/_registry/events/dead", {"GET": admin.dead}, Access.ADMIN),
     Route("/_registry/events/dead/replay", {"POST": admin.replay}, Access.ADMIN),
+    # The operator console (HTML for a browser; see registry_trio/console).
+    Route("/_registry/ui/", {"GET": pages.overview}, Access.CONSOLE),
+    Route("/_registry/ui/sinks", {"GET": pages.sinks_fragment}, Access.CONSOLE),
+    Route("/_registry/ui/sink", {"GET": pages.sink}, Access.CONSOLE),
+    Route("/_registry/ui/sink/replay", {"POST": pages.replay}, Access.CONSOLE),
+    Route("/_registry/ui/event", {"GET": pages.event}, Access.CONSOLE),
+    Route("/_registry/ui/repositories", {"GET": pages.repositories}, Access.CONSOLE),
+    Route("/_registry/ui/repository", {"GET": pages.repository}, Access.CONSOLE),
+    Route("/_registry/ui/manifest", {"GET": pages.manifest}, Access.CONSOLE),
+    Route("/_registry/ui/static/{file}", {"GET": pages.static}, Access.CONSOLE),
 ]
 
 

@@ -35,6 +35,9 @@ __all__ = [
 log = logging.getLogger("registry_trio.auth")
 
 _SCOPE_ACTIONS = {"read": "pull", "create": "pull,push", "update": "pull,push", "delete": "delete"}
+# Basic credentials of an empty user and password: what containers/image (skopeo, podman,
+# buildah) answers a Basic challenge with when it has no credentials for the registry.
+_NO_BASIC_CREDENTIALS = base64.b64encode(b":").decode()
 
 
 class Authenticator:
@@ -51,16 +54,20 @@ class Authenticator:
     def enabled(self) -> bool:
         return self.htpasswd is not None or self.tokens is not None
 
-    async def authenticate(self, authorization: str | None, client: str = "") -> Identity:
+    async def authenticate(
+        self, authorization: str | None, client: str = "", certificate: str | None = None
+    ) -> Identity:
         """The identity the header proves; :class:`Unauthorized` if it proves nothing.
 
         ``client`` is the request's resolved address: failed basic logins are limited per
         client (:class:`TooManyFailedLogins` past the limit, see :mod:`.login_limits`).
         Without authentication configured, credentials are ignored: nothing was verified,
-        so nobody is named.
+        so nobody is named. ``certificate`` is the name the connection's client certificate
+        gives (verified at the TLS handshake): it names the request when no credentials
+        apply, as zot does.
         """
         if not authorization or not self.enabled:
-            return ANONYMOUS
+            return ANONYMOUS if certificate is None else Identity(certificate, "mtls")
         scheme, _, credentials = authorization.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.htpasswd is not None:
@@ -71,6 +78,11 @@ class Authenticator:
 
     async def _basic(self, credentials: str, client: str) -> Identity:
         assert self.htpasswd is not None
+        if credentials.strip() == _NO_BASIC_CREDENTIALS:
+            # No credentials, so anonymous, as without the header: a public repository is
+            # readable to those clients, and their requests are no failed logins (no user
+            # name is empty, so none could have been proven).
+            return ANONYMOUS
         self.logins.check(client)
         try:
             user, password = _user_and_password(credentials)

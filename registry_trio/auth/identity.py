@@ -12,7 +12,7 @@ __all__ = ["ANONYMOUS", "Identity", "Unauthorized"]
 class Identity:
     # None for anonymous requests.
     name: str | None
-    # "anonymous", "basic" (htpasswd) or "bearer" (token).
+    # "anonymous", "basic" (htpasswd), "bearer" (token) or "mtls" (client certificate).
     method: str = "anonymous"
     # For bearer tokens, what the token grants: repository -> actions. None otherwise.
     token_access: Mapping[str, frozenset[str]] | None = None

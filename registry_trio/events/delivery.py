@@ -48,7 +48,10 @@ def full_jitter(attempt: int, initial: float, cap: float) -> float:
     Full jitter spreads the retries of many failed events across the window instead of
     sending them back in lock-step when a sink comes back.
     """
-    return random.uniform(0, min(cap, initial * 2 ** max(attempt - 1, 0)))
+    # The exponent stops at 64, far past any cap: from attempt 1026 on (hours of outage, or
+    # minutes with a short maxBackoff) 2^n no longer converts to a float, and the sink's
+    # task crashed on every failure from then on.
+    return random.uniform(0, min(cap, initial * 2 ** min(max(attempt - 1, 0), 64)))
 
 
 class SinkWorker:

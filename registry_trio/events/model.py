@@ -55,7 +55,7 @@ class Target:
 @dataclass(frozen=True)
 class Actor:
     name: str | None
-    # How the actor proved who they are: "basic", "bearer" or "anonymous".
+    # How the actor proved who they are: "basic", "bearer", "mtls" or "anonymous".
     auth_type: str = "anonymous"
 
 

@@ -9,6 +9,7 @@ from .errors import (
     NameUnknown,
     StorageError,
     StorageFull,
+    UploadBusy,
 )
 from .filesystem import FilesystemStorage, ManifestRecord, PutManifestResult, UploadWriter
 from .layout import Layout
@@ -26,5 +27,6 @@ __all__ = [
     "PutManifestResult",
     "StorageError",
     "StorageFull",
+    "UploadBusy",
     "UploadWriter",
 ]

@@ -26,6 +26,16 @@ class BlobUploadUnknown(StorageError):
     pass
 
 
+class UploadBusy(StorageError):
+    """Another request (in any process on the storage root) or the purger holds the session."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "another request is using this upload session right now (or it is being purged); "
+            "retry once that request is done"
+        )
+
+
 class DigestMismatch(StorageError):
     pass
 

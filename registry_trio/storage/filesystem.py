@@ -39,8 +39,10 @@ from .errors import (
     ManifestBlobUnknown,
     ManifestUnknown,
     NameUnknown,
+    UploadBusy,
 )
 from .layout import Layout
+from .locks import SessionClaim
 
 __all__ = ["FilesystemStorage", "ManifestRecord", "PutManifestResult", "UploadWriter", "fsync_dir"]
 
@@ -123,10 +125,11 @@ class PutManifestResult:
 class UploadWriter:
     """Appends to one upload session, hashing as it goes so the final check is cheap.
 
-    Not thread-safe: the API serialises requests per upload session. ``rollback`` truncates
-    to the offset at open, so a chunk that fails half-way (a full disk) leaves the session as
-    it was. Writes are unbuffered: a buffered writer would flush, and fail, inside the
-    truncate too.
+    Not thread-safe: its caller holds the session's claim (see
+    :meth:`FilesystemStorage.claim_upload`), as everything that changes a session does.
+    ``rollback`` truncates to the offset at open, so a chunk that fails half-way (a full disk)
+    leaves the session as it was. Writes are unbuffered: a buffered writer would flush, and
+    fail, inside the truncate too.
     """
 
     def __init__(self, storage: FilesystemStorage, upload_id: str | None, data_path: Path) -> None:
@@ -184,7 +187,7 @@ class FilesystemStorage:
         """
         self.root = Path(root).resolve()
         self.layout = layout = Layout(self.root)
-        for path in (layout.blobs, layout.repositories, layout.uploads, layout.tmp):
+        for path in (layout.blobs, layout.repositories, layout.uploads, layout.tmp, layout.locks):
             path.mkdir(parents=True, exist_ok=True)
         # Lost on restart by design.
         self._hashers = _Hashers(HASHER_LIMIT)
@@ -297,6 +300,16 @@ class FilesystemStorage:
             raise BlobUploadUnknown(upload_id)
         return self.layout.upload(upload_id)
 
+    def claim_upload(self, name: str, upload_id: str) -> SessionClaim:
+        """Claim ``name``'s session ``upload_id`` for writing, finishing or cancelling it.
+
+        One claim at a time across every process on this root (see :mod:`.locks`); hold it
+        from before the first write until after :meth:`finish_upload`, so that nothing else
+        writes, finishes, cancels or purges the session meanwhile. :class:`UploadBusy` when
+        it is held already.
+        """
+        return SessionClaim(self._session(name, upload_id), upload_id)
+
     def upload_offset(self, name: str, upload_id: str) -> int:
         try:
             return self._session(name, upload_id).stat().st_size
@@ -307,19 +320,18 @@ class FilesystemStorage:
         return UploadWriter(self, upload_id, self._session(name, upload_id))
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
-        data = self._session(name, upload_id)
-        self._hashers.take(upload_id)
-        try:
-            data.unlink()
-        except FileNotFoundError:
-            raise BlobUploadUnknown(upload_id) from None
+        """Remove the session; :class:`UploadBusy` while a request is writing to it."""
+        with self.claim_upload(name, upload_id):
+            self._hashers.take(upload_id)
+            self.layout.upload(upload_id).unlink()
 
     def finish_upload(self, name: str, upload_id: str, expected: Digest) -> int:
         """Verify the upload against ``expected`` and publish it as a blob of ``name``.
 
-        On a digest mismatch the session is discarded: its bytes can never become that
-        blob, and keeping them would only leak disk. On success the session's file itself
-        becomes the blob (renamed into place), so nothing is copied.
+        The caller holds the session's claim. On a digest mismatch the session is discarded:
+        its bytes can never become that blob, and keeping them would only leak disk. On
+        success the session's file itself becomes the blob (renamed into place), so nothing
+        is copied.
         """
         data = self._session(name, upload_id)
         try:
@@ -351,23 +363,32 @@ class FilesystemStorage:
             if (written := self._last_write(entry.name)) is not None and written <= cutoff
         )
 
-    def purge_uploads(self, upload_ids: Sequence[str], cutoff: float) -> list[str]:
+    def purge_uploads(
+        self, upload_ids: Sequence[str], cutoff: float, *, dry_run: bool = False
+    ) -> list[str]:
         """Remove those of ``upload_ids`` still not written since ``cutoff``; the removed ids.
 
-        The caller keeps its own requests off these sessions meanwhile (see
-        :func:`registry_trio.maintenance.purge_uploads`); the re-check here is for writers
-        in another process.
+        Each is claimed first, as a request claims it (:meth:`claim_upload`), in whichever
+        process: a session a request holds (a client that stalled mid-body: idle by its file,
+        but in use) is skipped, and a request arriving while its session is removed is
+        refused, then finds it gone; none writes into a file being removed. With ``dry_run``
+        nothing is removed: the ids are those a real run would remove now.
         """
         purged = []
         for upload_id in upload_ids:
-            written = self._last_write(upload_id)
-            if written is None or written > cutoff:
+            if not _UPLOAD_ID.fullmatch(upload_id):
                 continue
-            self._hashers.take(upload_id)
             try:
-                self.layout.upload(upload_id).unlink()
-            except FileNotFoundError:
-                continue  # cancelled meanwhile
+                claim = SessionClaim(self.layout.upload(upload_id), upload_id)
+            except (UploadBusy, BlobUploadUnknown):
+                continue  # in use, or finished, cancelled or purged meanwhile
+            with claim:
+                written = self._last_write(upload_id)
+                if written is None or written > cutoff:
+                    continue  # written to since it was listed
+                if not dry_run:
+                    self._hashers.take(upload_id)
+                    self.layout.upload(upload_id).unlink()
             purged.append(upload_id)
         return purged
 

@@ -120,6 +120,10 @@ class GCReport:
     blobs: list[DeletedBlob] = field(default_factory=list)
     # Repositories whose manifests were left alone because they changed during the run.
     skipped_repositories: list[str] = field(default_factory=list)
+    # What the delay kept: manifests and blob files a run with no delay would have deleted
+    # too (untagged but young, or kept only by such a manifest; unreferenced but young).
+    held_back_manifests: int = 0
+    held_back_blobs: int = 0
 
     @property
     def bytes_freed(self) -> int:
@@ -138,6 +142,7 @@ class GCReport:
             ],
             "bytesFreed": self.bytes_freed,
             "skippedRepositories": self.skipped_repositories,
+            "heldBack": {"manifests": self.held_back_manifests, "blobs": self.held_back_blobs},
         }
 
 
@@ -375,10 +380,19 @@ def _blob_files(layout: Layout) -> Iterator[tuple[Digest, Path]]:
                     yield digest, entry
 
 
-def _referenced(repos: Iterable[_Repository], manifests: _Manifests) -> set[Digest]:
+def _referenced(
+    repos: Iterable[_Repository],
+    manifests: _Manifests,
+    leaving_out: dict[str, set[Digest]] | None = None,
+) -> set[Digest]:
+    """What the repositories' manifests name (and the manifests themselves), but for the
+    revisions ``leaving_out`` lists per repository."""
     referenced: set[Digest] = set()
     for repo in repos:
+        left_out = (leaving_out or {}).get(repo.name, set())
         for digest, (_, media_type) in repo.revisions.items():
+            if digest in left_out:
+                continue
             refs = manifests.refs(digest, media_type)
             referenced.add(digest)
             referenced.update(refs.blobs)
@@ -391,15 +405,20 @@ def _unreferenced_blobs(
     repos: list[_Repository],
     manifests: _Manifests,
     cutoff: float,
-) -> list[tuple[DeletedBlob, Path]]:
+    held_back: dict[str, set[Digest]],
+) -> tuple[list[tuple[DeletedBlob, Path]], int]:
+    """Blob files to delete; and how many more would go but for the delay: referenced only
+    by ``held_back`` manifests (per repository), or unreferenced but young."""
     referenced = _referenced(repos, manifests)
+    referenced_by_old = _referenced(repos, manifests, leaving_out=held_back)
     linked: dict[Digest, list[tuple[str, float]]] = {}
     for repo in repos:
         for digest, mtime in repo.links.items():
             linked.setdefault(digest, []).append((repo.name, mtime))
-    out = []
+    out, young = [], 0
     for digest, path in sorted(_blob_files(layout)):
         if digest in referenced:
+            young += digest not in referenced_by_old
             continue
         try:
             stat = path.stat()
@@ -407,10 +426,11 @@ def _unreferenced_blobs(
             continue
         links = linked.get(digest, [])
         if stat.st_mtime > cutoff or any(mtime > cutoff for _, mtime in links):
+            young += 1
             continue
         repositories, linked_at = zip(*sorted(links), strict=True) if links else ((), ())
         out.append((DeletedBlob(digest, stat.st_size, repositories, linked_at), path))
-    return out
+    return out, young
 
 
 def _links(layout: Layout, blob: DeletedBlob) -> list[Path]:
@@ -482,7 +502,8 @@ def collect(
     nothing is deleted (nor announced) and the report says what a real run would have
     deleted. ``before_delete`` sees every batch before it is deleted (see the module doc).
     """
-    cutoff = (time.time() if now is None else now) - delay
+    now = time.time() if now is None else now
+    cutoff = now - delay
     report = GCReport(dry_run=dry_run)
     layout = storage.layout
     manifests = _Manifests(layout)
@@ -490,10 +511,14 @@ def collect(
 
     # Phase 1: manifests, every repository, all on disk before any blob goes.
     removed: dict[str, set[Digest]] = {}
+    held_back: dict[str, set[Digest]] = {}  # what only the delay keeps, per repository
     for repo in _scan(layout):
+        doomed = _unreachable(repo, manifests, cutoff)
+        held_back[repo.name] = set(_unreachable(repo, manifests, now)) - set(doomed)
+        report.held_back_manifests += len(held_back[repo.name])
         planned = [
             DeletedManifest(repo.name, d, repo.revisions[d][1], repo.revisions[d][0])
-            for d in _unreachable(repo, manifests, cutoff)
+            for d in doomed
         ]
         if dry_run:
             removed[repo.name] = {m.digest for m in planned}
@@ -515,7 +540,9 @@ def collect(
                 link_mtime = repo.links.get(digest)
                 if link_mtime is not None and link_mtime <= cutoff:
                     del repo.links[digest]
-    planned_blobs = _unreferenced_blobs(layout, repos, manifests, cutoff)
+    planned_blobs, report.held_back_blobs = _unreferenced_blobs(
+        layout, repos, manifests, cutoff, held_back
+    )
     if dry_run:
         report.blobs = [blob for blob, _ in planned_blobs]
     else:

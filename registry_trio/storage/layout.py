@@ -10,6 +10,8 @@ Close to distribution's, so operators recognise it::
     uploads/<id>                                         upload session data (survives restarts;
                                                          purged once idle, see purge_uploads)
     tmp/                                                 staging for atomic writes
+    locks/repository-<xx>                                a stripe of the repository locks
+                                                         (see :mod:`.locks`), 00 to ff
 
 The store (:mod:`.filesystem`) writes it and garbage collection (:mod:`.gc`) reads and prunes
 it; both ask :class:`Layout` for paths. Nothing here touches the disk except
@@ -18,13 +20,18 @@ it; both ask :class:`Layout` for paths. Nothing here touches the disk except
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..oci import Digest
 
-__all__ = ["Layout"]
+__all__ = ["REPOSITORY_LOCK_STRIPES", "Layout"]
+
+# How many files the repository locks are spread over: unrelated repositories rarely share
+# one (and then only take turns), and the files a store holds stay few whatever it serves.
+REPOSITORY_LOCK_STRIPES = 256
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,23 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def locks(self) -> Path:
+        """Outside ``repositories/``: listing and garbage collection never walk it."""
+        return self.root / "locks"
+
+    def repository_lock_stripe(self, name: str) -> int:
+        """Which of the :data:`REPOSITORY_LOCK_STRIPES` stripes holds ``name``'s lock.
+
+        A hash every process computes alike (Python's own ``hash`` of a str is salted per
+        process, so it would not do).
+        """
+        digest = hashlib.sha256(name.encode()).digest()
+        return int.from_bytes(digest[:4], "big") % REPOSITORY_LOCK_STRIPES
+
+    def repository_lock(self, stripe: int) -> Path:
+        return self.locks / f"repository-{stripe:02x}"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded

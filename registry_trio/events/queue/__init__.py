@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -47,14 +47,20 @@ __all__ = [
 
 
 def open_queue(
-    events: EventsConfig, on_commit: Callable[[int, float], None] | None = None
+    events: EventsConfig,
+    on_commit: Callable[[int, float], None] | None = None,
+    announce: Callable[[Sequence[str]], None] | None = None,
 ) -> EventQueue:
-    """The queue ``events.queue`` configures (not yet running: start its ``run``)."""
+    """The queue ``events.queue`` configures (not yet running: start its ``run``).
+
+    ``announce`` tells the delivering process of each commit when it is another process
+    (:mod:`.wakeup`); a JetStream consumer needs no such word, it waits on the stream.
+    """
     if events.queue.type == "jetstream":
         from .jetstream import JetStreamQueue
 
         return JetStreamQueue(events.queue, events.sinks, on_commit)
-    return Outbox(events.queue.directory, on_commit=on_commit)
+    return Outbox(events.queue.directory, on_commit=on_commit, announce=announce)
 
 
 @contextlib.asynccontextmanager

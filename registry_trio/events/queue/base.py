@@ -95,7 +95,10 @@ class SinkCounts:
     failed_attempts: int
     oldest_pending: float | None
     last_error: str | None
+    # Unix times: of the last failed attempt, and of the last delivery acknowledged (one
+    # after the last error means delivery has recovered since).
     last_error_at: float | None
+    last_delivered_at: float | None
 
 
 class PendingAppend(Protocol):

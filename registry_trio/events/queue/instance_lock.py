@@ -64,6 +64,12 @@ class InstanceLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    @property
+    def fd(self) -> int:
+        """The locked descriptor: a process given a copy holds the lock too (a worker)."""
+        assert self._fd is not None, "the lock is not held"
+        return self._fd
+
     def release(self) -> None:
         # The file stays: unlinking it would let a third process lock a new file while a
         # second one still holds the old, unlinked one.

@@ -11,8 +11,9 @@ Schema::
     deliveries(sink, seq, state, attempts, next_attempt, last_error)
                                                 one row per (sink, event) still owed;
                                                 state 0 = pending, 2 = dead letter
-    sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at)
-                                                totals since the queue was created
+    sink_counters(sink, delivered, failed_attempts, dead, last_error, last_error_at,
+                  last_delivered_at)            totals since the queue was created, and
+                                                when the last error and delivery were
     meta(key, value)                            instance id, schema version
 
 An event and its delivery rows are written in one transaction, so an event becomes visible to
@@ -103,10 +104,29 @@ CREATE TABLE IF NOT EXISTS sink_counters (
     failed_attempts INTEGER NOT NULL DEFAULT 0,
     dead INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    last_error_at REAL
+    last_error_at REAL,
+    last_delivered_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+# Columns added since the first schema, each with its definition: CREATE TABLE IF NOT EXISTS
+# leaves an existing table as it was, so a queue file from before gets them at open.
+_ADDED_COLUMNS = {"sink_counters": {"last_delivered_at": "REAL"}}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a queue file written by an older registry up to :data:`_SCHEMA`.
+
+    Inside the caller's write transaction: processes opening the same old file at once (a
+    server's workers, an ``events`` command) add each column once, the others finding it.
+    """
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, definition in columns.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -150,11 +170,17 @@ class Outbox:
     """
 
     def __init__(
-        self, directory: str | Path, on_commit: Callable[[int, float], None] | None = None
+        self,
+        directory: str | Path,
+        on_commit: Callable[[int, float], None] | None = None,
+        announce: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.path = Path(directory) / "events.db"
         # Called after each transaction with (writes committed, seconds): metrics.
         self._on_commit = on_commit
+        # Called on the writer thread after each transaction with the sinks it gave new
+        # work: tells a consumer in another process (see wakeup.py).
+        self._announce = announce
         self.instance_id = ""
         # Writes go to the writer thread through a thread-safe queue; None tells it to stop.
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
@@ -169,7 +195,11 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = _connect(self.path)
-            conn.executescript(_SCHEMA)
+            # One write transaction from the start: worker processes open the file together,
+            # and a transaction that begins reading and then writes gets "database is
+            # locked" at once when another holds the write lock, where BEGIN IMMEDIATE waits.
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}")
+            _migrate(conn)
             row = conn.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
             if row is None:
                 self.instance_id = uuid.uuid4().hex
@@ -178,9 +208,22 @@ class Outbox:
                 )
             else:
                 self.instance_id = row[0]
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise QueueError(f"cannot open the event queue at {self.path}: {exc}") from exc
         self._conn = conn
+
+    def prepare(self) -> None:
+        """Create the file with its schema and instance id, and close it again (blocking).
+
+        A supervisor does this before its workers open the file together: the first switch
+        of a new file to WAL needs the file alone, and SQLite answers "database is locked"
+        at once, without waiting, to every other process trying it meanwhile.
+        """
+        self._open()
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread until :meth:`close`; it commits what is queued, then stops.
@@ -225,6 +268,10 @@ class Outbox:
                 started = time.perf_counter()
                 self._commit(group)
                 elapsed = time.perf_counter() - started
+                if self._announce is not None:
+                    # From this thread, not after the hop to the event loop: the consumer
+                    # elsewhere learns of the commit a loop turn sooner.
+                    self._announce(sorted({s for w in group if w.error is None for s in w.wakes}))
                 with contextlib.suppress(trio.RunFinishedError):
                     token.run_sync_soon(self._committed, group, elapsed)
                 if stopping:
@@ -609,7 +656,12 @@ def _count(
     conn: sqlite3.Connection, sink: str, column: str, n: int, error: str | None = None
 ) -> None:
     conn.execute("INSERT OR IGNORE INTO sink_counters(sink) VALUES (?)", (sink,))
-    if error is None:
+    if column == "delivered":
+        conn.execute(
+            "UPDATE sink_counters SET delivered=delivered+?, last_delivered_at=? WHERE sink=?",
+            (n, time.time(), sink),
+        )
+    elif error is None:
         conn.execute(f"UPDATE sink_counters SET {column}={column}+? WHERE sink=?", (n, sink))
     else:
         conn.execute(
@@ -705,10 +757,10 @@ class OutboxReader:
             (sink, PENDING),
         ).fetchone()[0]
         counters = conn.execute(
-            "SELECT delivered, failed_attempts, last_error, last_error_at "
+            "SELECT delivered, failed_attempts, last_error, last_error_at, last_delivered_at "
             "FROM sink_counters WHERE sink=?",
             (sink,),
-        ).fetchone() or (0, 0, None, None)
+        ).fetchone() or (0, 0, None, None, None)
         return SinkCounts(
             pending=states.get(PENDING, 0),
             dead=states.get(DEAD, 0),
@@ -717,6 +769,7 @@ class OutboxReader:
             oldest_pending=oldest,
             last_error=counters[2],
             last_error_at=counters[3],
+            last_delivered_at=counters[4],
         )
 
     async def counts(self, sink: str) -> SinkCounts:

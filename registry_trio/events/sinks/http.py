@@ -37,7 +37,7 @@ def _retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # not "²": float() refuses it
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

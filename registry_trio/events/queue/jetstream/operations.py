@@ -60,6 +60,8 @@ class _Counters:
     failed_attempts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
+    # Absent from what older registries stored: None until this instance delivers.
+    last_delivered_at: float | None = None
 
 
 class JetStreamOperations:
@@ -252,6 +254,8 @@ class JetStreamOperations:
         counters = self._counters.setdefault(sink, _Counters())
         counters.delivered += delivered
         counters.failed_attempts += failed
+        if delivered:
+            counters.last_delivered_at = time.time()
         if error is not None:
             counters.last_error, counters.last_error_at = error, time.time()
         value = json.dumps(counters.__dict__).encode()
@@ -366,6 +370,8 @@ class JetStreamOperations:
                 total.last_error_at is None or part.last_error_at > total.last_error_at
             ):
                 total.last_error, total.last_error_at = part.last_error, part.last_error_at
+            if part.last_delivered_at is not None:
+                total.last_delivered_at = max(part.last_delivered_at, total.last_delivered_at or 0)
         return SinkCounts(
             pending=pending,
             dead=dead,
@@ -374,6 +380,7 @@ class JetStreamOperations:
             oldest_pending=oldest,
             last_error=total.last_error,
             last_error_at=total.last_error_at,
+            last_delivered_at=total.last_delivered_at,
         )
 
     async def _dead_messages(self, sink: str, after: int) -> AsyncIterator[_Stored]:
