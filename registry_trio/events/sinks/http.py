@@ -17,6 +17,7 @@ import base64
 import email.utils
 import hashlib
 import hmac
+import importlib.metadata
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -25,7 +26,6 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import httpcore
 import httpx
 
-from ... import __version__
 from ...config import SinkConfig, redact_address
 from ..failures import describe_failure, sensitive_values
 from . import DELIVERED, Message, Outcome, Result
@@ -81,7 +81,7 @@ class HTTPSink:
         headers = {
             "host": address.netloc.rpartition("@")[2],
             # Some receivers (and the firewalls before them) refuse a request without one.
-            "user-agent": f"registry-trio/{__version__}",
+            "user-agent": f"registry-trio/{importlib.metadata.version('registry-trio')}",
         }
         headers.update((name.lower(), value) for name, value in config.headers.items())
         if address.username is not None:
