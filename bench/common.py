@@ -445,6 +445,10 @@ class ManagedProcess(abc.ABC):
         processes it started (a supervisor's workers), living or ended."""
         return cpu_times(self.pid)
 
+    def process_count(self) -> int:
+        """The server's processes now: itself and its children (a supervisor's workers)."""
+        return 1 + len(_children(self.pid))
+
     def allowed_cpus(self) -> list[int]:
         """The CPUs the server may run on, as the kernel has it now."""
         return sorted(os.sched_getaffinity(self.pid))

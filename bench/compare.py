@@ -34,6 +34,13 @@ What it measures
     1-minute load average before and after each run is printed too: the machine may be
     shared.
 
+    --pin puts each server on the first usable CPU and this script (the load generator)
+    and the receiver on the others (taskset -c; on a 2-core machine, one core each): client
+    and server take no CPU from each other, and the server's CPU per image is its own.
+    --workers N starts registry-trio with http.workers N (a supervisor and N worker
+    processes; the CPU counted is all of theirs). Each round records the CPUs the kernel
+    allowed the server, the client and the receiver, and how many processes served.
+
     If the docker-registry binary is missing, the distribution rows are skipped with a note
     saying how to install it (apt-get install docker-registry), and the exit status is 0.
 
@@ -398,8 +405,9 @@ def measure(
         "server_cpu_s": cpu_push,
         "server_cpu_with_delivery_s": cpu_push,
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
-        # Read from the kernel while the server runs: what --pin asked for, or not.
+        # Read from the kernel while the server runs: what --pin and --workers asked for.
         "cpus": {"server": server.allowed_cpus(), "client": sorted(os.sched_getaffinity(0))},
+        "server_processes": server.process_count(),
     }
     if receiver is not None:
         entry["cpus"]["receiver"] = sorted(os.sched_getaffinity(receiver.pid))

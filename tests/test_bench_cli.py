@@ -509,6 +509,22 @@ def test_compare_workers_sets_only_http_workers(bench_modules: dict[str, ModuleT
     assert compare.trio_http_settings(compare.parse_args(["--workers", "3"])) == {"workers": 3}
 
 
+def test_compare_workers_run_and_are_counted() -> None:
+    """--workers 2 serves from a supervisor and two workers, whose CPU is counted; without it
+    the bench's one process."""
+    doc = run_json(
+        "compare.py", "-n", "4", "-c", "2", "--workers", "2",
+        "--distribution-binary", "/nonexistent",
+    )  # fmt: skip
+    assert doc["settings"]["trio_http"] == {"workers": 2}
+    _check_trio_rows(doc, 4)
+    for row in doc["targets"].values():
+        assert [r["server_processes"] for r in row["rounds"]] == [3]
+    single = run_json("compare.py", "-n", "2", "-c", "2", "--distribution-binary", "/nonexistent")
+    for row in single["targets"].values():
+        assert [r["server_processes"] for r in row["rounds"]] == [1]
+
+
 def test_compare_pin_needs_two_cpus() -> None:
     result = subprocess.run(
         ["taskset", "-c", "0", sys.executable, str(BENCH / "compare.py"), "--pin", "--json"],
