@@ -530,7 +530,7 @@ class QueueConfig:
     tls: TLSConfig | None = None
     timeout: Duration = Duration(5.0)
     # Stream settings: a stream is created with them, an existing one brought in line at
-    # start (see the README on durability).
+    # start (see docs/scaling.md on durability).
     replicas: int = 1
     duplicate_window: Duration = Duration(120.0)
     # How long a delivery may go unacknowledged before JetStream hands it to another

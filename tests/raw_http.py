@@ -13,14 +13,18 @@ __all__ = ["RawConnection"]
 class RawConnection:
     """One client connection driven by hand: partial bodies, pauses, the server hanging up."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, host: str = "registry") -> None:
         self.stream = stream
+        # The Host every request names: the address connected to (the admin API answers a
+        # server without authentication only when addressed by a loopback name).
+        self.host = host
         self._buffer = b""
 
     @classmethod
     async def open(cls, url: str) -> RawConnection:
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        return cls(await trio.open_tcp_stream(host, int(port)))
+        address = url.removeprefix("http://")
+        host, port = address.rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)), address)
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -29,7 +33,8 @@ class RawConnection:
         self, method: str, target: str, headers: dict[str, str], version: str = "HTTP/1.1"
     ) -> None:
         target = httpx.URL(target).raw_path.decode()  # a Location is absolute
-        lines = [f"{method} {target} {version}", "Host: registry", *map(": ".join, headers.items())]
+        lines = [f"{method} {target} {version}", f"Host: {self.host}"]
+        lines += map(": ".join, headers.items())
         await self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     async def response(self, method: str = "GET") -> httpx.Response:

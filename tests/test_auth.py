@@ -328,7 +328,7 @@ def self_signed_certificate_pem(key) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-# README: "a PEM certificate or public key; RS/ES/PS/EdDSA".
+# docs/security.md: "a PEM certificate or public key; RS/ES/PS/EdDSA".
 TOKEN_ALGORITHMS = [
     ("RS256", "rsa"),
     ("RS384", "rsa"),

@@ -1,4 +1,4 @@
-"""README claims that belong to no other test file: one test per claim, against a real server."""
+"""Documented claims that belong to no other test file: one test each, against a real server."""
 
 from __future__ import annotations
 

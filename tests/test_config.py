@@ -156,7 +156,7 @@ def test_verify_command_reports_the_key(tmp_path):
 
 
 def test_documented_defaults():
-    """The README's key table, default column, for a file that names nothing."""
+    """The key table of docs/configuration.md, default column, for a file that names nothing."""
     config = parse_config({})
     storage, http, log = config.storage, config.http, config.log
     assert storage.root_directory == "registry_data"
@@ -247,7 +247,7 @@ def test_duration_defaults_are_durations_as_parsed_values_are():
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        # The README's own example of a start-up error.
+        # docs/configuration.md's own example of a start-up error.
         (
             {
                 "extensions": {

@@ -48,7 +48,7 @@ class Dockerd:
 def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
     binary = require("dockerd", "docker.io")
     # The client of the same package (/usr/bin), not a newer one a machine may have in
-    # /usr/local/bin: the versions the README reports are the package's.
+    # /usr/local/bin: the versions docs/clients.md reports are the package's.
     client = require("docker", "docker.io", path=f"/usr/bin{os.pathsep}{os.environ['PATH']}")
     root = tmp_path_factory.mktemp("dockerd")
     socket = root / "docker.sock"

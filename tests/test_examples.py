@@ -1,4 +1,4 @@
-"""The configs in examples/ run as they are, and the configs README.md shows parse.
+"""The configs in examples/ run as they are, and the configs README.md and docs/ show parse.
 
 Every ``examples/*.json`` (found by glob: a new example is tested without editing this file)
 passes ``registry-trio verify`` from the repository root, and is served once: examples/ is
@@ -36,7 +36,7 @@ import trio
 from bench.receiver import parse_events
 from bench.registry_client import Image, RegistryClient, make_image
 from registry_trio.auth import check_files
-from registry_trio.config import load_config, parse_config
+from registry_trio.config import ConfigError, load_config, parse_config
 from tests.nats_server import NATSObserver, nats_server, observe
 from tests.procs import ServerProcess, server_process
 from tests.sink import HTTPSinkServer
@@ -96,38 +96,51 @@ def test_minimal_is_what_make_run_serves_plus_one_webhook(monkeypatch: pytest.Mo
     assert dataclasses.replace(minimal, extensions=extensions) == embedded
 
 
-# A fenced JSON block of README.md: a whole document, or one key and its value.
+# A fenced JSON block of the documentation: a whole document, or one key and its value.
 _JSON_BLOCK = re.compile(r"^```json\n(.*?)^```", re.DOTALL | re.MULTILINE)
-# Where a README fragment (``"queue": {...}``) sits in a whole config.
+# Where a fragment (``"queue": {...}``) sits in a whole config.
 FRAGMENT_PLACES = {"queue": ("extensions", "events"), "accessControl": ("http",)}
 CONFIG_KEYS = {"storage", "http", "extensions"}
 
 
-def readme_configs() -> list[Any]:
-    """Every config README.md shows: whole ones as they are, fragments put in their place."""
+def documentation() -> list[Path]:
+    """README.md and the pages of docs/: where configs are shown."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def documented_configs() -> list[tuple[str, Any]]:
+    """``(page, config)`` for every config the documentation shows: whole ones as they are,
+    fragments put in their place."""
     configs = []
-    for block in _JSON_BLOCK.findall((REPO / "README.md").read_text()):
-        try:
-            doc = json.loads(block)
-        except json.JSONDecodeError:
-            (key, value), *others = json.loads("{" + block + "}").items()
-            assert not others, f"a fragment of README.md has several keys: {block}"
-            assert key in FRAGMENT_PLACES, f"README.md fragment {key!r}: add its place here"
-            for parent in reversed(FRAGMENT_PLACES[key]):
-                key, value = parent, {key: value}
-            doc = {key: value}
-        if CONFIG_KEYS & doc.keys():
-            configs.append(doc)
+    for page in documentation():
+        name = str(page.relative_to(REPO))
+        for block in _JSON_BLOCK.findall(page.read_text()):
+            try:
+                doc = json.loads(block)
+            except json.JSONDecodeError:
+                (key, value), *others = json.loads("{" + block + "}").items()
+                assert not others, f"a fragment of {name} has several keys: {block}"
+                assert key in FRAGMENT_PLACES, f"{name} fragment {key!r}: add its place here"
+                for parent in reversed(FRAGMENT_PLACES[key]):
+                    key, value = parent, {key: value}
+                doc = {key: value}
+            if CONFIG_KEYS & doc.keys():
+                configs.append((name, doc))
     return configs
 
 
-def test_every_config_in_the_readme_parses(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Relative paths in them resolve from the repository root, as the README says.
+def test_every_config_in_the_readme_and_docs_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Relative paths in them resolve from the repository root, as the docs say.
     monkeypatch.chdir(REPO)
-    configs = readme_configs()
-    assert len(configs) >= 3  # the configuration example, the queue and access fragments
-    for doc in configs:
-        check_files(parse_config(doc))
+    configs = documented_configs()
+    pages = {page for page, _ in configs}
+    # The configuration example, the queue and access fragments, on their pages.
+    assert {"docs/configuration.md", "docs/scaling.md", "docs/security.md"} <= pages
+    for page, doc in configs:
+        try:
+            check_files(parse_config(doc))
+        except ConfigError as exc:
+            raise AssertionError(f"a config in {page} does not parse: {exc}") from None
 
 
 @dataclasses.dataclass

@@ -163,7 +163,7 @@ async def test_admin_api_is_loopback_only_without_auth(registry, http):
     assert response.json()["errors"][0]["message"] == "the events extension is not enabled"
 
 
-# -- what the README promises of the operator surface ------------------------------------------
+# -- what docs/operations.md promises of the operator surface ----------------------------------
 
 
 async def cli_text(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:

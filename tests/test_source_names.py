@@ -76,9 +76,12 @@ def _in_repository(source: Path, path: str) -> bool:
     return (REPO / path).exists() or (beside.resolve().is_relative_to(REPO) and beside.exists())
 
 
-def test_every_path_the_code_and_readme_cite_is_in_the_repository() -> None:
+def test_every_path_the_code_and_docs_cite_is_in_the_repository() -> None:
     sources = [REPO / "README.md", REPO / "SECURITY.md", REPO / "Makefile"]
     sources.append(REPO / "examples" / "README.md")
+    docs = sorted((REPO / "docs").glob("*.md"))
+    assert docs, "docs/*.md: none found"
+    sources += docs
     for directory in ("registry_trio", "bench", "tests"):
         sources += sorted((REPO / directory).rglob("*.py"))
     cited = {
