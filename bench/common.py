@@ -479,7 +479,8 @@ class ServerProcess(ManagedProcess):
     Use as a context manager. ``url`` is the base URL it logged; ``pid`` its process id.
     ``queue_dir`` puts the event outbox in a directory of the caller's (which may already
     hold events) instead of the temporary one; the caller removes it. ``queue`` adds keys to
-    ``extensions.events.queue`` (a JetStream queue's ``type`` and ``address``).
+    ``extensions.events.queue`` (a JetStream queue's ``type`` and ``address``), ``history``
+    sets ``extensions.events.history``.
     """
 
     def __init__(
@@ -491,6 +492,7 @@ class ServerProcess(ManagedProcess):
         http: dict[str, Any] | None = None,
         queue_dir: str | Path | None = None,
         queue: dict[str, Any] | None = None,
+        history: dict[str, Any] | None = None,
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
@@ -511,6 +513,7 @@ class ServerProcess(ManagedProcess):
         self._queue_dir = Path(queue_dir) if queue_dir is not None else None
         # More extensions.events.queue keys (e.g. a JetStream queue's type and address).
         self._queue = dict(queue or {})
+        self._history = history
         self._log_file = log_file
         self._python = python
         self._listening = threading.Event()
@@ -533,6 +536,7 @@ class ServerProcess(ManagedProcess):
                         **self._queue,
                     },
                     "sinks": self._sinks,
+                    **({} if self._history is None else {"history": self._history}),
                 }
             }
         return doc

@@ -11,6 +11,10 @@ Measures, in one run:
 3. **Push cost of events**: small-image pushes/s against a registry-trio server with events
    off, and with events on and an HTTP sink (the 2xx waits for the event's commit).
 4. **Slow receiver**: delivery to a receiver that takes 50 ms per request, batched and not.
+5. **Delivery history**: what recording every attempt costs. The writer's time per event to
+   acknowledge events in runs of ``--history-ack`` (history on, off), the bytes a record
+   keeps on disk, the batched drain rate and the push rate (batched sink) with the history
+   on and off; rounds alternate the modes.
 
 Run: ``python bench/events.py`` (``--json`` for machine-readable output, ``--help`` for the
 knobs). It starts its own registry-trio and receivers on 127.0.0.1 and stops them; ``--url``
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,10 +50,10 @@ from common import (
     push_rate,
 )
 
-from registry_trio.config import parse_config
+from registry_trio.config import HistoryConfig, parse_config
 from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
 from registry_trio.events.delivery import DeliverySupervisor
-from registry_trio.events.queue import Outbox
+from registry_trio.events.queue import Attempt, Outbox, OwedEvent
 
 SINK = "bench-sink"
 
@@ -183,7 +188,12 @@ class Receiver:
 
 
 async def drain(
-    directory: Path, backlog: int, sink: dict[str, Any], args: argparse.Namespace, label: str
+    directory: Path,
+    backlog: int,
+    sink: dict[str, Any],
+    args: argparse.Namespace,
+    label: str,
+    history: bool = True,
 ) -> dict[str, Any]:
     """Fill the outbox with ``backlog`` events for one sink, then time their delivery."""
     events_config = parse_config(
@@ -197,7 +207,7 @@ async def drain(
             }
         }
     ).extensions.events
-    outbox = Outbox(directory)
+    outbox = Outbox(directory, history=HistoryConfig(enable=history))
     delivered = 0
     all_delivered = trio.Event()
     bar = progress(args, backlog, label, unit="ev")
@@ -288,6 +298,151 @@ def push_comparison(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- 5. delivery history ------------------------------------------------------------------------
+
+
+async def record_cost(
+    directory: Path, count: int, per_ack: int, history: bool, label: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The writer's time per event to acknowledge ``count`` events, ``per_ack`` at a time (as
+    a delivery loop does after each batch), and then to prune their records (with the history
+    on, a delivered event is deleted by the pruner, not by its acknowledgement); the bytes the
+    file holds per event in between."""
+    phase: str | None = None
+    seconds = {"ack": 0.0, "prune": 0.0}
+
+    def on_commit(_writes: int, elapsed: float) -> None:
+        if phase is not None:
+            seconds[phase] += elapsed
+
+    # A budget of one record: the pruning phase removes all but the newest.
+    limits = HistoryConfig(enable=history, max_rows=1)
+    outbox = Outbox(directory, on_commit=on_commit, history=limits)
+    events = [sample_event(i) for i in range(count)]
+    bar = progress(args, count, label, unit="ev")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        for start in range(0, count, 1000):
+            await outbox.append([(e, [SINK]) for e in events[start : start + 1000]])
+        owed = [OwedEvent(seq, e, 0, 0.0) for seq, e in enumerate(events, start=1)]
+        attempt = Attempt(time.time(), 0.002, per_ack, "HTTP 200")
+        phase = "ack"
+        for start in range(0, count, per_ack):
+            run = owed[start : start + per_ack]
+            await outbox.ack(SINK, run, [attempt] * len(run))
+            bar.update(len(run))
+        phase = None
+        in_use = await trio.to_thread.run_sync(bytes_in_use, outbox.path)
+        phase = "prune"
+        await outbox.prune_history()
+        phase = None
+        outbox.close()
+    bar.close()
+    return {
+        "events": count,
+        "ack_us_per_event": round(seconds["ack"] / count * 1e6, 2),
+        "prune_us_per_event": round(seconds["prune"] / count * 1e6, 2),
+        "bytes_in_use": in_use,
+    }
+
+
+def bytes_in_use(path: Path) -> int:
+    """The pages of an SQLite file that hold data (free pages left out), WAL checkpointed."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * size
+    finally:
+        conn.close()
+
+
+def history_comparison(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """History off and on, alternating round by round, on the same workload each time."""
+    modes = {"off": False, "on": True}
+    cost: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    drains: dict[str, list[float]] = {mode: [] for mode in modes}
+    pushes: dict[str, list[float]] = {mode: [] for mode in modes}
+    with Receiver() as receiver:
+        batched = {
+            "type": "http",
+            "address": receiver.url,
+            "format": "cloudevents-batch",
+            "batch": {"maxEvents": args.batch},
+        }
+        pushing = {**batched, "batch": {"maxEvents": 500, "maxWait": "1s"}}
+        for round_ in range(args.history_rounds):
+            for mode, on in modes.items():
+                where = base / f"history-{mode}-{round_}"
+                cost[mode].append(
+                    trio.run(
+                        record_cost,
+                        where / "ack",
+                        args.history_events,
+                        args.history_ack,
+                        on,
+                        f"acks, history {mode}",
+                        args,
+                    )
+                )
+                drained = trio.run(
+                    drain,
+                    where / "drain",
+                    args.history_events,
+                    batched,
+                    args,
+                    f"drain, history {mode}",
+                    on,
+                )
+                drains[mode].append(drained["events_per_s"])
+                with ServerProcess(
+                    sinks=[pushing], history={"enable": on}, data_dir=args.data_dir
+                ) as server:
+                    warm_up = f"hw{round_}{mode}"
+                    trio.run(push_rate, server.url, args.concurrency, args.concurrency, warm_up)
+                    pushes[mode].append(
+                        trio.run(
+                            push_rate,
+                            server.url,
+                            args.push_count,
+                            args.concurrency,
+                            f"h{round_}{mode}",
+                        )
+                    )
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    writer = {
+        mode: mean([c["ack_us_per_event"] + c["prune_us_per_event"] for c in cost[mode]])
+        for mode in modes
+    }
+    pruning = mean([c["prune_us_per_event"] for c in cost["on"]])
+    disk = {mode: mean([c["bytes_in_use"] for c in cost[mode]]) for mode in modes}
+    push = {mode: mean(pushes[mode]) for mode in modes}
+    drained_per_s = {mode: mean(drains[mode]) for mode in modes}
+    return {
+        "rounds": args.history_rounds,
+        "events": args.history_events,
+        "events_per_ack": args.history_ack,
+        # Writer time per event, acknowledgement and (history on) pruning together.
+        "writer_us_per_event_off": round(writer["off"], 2),
+        "writer_us_per_event_on": round(writer["on"], 2),
+        "of_which_pruning_us_per_event": round(pruning, 2),
+        "record_cost_us_per_event": round(writer["on"] - writer["off"], 2),
+        # What a record keeps on disk: the record, its indexes and the event it keeps.
+        "bytes_per_record": round((disk["on"] - disk["off"]) / args.history_events),
+        "drain_off_events_per_s": round(drained_per_s["off"]),
+        "drain_on_events_per_s": round(drained_per_s["on"]),
+        "drain_ratio_on_off": round(drained_per_s["on"] / drained_per_s["off"], 3),
+        "push_off_images_per_s": round(push["off"], 1),
+        "push_on_images_per_s": round(push["on"], 1),
+        "push_ratio_on_off": round(push["on"] / push["off"], 3),
+    }
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -328,10 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--push-count", type=int, default=300, help="images per push run")
     knobs.add_argument("--push-rounds", type=int, default=2, help="off/on rounds to average")
     knobs.add_argument(
+        "--history-events", type=int, default=20_000, help="events per history cost run"
+    )
+    knobs.add_argument(
+        "--history-ack", type=int, default=100, help="events per acknowledgement (cost run)"
+    )
+    knobs.add_argument(
+        "--history-rounds", type=int, default=2, help="history off/on rounds to average"
+    )
+    knobs.add_argument(
         "--skip",
         action="append",
         default=[],
-        choices=["enqueue", "drain", "push", "slow"],
+        choices=["enqueue", "drain", "push", "slow", "history"],
         help="leave a part out",
     )
     return parser
@@ -405,6 +569,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
 
     part("slow", slow)
+    part("history", lambda: history_comparison(args, base))
     return results
 
 
@@ -448,6 +613,23 @@ def report(results: dict[str, Any]) -> None:
             f"target >= 360/s"
         )
         print(f"                    one per request {s['unbatched']['events_per_s']:>,} events/s")
+    if "history" in results:
+        h = results["history"]
+        print(
+            f"history records     {h['record_cost_us_per_event']:>8} us of writer time per event "
+            f"({h['writer_us_per_event_on']} on, of which pruning "
+            f"{h['of_which_pruning_us_per_event']}; {h['writer_us_per_event_off']} off; acks of "
+            f"{h['events_per_ack']}), {h['bytes_per_record']:,} bytes on disk per record"
+        )
+        print(
+            f"history drain       {h['drain_on_events_per_s']:>8,} / "
+            f"{h['drain_off_events_per_s']:,} events/s on / off "
+            f"(ratio {h['drain_ratio_on_off']:.2f})"
+        )
+        print(
+            f"history push        {h['push_on_images_per_s']:>8} / {h['push_off_images_per_s']} "
+            f"images/s on / off (ratio {h['push_ratio_on_off']:.2f})   target >= 0.95"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,12 +75,25 @@ def _add_events_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         ("status", "per-sink pending, in flight, delivered, failed, dead, last error"),
         ("dead", "list dead letters of a sink"),
         ("replay", "move dead letters back to pending (they keep their event id)"),
+        ("history", "delivery attempts, dead letters and replays, newest first"),
+        ("trace", "the whole path of one event: its commit, every attempt at every sink"),
     ):
         verb = verbs.add_parser(name, help=help_text)
         verb.add_argument("-c", "--config", help="the config the server runs with")
         verb.add_argument("--json", action="store_true", help="machine-readable output")
-        if name != "status":
+        if name in ("dead", "replay"):
             verb.add_argument("--sink", help="sink name (needed when several are configured)")
+        if name == "history":
+            verb.add_argument("--sink", help="only this sink's records")
+            verb.add_argument(
+                "--failed", action="store_true", help="only failed attempts and dead letters"
+            )
+            verb.add_argument(
+                "--limit", type=_history_size, default=50, help="records, 1 to 10000 (default 50)"
+            )
+            verb.add_argument("--before", type=_cursor, help="cursor from the last listing")
+        if name == "trace":
+            verb.add_argument("event_id", metavar="EVENT_ID", help="the event's id")
         if name == "dead":
             verb.add_argument(
                 "--limit", type=_page_size, default=100, help="page size, 1 to 1000 (default 100)"
@@ -95,6 +108,18 @@ def _page_size(text: str) -> int:
 
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= DEAD_PAGE_MAX:
         raise argparse.ArgumentTypeError(f"must be a number from 1 to {DEAD_PAGE_MAX}")
+    return int(text)
+
+
+def _history_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError("must be a number from 1 to 10000")
+    return int(text)
+
+
+def _cursor(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) < 2**63:
+        raise argparse.ArgumentTypeError("must be the cursor a listing printed")
     return int(text)
 
 
@@ -115,6 +140,11 @@ def _events_command(config: Config, args: argparse.Namespace) -> None:
         elif args.verb == "dead":
             page = events_cli.dead_letters(config, args.sink, args.limit, args.after)
             _show(args.json, page, _dead_letters_table)
+        elif args.verb == "history":
+            records = events_cli.history(config, args.sink, args.failed, args.limit, args.before)
+            _show(args.json, records, _history_table)
+        elif args.verb == "trace":
+            _show(args.json, events_cli.event_trace(config, args.event_id), _trace_text)
         else:
             _show(args.json, events_cli.replay(config, args.sink, args.ids), _replayed_line)
     except events_cli.OperatorError as exc:
@@ -202,6 +232,57 @@ def _dead_letters_table(page: dict[str, Any]) -> str:
     if page["next"] is not None:
         text += f"\nmore: --after {page['next']}"
     return text
+
+
+def _step_line(step: dict[str, Any]) -> list[str]:
+    """One step of an event's path as table cells: when, where, what, and what came back."""
+    if step["outcome"] == "committed":
+        return [step["time"] or "-", "-", "committed", "-", f"seq {step['seq']}", "-", ""]
+    detail = step["error"] or ""
+    if step["retryAt"]:
+        detail = f"{detail} (retry at {step['retryAt']})".strip()
+    if step["by"]:
+        detail = f"by {step['by']}"
+    latency = "-" if step["latencyMs"] is None else f"{step['latencyMs']:.1f}ms"
+    return [
+        step["time"],
+        step["sink"],
+        step["outcome"],
+        "-" if step["attempt"] is None else str(step["attempt"]),
+        step["status"] or "-",
+        latency,
+        detail,
+    ]
+
+
+_STEP_HEADER = ["TIME", "SINK", "OUTCOME", "ATTEMPT", "STATUS", "LATENCY", "DETAIL"]
+
+
+def _history_table(page: dict[str, Any]) -> str:
+    rows = [["ID", *_STEP_HEADER[:3], "EVENT", "REPOSITORY", *_STEP_HEADER[3:]]]
+    for r in page["records"]:
+        time, sink, outcome, *rest = _step_line(r)
+        rows.append([str(r["id"]), time, sink, outcome, r["event"], r["repository"] or "-", *rest])
+    text = _table(rows)
+    if page["next"] is not None:
+        text += f"\nmore: --before {page['next']}"
+    return text
+
+
+def _trace_text(trace: dict[str, Any]) -> str:
+    """An event's path for a person: what it is, where it stands, every step, the payload."""
+    what = f"{trace['action']} {trace['repository']}" if trace["action"] else "(event not held)"
+    if trace["digest"]:
+        what += f"@{trace['digest']}"
+    lines = [f"event {trace['event']}: {what}, at {trace['eventTime'] or '-'}"]
+    for sink in trace["sinks"]:
+        lines.append(f"  {sink['sink']}: {sink['state']} after {sink['attempts']} attempt(s)")
+    lines += ["", _table([_STEP_HEADER, *(_step_line(s) for s in trace["steps"])])]
+    if trace["truncated"]:
+        lines.append("(older steps left out)")
+    if trace["payload"] is not None:
+        lines += ["", "payload:", json.dumps(trace["payload"], indent=2)]
+    return "\n".join(lines)
 
 
 async def _maintain_once(config: Config, dry_run: bool) -> tuple[GCReport, list[str] | None]:

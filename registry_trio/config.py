@@ -33,6 +33,7 @@ __all__ = [
     "Duration",
     "HTTPConfig",
     "HTTPTLSConfig",
+    "HistoryConfig",
     "LogConfig",
     "StorageConfig",
     "UploadPurgingConfig",
@@ -568,11 +569,35 @@ class QueueConfig:
                 raise ConfigError(key, "must be greater than zero")
 
 
+# The delivery history's default row budget: a row costs ~0.2 KB plus, while it is kept, the
+# event it names (~0.5-1.5 KB of JSON, shared by that event's rows), so 200,000 rows stay
+# within a few hundred MB of disk, and a page filtered on what no index covers examines a
+# bounded share of them.
+HISTORY_MAX_ROWS = 200_000
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryConfig:
+    """What the queue remembers of each event's path: every delivery attempt, dead letter and
+    replay, for ``maxAge`` and at most ``maxRows`` records (the oldest go first)."""
+
+    enable: bool = True
+    max_age: Duration = Duration(7 * 24 * 3600.0)
+    max_rows: int = HISTORY_MAX_ROWS
+
+    def __post_init__(self) -> None:
+        if self.max_age < 1:
+            raise ConfigError("maxAge", "must be at least 1s")
+        if not 1 <= self.max_rows <= 1_000_000_000:
+            raise ConfigError("maxRows", "must be between 1 and 1000000000")
+
+
 @dataclasses.dataclass(frozen=True)
 class EventsConfig:
     enable: bool = False
     sinks: tuple[SinkConfig, ...] = ()
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
+    history: HistoryConfig = dataclasses.field(default_factory=HistoryConfig)
     # CloudEvents types are "<prefix>.image.updated" etc.; zot's prefix by default.
     type_prefix: str = "zotregistry"
     # On SIGTERM, how long in-flight deliveries may take before they are left queued.

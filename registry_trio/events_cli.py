@@ -1,4 +1,5 @@
-"""Operator commands behind ``registry-trio events …``: sink status, dead letters, replay.
+"""Operator commands behind ``registry-trio events …``: sink status, dead letters, replay,
+the delivery history and one event's trace.
 
 Each asks the running server's admin API first (only it knows what is in flight right now)
 and, when no server answers on the configured address, works on the queue directory
@@ -8,20 +9,30 @@ shared by design, so this is safe even if a server starts meanwhile.
 
 from __future__ import annotations
 
+import getpass
 import os
 import ssl
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
 
 from .config import Config, SinkConfig
+from .events.history import (
+    BadParameter,
+    check_event_id,
+    page_json,
+    parse_query,
+    trace_json,
+    unknown_event,
+)
 from .events.queue import EventQueue, running_queue
 from .events.status import SinkNotChosen, choose_sink, dead_letter_page, sink_status
 
-__all__ = ["OperatorError", "dead_letters", "replay", "status"]
+__all__ = ["OperatorError", "dead_letters", "event_trace", "history", "replay", "status"]
 
 # Credentials for an admin API behind authentication: REGISTRY_TRIO_USER=user:password.
 CREDENTIALS_ENV = "REGISTRY_TRIO_USER"
@@ -173,7 +184,89 @@ def replay(config: Config, sink: str | None, ids: list[str] | None) -> dict[str,
 
     async def offline() -> dict[str, Any]:
         async with running as queue:
-            replayed = await queue.replay(chosen.name, ids)
+            replayed = await queue.replay(chosen.name, ids, by=_offline_operator())
         return {"sink": chosen.name, "replayed": replayed}
+
+    return trio.run(offline)
+
+
+def _offline_operator() -> str:
+    """Who replays without the server: the user running the command, as the system knows."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, and no passwd entry for the uid
+        user = f"uid {os.getuid()}"
+    return f"{user} (registry-trio events replay, offline)"
+
+
+# Outcomes --failed asks for: attempts that failed, retried or buried.
+FAILED_OUTCOMES = "failed,dead"
+
+
+def history(
+    config: Config,
+    sink: str | None,
+    failed: bool,
+    limit: int,
+    before: int | None = None,
+) -> dict[str, Any]:
+    """Up to ``limit`` records, newest first, following the pages' cursors as needed (a page
+    may come back short when its filters examined their share of the history)."""
+    params: dict[str, str] = {}
+    if sink is not None:
+        params["sink"] = sink
+    if failed:
+        params["outcome"] = FAILED_OUTCOMES
+    collected: dict[str, Any] = {"records": [], "next": before}
+
+    def query() -> dict[str, str]:
+        wanted = {**params, "limit": str(min(limit - len(collected["records"]), 1000))}
+        cursor = collected["next"]
+        return wanted if cursor is None else {**wanted, "before": str(cursor)}
+
+    def enough(page: dict[str, Any]) -> bool:
+        """Take a page in; whether the listing is complete."""
+        collected["records"] += page["records"]
+        collected["next"] = page["next"]
+        return page["next"] is None or len(collected["records"]) >= limit
+
+    online = _admin(config, "GET", "/_registry/events/history", params=query())
+    if online is not None:
+        while not enough(online):
+            online = _admin(config, "GET", "/_registry/events/history", params=query())
+            if online is None:
+                raise OperatorError("the server stopped answering while paging")
+        return collected
+    running = _offline_queue(config)
+
+    async def offline() -> dict[str, Any]:
+        async with running as queue:
+            while True:
+                try:
+                    parsed = parse_query({k: [v] for k, v in query().items()})
+                except BadParameter as exc:
+                    raise OperatorError(str(exc)) from None
+                if enough(page_json(await queue.history(parsed))):
+                    return collected
+
+    return trio.run(offline)
+
+
+def event_trace(config: Config, event_id: str) -> dict[str, Any]:
+    try:
+        check_event_id(event_id, "EVENT_ID")
+    except BadParameter as exc:
+        raise OperatorError(str(exc)) from None
+    answer = _admin(config, "GET", f"/_registry/events/trace/{quote(event_id, safe='')}")
+    if answer is not None:
+        return answer
+    running = _offline_queue(config)
+
+    async def offline() -> dict[str, Any]:
+        async with running as queue:
+            found = await queue.trace(event_id)
+        if found is None:
+            raise OperatorError(unknown_event(event_id))
+        return trace_json(found)
 
     return trio.run(offline)

@@ -9,6 +9,7 @@ Task tree (every task has an owner, and shutdown runs in reverse order of start)
         ├── wake listener      (a worker, events on: commits of the other workers)
         ├── delivery supervisor (events on: one task per sink)
         └── maintenance
+            ├── history pruner     (events on: the delivery history to its limits)
             ├── garbage collector  (storage.gc on: every gcInterval)
             └── upload purger      (storage.uploadPurging on: every interval)
 
@@ -340,6 +341,8 @@ class _Lead:
         config, registry = self._config, self._registry
         purging = config.storage.upload_purging
         async with trio.open_nursery() as tasks:
+            if registry.queue is not None:
+                tasks.start_soon(registry.queue.keep_history)
             if config.storage.gc:
                 tasks.start_soon(
                     functools.partial(

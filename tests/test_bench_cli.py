@@ -323,6 +323,10 @@ def test_events_tiny_run() -> None:
         "4",
         "--push-rounds",
         "1",
+        "--history-events",
+        "300",
+        "--history-rounds",
+        "1",
         "-c",
         "2",
     )
@@ -334,6 +338,9 @@ def test_events_tiny_run() -> None:
     assert results["drain"]["receiver_counted"] == 400 + 50
     assert results["push"]["events_on_images_per_s"] > 0
     assert results["slow"]["batched"]["events"] == 40
+    history = results["history"]
+    assert history["events"] == 300 and history["bytes_per_record"] > 0
+    assert history["writer_us_per_event_on"] > 0 and history["push_ratio_on_off"] > 0
 
 
 def test_backlog_tiny_run() -> None:

@@ -107,7 +107,9 @@ async def test_pages_show_sinks_dead_letters_and_an_event(nursery, tmp_path, sin
         letters = await dead_letters(http)
         for letter in letters:
             assert f'data-event="{letter["id"]}"' in page.text
-        assert "History not available" in page.text
+        # Its recent attempts, from the delivery history: each buried by the 400.
+        assert page.text.count('<tr class="attempt outcome-dead">') == len(letters)
+        assert 'dead (HTTP 400): <span class="error">HTTP 400 from the sink</span>' in page.text
 
         first = letters[0]
         event = await http.get(
@@ -116,6 +118,10 @@ async def test_pages_show_sinks_dead_letters_and_an_event(nursery, tmp_path, sin
         assert event.status_code == 200, event.text
         assert first["repository"] in event.text and "manifest.pushed" in event.text
         assert f'name="one" value="{first["id"]}"' in event.text
+        # Its path: committed, then buried at the sink.
+        assert '<tr class="step outcome-committed">' in event.text
+        assert '<tr class="step outcome-dead">' in event.text
+        assert "History not available" not in event.text
 
         for script in ("console.js", "console.css"):
             static = await http.get(f"{UI}static/{script}")
@@ -150,6 +156,11 @@ async def test_replay_from_a_form_reaches_the_receiver(nursery, tmp_path, sink, 
         assert everything.status_code == 303
         await sink.wait_for(lambda events: any(e["id"] == second["id"] for e in events))
         assert await dead_letters(http) == []
+        # The delivery history names who replayed them from the console.
+        history = await http.get("/_registry/events/history", params={"outcome": "replayed"})
+        replays = history.json()["records"]
+        assert {r["event"] for r in replays} == {first["id"], second["id"]}
+        assert all(r["by"].startswith("anonymous at 127.0.0.1") for r in replays)
 
 
 async def test_a_post_without_a_valid_token_is_refused_and_changes_nothing(nursery, tmp_path, sink):

@@ -120,8 +120,8 @@ async def test_the_delivery_lease_lapses_by_the_challengers_own_clock(tmp_path, 
             tmp_path, http_sink(sink), queue=jetstream_queue(server.url, tmp_path / "q")
         ).extensions.events
         name, ttl = str(events.sinks[0].name), 5.0
-        holder = JetStreamOperations(events.queue, events.sinks, "holder")
-        challenger = JetStreamOperations(events.queue, events.sinks, "challenger")
+        holder = JetStreamOperations(events.queue, events.sinks, "holder", events.history)
+        challenger = JetStreamOperations(events.queue, events.sinks, "challenger", events.history)
         now = [0.0]
         challenger.clock = lambda: now[0]
         thread = AsyncioThread("test-lease")

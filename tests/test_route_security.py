@@ -23,8 +23,10 @@ from tests.waiting import eventually
 DIGEST = "sha256:" + "0" * 64
 UPLOAD = "0123456789abcdef0123456789abcdef"
 # What a refused request must never show: the private tag, a manifest, dead letters, sinks,
-# a console page.
-LEAKS = re.compile(rb'"v1"|"schemaVersion"|"deadLetters"|"sinks"|"replayed"|<html|<table')
+# the delivery history, a console page.
+LEAKS = re.compile(
+    rb'"v1"|"schemaVersion"|"deadLetters"|"sinks"|"replayed"|"records"|"steps"|<html|<table'
+)
 
 # Every route that needs a login (anonymousPolicy is empty on team/**), with its method.
 PROTECTED = [
@@ -45,6 +47,8 @@ PROTECTED = [
     ("GET", "/_registry/events/sinks"),
     ("GET", "/_registry/events/dead?limit=100"),
     ("POST", "/_registry/events/dead/replay"),
+    ("GET", "/_registry/events/history?limit=100"),
+    ("GET", "/_registry/events/trace/0f8e5d1c-1111-4222-8333-944455556666"),
     ("GET", "/_registry/ui/"),
     ("GET", "/_registry/ui/sinks"),
     ("GET", "/_registry/ui/sink?name=127.0.0.1"),

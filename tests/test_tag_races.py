@@ -16,6 +16,7 @@ event arrived every event of the races has.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import trio
 
 from registry_trio.config import Config
 from registry_trio.events import Action, Event, Source, Target
-from registry_trio.events.queue import running_queue
+from registry_trio.events.queue import Attempt, running_queue
 from tests.api_helpers import (
     OCI_MANIFEST,
     assert_oci_error,
@@ -254,6 +255,7 @@ async def test_appends_keep_the_order_they_were_begun_in(tmp_path, queue):
             with trio.fail_after(30):
                 while len(taken) < len(events):
                     deliveries = await sink_queue.take()
-                    await sink_queue.ack(deliveries)
+                    attempt = Attempt(time.time(), 0.0, 1, "test")
+                    await sink_queue.ack(deliveries, [attempt] * len(deliveries))
                     taken += [d.event for d in deliveries]
     assert [e.id for e in taken] == [e.id for e in events]

@@ -1,4 +1,4 @@
-"""The operator's API under ``/_registry/``: sink status, dead letters and replay.
+"""The operator's API under ``/_registry/``: sink status, dead letters, replay, history.
 
 Every route requires :attr:`Access.ADMIN`: ``adminPolicy`` users when authentication is
 configured, otherwise only clients on the loopback interface.
@@ -6,9 +6,20 @@ configured, otherwise only clients on the loopback interface.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from quart import Response, jsonify, request
 
 from ..config import SinkConfig
+from ..events.history import (
+    BadParameter,
+    check_event_id,
+    page_json,
+    parse_query,
+    trace_json,
+    unknown_event,
+)
 from ..events.queue import EventQueue
 from ..events.status import (
     DEAD_PAGE_MAX,
@@ -17,10 +28,10 @@ from ..events.status import (
     dead_letter_page,
     sink_status,
 )
-from .context import Registry, current_registry
+from .context import CLIENT_ADDR_KEY, Registry, current_registry, identity
 from .errors import RegistryError
 
-__all__ = ["dead", "replay", "sinks"]
+__all__ = ["dead", "event_trace", "history", "replay", "replayer", "sinks"]
 
 
 def _event_queue(registry: Registry) -> EventQueue:
@@ -86,5 +97,38 @@ async def replay() -> Response:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RegistryError("UNSUPPORTED", 400, "ids must be a list of event ids")
-    replayed = await queue.replay(str(sink.name), ids)
+    replayed = await queue.replay(str(sink.name), ids, by=replayer(request.scope))
     return jsonify({"sink": sink.name, "replayed": replayed})
+
+
+def replayer(scope: Mapping[str, Any]) -> str:
+    """Who replays, as the delivery history records it: the admin user, or, without
+    authentication, the loopback client's address."""
+    return identity(scope).name or f"anonymous at {scope.get(CLIENT_ADDR_KEY)}"
+
+
+def _bad(exc: BadParameter) -> RegistryError:
+    return RegistryError("UNSUPPORTED", 400, str(exc), {"parameter": exc.parameter})
+
+
+async def history() -> Response:
+    """A page of the delivery history, newest first (filters and cursor: see the README)."""
+    queue = _event_queue(current_registry())
+    try:
+        query = parse_query(request.args.to_dict(flat=False))
+    except BadParameter as exc:
+        raise _bad(exc) from None
+    return jsonify(page_json(await queue.history(query)))
+
+
+async def event_trace(event: str) -> Response:
+    """The whole path of one event: its payload, its commit, every step at every sink."""
+    queue = _event_queue(current_registry())
+    try:
+        event_id = check_event_id(event)
+    except BadParameter as exc:
+        raise _bad(exc) from None
+    found = await queue.trace(event_id)
+    if found is None:
+        raise RegistryError("UNSUPPORTED", 404, unknown_event(event_id))
+    return jsonify(trace_json(found))

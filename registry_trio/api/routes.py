@@ -89,6 +89,8 @@ ROUTES: list[Route] = [
     Route("/_registry/events/sinks", {"GET": admin.sinks}, Access.ADMIN),
     Route("/_registry/events/dead", {"GET": admin.dead}, Access.ADMIN),
     Route("/_registry/events/dead/replay", {"POST": admin.replay}, Access.ADMIN),
+    Route("/_registry/events/history", {"GET": admin.history}, Access.ADMIN),
+    Route("/_registry/events/trace/{event}", {"GET": admin.event_trace}, Access.ADMIN),
     # The operator console (HTML for a browser; see registry_trio/console).
     Route("/_registry/ui/", {"GET": pages.overview}, Access.CONSOLE),
     Route("/_registry/ui/sinks", {"GET": pages.sinks_fragment}, Access.CONSOLE),

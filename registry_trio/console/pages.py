@@ -23,6 +23,7 @@ from quart import Response, current_app, redirect, request
 from werkzeug.exceptions import NotFound
 
 from .. import oci
+from ..api.admin import replayer
 from ..api.context import Registry, current_registry, header, identity
 from ..api.errors import RegistryError
 from ..config import SinkConfig
@@ -228,7 +229,7 @@ async def replay() -> Response:
     queue = _event_queue(registry)
     config = _sink_config(registry, next(iter(form.get("sink", ())), None))
     ids = _chosen_ids(form)
-    replayed = await queue.replay(str(config.name), ids)
+    replayed = await queue.replay(str(config.name), ids, by=replayer(request.scope))
     log.info(
         "console: %s replayed %d dead letter(s) of sink %s",
         identity(request.scope).name or "a loopback client",
@@ -275,6 +276,7 @@ async def event() -> Response:
         event_id=event_id,
         payload=json.dumps(payload, indent=2, sort_keys=True),
         trace=path,
+        history_on=history.history_on(registry),
         letter=letter,
         sink_name=sink_name,
     )

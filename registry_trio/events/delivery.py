@@ -27,7 +27,7 @@ import trio
 
 from ..config import EventsConfig, SinkConfig
 from .formats import encoder_for
-from .queue import EventQueue, OwedEvent, QueueError, SinkQueue
+from .queue import Attempt, EventQueue, OwedEvent, QueueError, SinkQueue
 from .queue.base import take_limit
 from .sinks import Message, Outcome, Result, Transport
 from .sinks.http import HTTPSink
@@ -133,9 +133,21 @@ class SinkWorker:
             messages.append(Message(headers, body, group[0].event.id))
         hop = max(self._transport.per_hop, 1)
         sent, outcome = 0, Outcome(Result.DELIVERED)
+        # How each group sent went, for the history: its hop's timing, its size, the answer.
+        attempts: list[Attempt] = []
         try:
             for start in range(0, len(messages), hop):
+                began, clock = time.time(), time.perf_counter()
                 done, outcome = await self._transport.send(messages[start : start + hop])
+                latency = time.perf_counter() - clock
+                answer = self._answer(outcome)
+                for group in groups[start : start + done]:
+                    attempts.append(Attempt(began, latency, len(group), answer))
+                if outcome.result is not Result.DELIVERED and start + done < len(groups):
+                    failed_group = groups[start + done]
+                    attempts.append(
+                        Attempt(began, latency, len(failed_group), outcome.status, outcome.error)
+                    )
                 sent += done
                 if outcome.result is not Result.DELIVERED or self._stopping.is_set():
                     break  # on stop: finish the hop in flight, leave the rest queued
@@ -153,17 +165,24 @@ class SinkWorker:
         untried = [o for group in groups[untried_from:] for o in group]
         sink_queue.release(untried)
         if delivered:
-            await sink_queue.ack(delivered)
+            each = [attempts[i] for i, group in enumerate(groups[:sent]) for _ in group]
+            await sink_queue.ack(delivered, each)
             if self._on_delivered is not None:
                 now = time.time()
                 latencies = [now - o.event.time.timestamp() for o in delivered]
                 self._on_delivered(self.name, latencies)
         if failed:
-            await self._fail(sink_queue, failed, outcome)
+            await self._fail(sink_queue, failed, outcome, attempts[sent])
         return len(delivered) == len(batch)
 
+    def _answer(self, outcome: Outcome) -> str:
+        """The sink's answer to a delivered message: the outcome's, or the transport's word."""
+        if outcome.result is Result.DELIVERED and outcome.status is not None:
+            return outcome.status
+        return self._transport.acknowledgement
+
     async def _fail(
-        self, sink_queue: SinkQueue, group: Sequence[OwedEvent], outcome: Outcome
+        self, sink_queue: SinkQueue, group: Sequence[OwedEvent], outcome: Outcome, attempt: Attempt
     ) -> None:
         retry = self.config.retry
         now = time.time()
@@ -180,8 +199,8 @@ class SinkWorker:
             later = [o for o in group if o not in dead]
             reason = f"retry budget exhausted: {outcome.error}"
         if later:
-            attempt = max(o.attempts for o in later) + 1
-            delay = full_jitter(attempt, retry.initial_backoff, retry.max_backoff)
+            number = max(o.attempts for o in later) + 1
+            delay = full_jitter(number, retry.initial_backoff, retry.max_backoff)
             if outcome.retry_after is not None:
                 delay = max(delay, min(outcome.retry_after, retry.max_backoff))
             log.info(
@@ -189,10 +208,10 @@ class SinkWorker:
                 self.name,
                 len(later),
                 outcome.error,
-                attempt,
+                number,
                 delay,
             )
-            await sink_queue.retry_later(later, now + delay, outcome.error)
+            await sink_queue.retry_later(later, now + delay, attempt)
         if dead:
             for owed in dead:
                 log.warning(
@@ -202,7 +221,7 @@ class SinkWorker:
                     owed.event.action,
                     reason,
                 )
-            await sink_queue.bury(dead, reason)
+            await sink_queue.bury(dead, reason, attempt)
 
 
 def _only_queue_errors(exc: BaseException) -> bool:

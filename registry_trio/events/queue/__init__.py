@@ -27,12 +27,25 @@ from .base import (
     SinkCounts,
     SinkQueue,
 )
+from .history import (
+    Attempt,
+    EventTrace,
+    HistoryPage,
+    HistoryQuery,
+    HistoryRecord,
+    Step,
+)
 from .sqlite import Outbox, OutboxReader
 
 __all__ = [
     "APPENDED",
+    "Attempt",
     "DeadLetter",
     "EventQueue",
+    "EventTrace",
+    "HistoryPage",
+    "HistoryQuery",
+    "HistoryRecord",
     "Outbox",
     "OutboxReader",
     "OwedEvent",
@@ -41,6 +54,7 @@ __all__ = [
     "QueueFull",
     "SinkCounts",
     "SinkQueue",
+    "Step",
     "open_queue",
     "running_queue",
 ]
@@ -59,8 +73,10 @@ def open_queue(
     if events.queue.type == "jetstream":
         from .jetstream import JetStreamQueue
 
-        return JetStreamQueue(events.queue, events.sinks, on_commit)
-    return Outbox(events.queue.directory, on_commit=on_commit, announce=announce)
+        return JetStreamQueue(events.queue, events.sinks, on_commit, events.history)
+    return Outbox(
+        events.queue.directory, on_commit=on_commit, announce=announce, history=events.history
+    )
 
 
 @contextlib.asynccontextmanager

@@ -16,6 +16,9 @@ guarantees live behind these calls, so the same tests hold both implementations 
 - :meth:`SinkQueue.take` hands out each owed event until it is acknowledged or buried; an
   event taken and never acknowledged (a crash, a stop) is handed out again: at least once.
 - In order (``concurrency: 1``), nothing is handed out past an event that waits for a retry.
+- Every attempt's outcome reaches the queue with the acknowledgement, retry or burial it
+  led to (an :class:`~.history.Attempt`), and is recorded in the delivery history with it
+  (:mod:`.history`), not by a second write.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import trio
 
 from ...config import SinkConfig
 from ..model import Event
+from .history import Attempt, EventTrace, HistoryPage, HistoryQuery
 
 __all__ = [
     "APPENDED",
@@ -138,18 +142,21 @@ class SinkQueue(Protocol):
         """Give back deliveries that were taken but never attempted (read ahead, a stop)."""
         ...
 
-    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
-        """They reached the sink: never hand them out again."""
+    async def ack(self, deliveries: Sequence[OwedEvent], attempts: Sequence[Attempt]) -> None:
+        """They reached the sink (``attempts[i]`` is how ``deliveries[i]`` went): never hand
+        them out again."""
         ...
 
     async def retry_later(
-        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, attempt: Attempt
     ) -> None:
-        """A failed attempt: due again at ``next_attempt`` (a Unix time)."""
+        """A failed attempt (``attempt.error`` says why): due again at ``next_attempt`` (a
+        Unix time)."""
         ...
 
-    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
-        """Move them to the dead-letter store, where they wait for a replay."""
+    async def bury(self, deliveries: Sequence[OwedEvent], reason: str, attempt: Attempt) -> None:
+        """The failed ``attempt`` was their last: move them to the dead-letter store, where
+        they wait for a replay."""
         ...
 
 
@@ -191,9 +198,25 @@ class EventQueue(Protocol):
         """Dead letters of ``sink`` in the order buried, after the cursor ``after``."""
         ...
 
-    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
+    async def replay(
+        self, sink: str, event_ids: Sequence[str] | None = None, by: str | None = None
+    ) -> int:
         """Move dead letters (all, or those events) back to pending; how many moved.
 
-        They keep their event id; their attempt count starts over.
+        They keep their event id; their attempt count starts over. The history records each
+        replay, and ``by`` (the operator) when given.
         """
+        ...
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        """A page of the delivery history, newest first."""
+        ...
+
+    async def trace(self, event_id: str) -> EventTrace | None:
+        """Everything known of one event's path; None when the queue knows nothing of it."""
+        ...
+
+    async def keep_history(self) -> None:
+        """Hold the history to ``history.maxAge`` and ``maxRows`` until cancelled (run by the
+        delivering process), without holding up delivery."""
         ...

@@ -7,7 +7,8 @@ request awaits its own commit, yet a burst of requests shares one fsync.
 
 Schema::
 
-    events(seq, event_id, body, created)        one row per event, the JSON of Event
+    events(seq, event_id, body, created, committed)
+                                                one row per event, the JSON of Event
     deliveries(sink, seq, state, attempts, next_attempt, last_error)
                                                 one row per (sink, event) still owed;
                                                 state 0 = pending, 2 = dead letter
@@ -15,12 +16,14 @@ Schema::
                   last_delivered_at)            totals since the queue was created, and
                                                 when the last error and delivery were
     meta(key, value)                            instance id, schema version
+    history(...)                                the delivery history, see sqlite_history.py
 
 An event and its delivery rows are written in one transaction, so an event becomes visible to
-every sink at once or not at all. A delivered row is deleted (and the event with its last
-row), so the file does not grow with history. "In flight" is deliberately not stored: after a
-crash, whatever was being sent is simply still pending, which is at-least-once by
-construction.
+every sink at once or not at all. A delivered row is deleted, and the event with its last row
+unless the delivery history keeps it for a while (pruned to ``history.maxAge`` and
+``maxRows``), so the file grows with neither backlog nor history past their limits. "In
+flight" is deliberately not stored: after a crash, whatever was being sent is simply still
+pending, which is at-least-once by construction.
 
 Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit. :meth:`Outbox.append`
 returns only after that commit; the API awaits it before answering 2xx.
@@ -42,12 +45,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
-from ...config import SinkConfig
+from ...config import HistoryConfig, SinkConfig
 from ..model import Event
+from . import sqlite_history as history
 from .base import (
     APPENDED,
     DeadLetter,
@@ -58,10 +62,13 @@ from .base import (
     SinkCounts,
     take_limit,
 )
+from .history import Attempt, EventTrace, HistoryPage, HistoryQuery, Step
 
 __all__ = ["Outbox", "OutboxReader"]
 
 log = logging.getLogger("registry_trio.events.queue")
+
+_T = TypeVar("_T")
 
 # Rows read per query when overtaking is allowed (concurrent mode skips rows not yet due).
 READ_AHEAD = 256
@@ -77,14 +84,17 @@ DEAD = 2
 # fsync, small enough that one commit never holds the writer for long.
 MAX_GROUP = 2048
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS events (
     -- AUTOINCREMENT: positions never go back, even when pruning empties the table, so a
     -- dead-letter cursor or an in-flight position can never name a different event later.
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL,
     body TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    -- When the event was committed (NULL in rows older than this column).
+    committed REAL
 );
 
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -109,11 +119,24 @@ CREATE TABLE IF NOT EXISTS sink_counters (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+    + history.HISTORY_SCHEMA
+)
+
+# History rows pruned per transaction: a prune never holds the writer for long, and delivery's
+# writes queued meanwhile go in between two of them.
+PRUNE_BATCH = 1000
+# Pruning looks at the history at least this often (more often with a short maxAge) ...
+PRUNE_INTERVAL = 60.0
+# ... and as soon as this share of maxRows was written since it last did.
+PRUNE_SHARE = 0.1
 
 
 # Columns added since the first schema, each with its definition: CREATE TABLE IF NOT EXISTS
 # leaves an existing table as it was, so a queue file from before gets them at open.
-_ADDED_COLUMNS = {"sink_counters": {"last_delivered_at": "REAL"}}
+_ADDED_COLUMNS = {
+    "sink_counters": {"last_delivered_at": "REAL"},
+    "events": {"committed": "REAL"},
+}
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -174,8 +197,14 @@ class Outbox:
         directory: str | Path,
         on_commit: Callable[[int, float], None] | None = None,
         announce: Callable[[Sequence[str]], None] | None = None,
+        history: HistoryConfig | None = None,
     ) -> None:
         self.path = Path(directory) / "events.db"
+        # Default: on, with the default limits (a queue opened by a test or a tool).
+        self._history = history if history is not None else HistoryConfig()
+        # History rows written since the last prune, and the event a prune waits on.
+        self._recorded = 0
+        self._prune_due = trio.Event()
         # Called after each transaction with (writes committed, seconds): metrics.
         self._on_commit = on_commit
         # Called on the writer thread after each transaction with the sinks it gave new
@@ -375,8 +404,13 @@ class Outbox:
         wakes = sorted({s for *_, sinks in rows for s in sinks})
         return self._begin(wakes=wakes, rows=rows)
 
-    async def ack(self, sink: str, seqs: Sequence[int]) -> None:
-        """Mark deliveries done: delete them, and each event nobody else still owes."""
+    async def ack(
+        self, sink: str, deliveries: Sequence[OwedEvent], attempts: Sequence[Attempt]
+    ) -> None:
+        """Mark deliveries done: delete them, and each event nobody else still owes (unless
+        the history keeps it); record the attempts in the same transaction."""
+        seqs = [d.seq for d in deliveries]
+        rows = self._rows(sink, deliveries, attempts, Step.DELIVERED)
 
         def apply(conn: sqlite3.Connection) -> None:
             for chunk in _chunks(seqs):
@@ -384,73 +418,165 @@ class Outbox:
                 conn.execute(
                     f"DELETE FROM deliveries WHERE sink=? AND seq IN ({marks})", [sink, *chunk]
                 )
-                conn.execute(
-                    f"DELETE FROM events WHERE seq IN ({marks}) AND NOT EXISTS "
-                    "(SELECT 1 FROM deliveries WHERE deliveries.seq=events.seq)",
-                    list(chunk),
-                )
+                if not self._history.enable:
+                    conn.execute(
+                        f"DELETE FROM events WHERE seq IN ({marks}) AND NOT EXISTS "
+                        "(SELECT 1 FROM deliveries WHERE deliveries.seq=events.seq)",
+                        list(chunk),
+                    )
             _count(conn, sink, "delivered", len(seqs))
+            history.record(conn, rows)
 
         await self._write(apply)
+        self._recorded_rows(len(rows))
 
     async def retry_later(
-        self, sink: str, seqs: Sequence[int], next_attempt: float, error: str
+        self, sink: str, deliveries: Sequence[OwedEvent], next_attempt: float, attempt: Attempt
     ) -> None:
         """Record a failed attempt; the deliveries become due again at ``next_attempt``."""
+        error = attempt.error or ""
+        rows = self._rows(sink, deliveries, [attempt] * len(deliveries), Step.FAILED, next_attempt)
 
         def apply(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE deliveries SET attempts=attempts+1, next_attempt=?, last_error=? "
                 "WHERE sink=? AND seq=?",
-                [(next_attempt, error, sink, s) for s in seqs],
+                [(next_attempt, error, sink, d.seq) for d in deliveries],
             )
-            _count(conn, sink, "failed_attempts", len(seqs), error)
+            _count(conn, sink, "failed_attempts", len(deliveries), error)
+            history.record(conn, rows)
 
         await self._write(apply)
+        self._recorded_rows(len(rows))
 
-    async def bury(self, sink: str, seqs: Sequence[int], error: str) -> None:
+    async def bury(
+        self, sink: str, deliveries: Sequence[OwedEvent], reason: str, attempt: Attempt
+    ) -> None:
         """Move deliveries to the dead-letter store, where they wait for a replay."""
+        rows = self._rows(sink, deliveries, [attempt] * len(deliveries), Step.DEAD)
 
         def apply(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE deliveries SET state=?, attempts=attempts+1, last_error=? "
                 "WHERE sink=? AND seq=?",
-                [(DEAD, error, sink, s) for s in seqs],
+                [(DEAD, reason, sink, d.seq) for d in deliveries],
             )
-            _count(conn, sink, "failed_attempts", len(seqs), error)
-            _count(conn, sink, "dead", len(seqs), error)
+            _count(conn, sink, "failed_attempts", len(deliveries), reason)
+            _count(conn, sink, "dead", len(deliveries), reason)
+            history.record(conn, rows)
 
         await self._write(apply)
+        self._recorded_rows(len(rows))
 
-    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
+    async def replay(
+        self, sink: str, event_ids: Sequence[str] | None = None, by: str | None = None
+    ) -> int:
         """Move dead letters of ``sink`` (all, or those events) back to pending.
 
         They keep their event id, so a receiver that saw an earlier attempt can tell; their
-        attempt count starts over, because the replay is a new decision by an operator.
+        attempt count starts over, because the replay is a new decision by an operator. The
+        history records each replay, with ``by`` when given.
         """
-        replayed = 0
+        replayed: list[tuple[int, str]] = []
 
         def apply(conn: sqlite3.Connection) -> None:
-            nonlocal replayed
-            query = (
-                "UPDATE deliveries SET state=?, attempts=0, next_attempt=0 WHERE sink=? AND state=?"
+            # No index on event ids (measured: keeping one cost a third of the append
+            # rate); the sink's dead letters, found by state, are what is searched.
+            letters = (
+                "SELECT d.seq, e.event_id FROM deliveries d JOIN events e ON e.seq = d.seq "
+                "WHERE d.sink=? AND d.state=?"
             )
             if event_ids is None:
-                replayed = conn.execute(query, (PENDING, sink, DEAD)).rowcount
+                found = conn.execute(letters, (sink, DEAD)).fetchall()
             else:
-                # No index on event ids (measured: keeping one cost a third of the append
-                # rate); the sink's dead letters, found by state, are what is searched.
+                found = []
                 for chunk in _chunks(list(event_ids)):
                     marks = ", ".join("?" * len(chunk))
-                    replayed += conn.execute(
-                        query + " AND seq IN (SELECT d.seq FROM deliveries d JOIN events e "
-                        "ON e.seq = d.seq WHERE d.sink=? AND d.state=? "
-                        f"AND e.event_id IN ({marks}))",
-                        (PENDING, sink, DEAD, sink, DEAD, *chunk),
-                    ).rowcount
+                    found += conn.execute(
+                        f"{letters} AND e.event_id IN ({marks})", (sink, DEAD, *chunk)
+                    ).fetchall()
+            for chunk in _chunks(found):
+                marks = ", ".join("?" * len(chunk))
+                conn.execute(
+                    "UPDATE deliveries SET state=?, attempts=0, next_attempt=0 "
+                    f"WHERE sink=? AND seq IN ({marks})",
+                    (PENDING, sink, *(seq for seq, _ in chunk)),
+                )
+            replayed[:] = found
+            if self._history.enable:
+                history.record(conn, history.replay_rows(sink, found, by))
 
         await self._write(apply, [sink])
-        return replayed
+        self._recorded_rows(len(replayed) if self._history.enable else 0)
+        return len(replayed)
+
+    def _rows(
+        self,
+        sink: str,
+        deliveries: Sequence[OwedEvent],
+        attempts: Sequence[Attempt],
+        step: Step,
+        retry_at: float | None = None,
+    ) -> list[history.HistoryRow]:
+        if not self._history.enable:
+            return []
+        return history.attempt_rows(sink, deliveries, attempts, step, retry_at)
+
+    # -- history -------------------------------------------------------------------------
+
+    def _recorded_rows(self, count: int) -> None:
+        self._recorded += count
+        if self._recorded >= PRUNE_SHARE * self._history.max_rows:
+            self._prune_due.set()
+
+    async def prune_history(self) -> int:
+        """Prune the history to its limits now, a batch per transaction; rows deleted."""
+        limits = self._history
+        deleted = 0
+        while True:
+            count = 0
+
+            def apply(conn: sqlite3.Connection) -> None:
+                nonlocal count
+                count = history.prune(
+                    conn, limits.max_age, limits.max_rows, PRUNE_BATCH, time.time()
+                )
+
+            await self._write(apply)
+            deleted += count
+            if count < PRUNE_BATCH:
+                return deleted
+
+    async def keep_history(self) -> None:
+        """Prune every PRUNE_INTERVAL (a quarter of maxAge when shorter), and as soon as a
+        tenth of maxRows was written since the last prune.
+
+        Pruning goes through the writer a batch at a time, so delivery's acknowledgements
+        wait for one small transaction at most. A prune cut short by a cancel leaves the
+        history consistent (each batch is a transaction of its own).
+        """
+        interval = min(PRUNE_INTERVAL, self._history.max_age / 4)
+        while True:
+            self._recorded = 0
+            self._prune_due = trio.Event()
+            try:
+                deleted = await self.prune_history()
+            except QueueError as exc:
+                # A full disk, say: the history grows past its limits until the next try.
+                log.warning("history: pruning failed: %s; trying again in %.0fs", exc, interval)
+            else:
+                if deleted:
+                    log.debug("history: pruned %d record(s)", deleted)
+            with trio.move_on_after(interval):
+                await self._prune_due.wait()
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        async with self._reading() as reader:
+            return await reader.history(query)
+
+    async def trace(self, event_id: str) -> EventTrace | None:
+        async with self._reading() as reader:
+            return await reader.trace(event_id)
 
     # -- reads (the EventQueue contract) ------------------------------------------------
 
@@ -575,25 +701,23 @@ class SqliteSinkQueue:
     def release(self, deliveries: Sequence[OwedEvent]) -> None:
         self._done(deliveries)
 
-    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
+    async def ack(self, deliveries: Sequence[OwedEvent], attempts: Sequence[Attempt]) -> None:
         try:
-            await self._outbox.ack(self._name, [d.seq for d in deliveries])
+            await self._outbox.ack(self._name, deliveries, attempts)
         finally:
             self._done(deliveries)
 
     async def retry_later(
-        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, attempt: Attempt
     ) -> None:
         try:
-            await self._outbox.retry_later(
-                self._name, [d.seq for d in deliveries], next_attempt, error
-            )
+            await self._outbox.retry_later(self._name, deliveries, next_attempt, attempt)
         finally:
             self._done(deliveries)
 
-    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
+    async def bury(self, deliveries: Sequence[OwedEvent], reason: str, attempt: Attempt) -> None:
         try:
-            await self._outbox.bury(self._name, [d.seq for d in deliveries], error)
+            await self._outbox.bury(self._name, deliveries, reason, attempt)
         finally:
             self._done(deliveries)
 
@@ -638,11 +762,15 @@ def _insert(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
     last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
     first = (last[0] if last else 0) + 1
     numbered = list(enumerate(rows, start=first))
+    committed = time.time()
     _insert_rows(
         conn,
         "events",
-        ("seq", "event_id", "body", "created"),
-        [(seq, event_id, body, created) for seq, (event_id, body, created, _) in numbered],
+        ("seq", "event_id", "body", "created", "committed"),
+        [
+            (seq, event_id, body, created, committed)
+            for seq, (event_id, body, created, _) in numbered
+        ],
     )
     _insert_rows(
         conn,
@@ -774,3 +902,24 @@ class OutboxReader:
 
     async def counts(self, sink: str) -> SinkCounts:
         return await trio.to_thread.run_sync(self.read_counts, sink)
+
+    def _snapshot(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``read`` on one snapshot of the file (a page's queries must agree)."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return read(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        """A page of the delivery history, newest first."""
+        return await trio.to_thread.run_sync(
+            self._snapshot, lambda conn: history.read_page(conn, query)
+        )
+
+    async def trace(self, event_id: str) -> EventTrace | None:
+        """One event's path; None when the outbox knows nothing of it."""
+        return await trio.to_thread.run_sync(
+            self._snapshot, lambda conn: history.read_trace(conn, event_id)
+        )

@@ -28,6 +28,9 @@ class Outcome:
     error: str = ""
     # Seconds the receiver asked us to wait (Retry-After), if it did.
     retry_after: float | None = None
+    # The sink's answer in short, for the delivery history ("HTTP 503"); None when none
+    # came (refused, timed out) or the transport does not tell (see Transport.acknowledgement).
+    status: str | None = None
 
 
 DELIVERED = Outcome(Result.DELIVERED)
@@ -46,6 +49,9 @@ class Transport(Protocol):
     # per message (HTTP), more for one that pipelines a run in one hop (NATS). Delivery
     # checks for shutdown between hops, so a stop never waits on more than one hop.
     per_hop: int
+    # What the sink's answer to a delivered message is called in the delivery history when
+    # the outcome does not say ("JetStream ack"; a hop of several messages has one outcome).
+    acknowledgement: str
 
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
         """Send in order; return how many leading messages were delivered, and the outcome

@@ -67,6 +67,8 @@ def _environment_proxy(address: SplitResult) -> httpcore.Proxy | None:
 
 class HTTPSink:
     per_hop = 1
+    # Unused: every outcome names its status (one request per hop).
+    acknowledgement = "HTTP 2xx"
 
     def __init__(self, config: SinkConfig) -> None:
         # Credentials in the address become Basic auth; the URL requested (and any error
@@ -111,11 +113,12 @@ class HTTPSink:
 
     async def send(self, messages: Sequence[Message]) -> tuple[int, Outcome]:
         # HTTP has no pipelining worth the name: one request per message, in order.
+        outcome = DELIVERED
         for sent, message in enumerate(messages):
             outcome = await self._post(message)
             if outcome.result is not Result.DELIVERED:
                 return sent, outcome
-        return len(messages), DELIVERED
+        return len(messages), outcome
 
     async def _post(self, message: Message) -> Outcome:
         headers = self._headers.copy()
@@ -145,16 +148,17 @@ class HTTPSink:
             # or body; a password in the address is blanked out all the same.
             return Outcome(Result.RETRY, describe_failure(exc, self._hidden))
         status = response.status
+        answer = f"HTTP {status}"
         if 200 <= status < 300:
-            return DELIVERED
-        error = f"HTTP {status} from the sink"
+            return Outcome(Result.DELIVERED, status=answer)
+        error = f"{answer} from the sink"
         if status in (408, 429) or status >= 500:
             retry_after = next(
                 (v.decode("latin-1") for k, v in response.headers if k.lower() == b"retry-after"),
                 None,
             )
-            return Outcome(Result.RETRY, error, _retry_after(retry_after))
-        return Outcome(Result.REJECTED, error)
+            return Outcome(Result.RETRY, error, _retry_after(retry_after), answer)
+        return Outcome(Result.REJECTED, error, status=answer)
 
     async def aclose(self) -> None:
         await self._pool.aclose()

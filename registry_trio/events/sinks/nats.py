@@ -290,6 +290,9 @@ class NATSSink:
     per_hop = PER_HOP
 
     def __init__(self, config: SinkConfig) -> None:
+        # A run is delivered once JetStream acknowledged each message, or core NATS answered
+        # the flush after the run.
+        self.acknowledgement = "JetStream ack" if config.mode == "jetstream" else "NATS flush"
         self._publisher = _Publisher(config, sensitive_values(config.address, config.credentials))
         self._thread = AsyncioThread(name=f"nats-sink {config.name}")
 

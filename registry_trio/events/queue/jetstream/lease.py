@@ -21,6 +21,8 @@ from nats.js import JetStreamContext
 from ....config import SinkConfig
 from ...model import Event
 from ..base import OwedEvent, QueueError, take_limit
+from ..history import Attempt, Step
+from .history import attempt_record
 from .operations import JetStreamOperations
 
 P = ParamSpec("P")
@@ -60,6 +62,8 @@ class _Taken:
     # The handle to acknowledge it with; None for an orphan read from the stream (see
     # JetStreamSinkQueue), until JetStream hands it to us again.
     msg: Msg | None
+    # When the stream stored it (the event's commit), for the history.
+    committed: float | None = None
     due: float = 0.0  # when held: the Unix time it may be sent again
 
 
@@ -142,7 +146,8 @@ class JetStreamSinkQueue:
                 # Deliveries before this one were attempts that did not end in an ack.
                 attempts = max((msg.metadata.num_delivered or 1) - 1, 0)
                 owed = OwedEvent(seq, event, attempts, event.time.timestamp())
-                self._taken[seq] = _Taken(owed, msg.data, msg)
+                committed = msg.metadata.timestamp.timestamp()
+                self._taken[seq] = _Taken(owed, msg.data, msg, committed)
                 fresh.append(owed)
         if settled:
             await self._queue.call(self._nats.settle, ack=settled)
@@ -153,12 +158,12 @@ class JetStreamSinkQueue:
         return fresh
 
     async def _adopt_orphans(self) -> None:
-        for seq, data in await self._queue.call(self._nats.orphans, self._name):
+        for seq, data, committed in await self._queue.call(self._nats.orphans, self._name):
             if seq in self._taken:
                 continue
             event = Event.from_bytes(data)
             owed = OwedEvent(seq, event, 0, event.time.timestamp())
-            self._taken[seq] = _Taken(owed, data, None)
+            self._taken[seq] = _Taken(owed, data, None, committed)
         self._queue.wake(self._name)
 
     async def take(self, *, wait: bool = True) -> list[OwedEvent]:
@@ -249,30 +254,67 @@ class JetStreamSinkQueue:
             acks, self._withheld = self._withheld, []
             await self._queue.call(self._nats.settle, ack=acks)
 
-    async def ack(self, deliveries: Sequence[OwedEvent]) -> None:
+    def _records(
+        self,
+        deliveries: Sequence[OwedEvent],
+        attempts: Sequence[Attempt],
+        step: Step,
+        retry_at: float | None = None,
+    ) -> list[tuple[Event, bytes]]:
+        """The history records of these attempts (none while the history is off)."""
+        if self._nats.history is None:
+            return []
+        return [
+            attempt_record(
+                self._name,
+                owed.event,
+                owed.seq,
+                owed.attempts + 1,
+                step,
+                attempt,
+                retry_at,
+                taken.committed if (taken := self._taken.get(owed.seq)) is not None else None,
+            )
+            for owed, attempt in zip(deliveries, attempts, strict=True)
+        ]
+
+    async def ack(self, deliveries: Sequence[OwedEvent], attempts: Sequence[Attempt]) -> None:
+        records = self._records(deliveries, attempts, Step.DELIVERED)
         # In order, while part of the run is still held here, acknowledging the rest would
         # free slots that fresh events could fill past the held ones: withhold until then.
         self._withheld += [t.msg for t in self._finish(deliveries) if t.msg is not None]
         # Counted first, as in bury: once nothing is pending, the count is complete.
-        await self._queue.call(self._nats.count, self._name, delivered=len(deliveries))
+        await self._queue.call(
+            self._nats.count, self._name, delivered=len(deliveries), history=records
+        )
         await self._flush_withheld()
 
     async def retry_later(
-        self, deliveries: Sequence[OwedEvent], next_attempt: float, error: str
+        self, deliveries: Sequence[OwedEvent], next_attempt: float, attempt: Attempt
     ) -> None:
+        records = self._records(deliveries, [attempt] * len(deliveries), Step.FAILED, next_attempt)
         for owed in deliveries:
             self._in_flight.discard(owed.seq)
             if (taken := self._taken.get(owed.seq)) is not None:
                 taken.due = next_attempt
                 # The next take hands it out again with its attempt count.
                 taken.owed = OwedEvent(owed.seq, owed.event, owed.attempts + 1, owed.created)
-        await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
+        await self._queue.call(
+            self._nats.count,
+            self._name,
+            failed=len(deliveries),
+            error=attempt.error or "",
+            history=records,
+        )
 
-    async def bury(self, deliveries: Sequence[OwedEvent], error: str) -> None:
+    async def bury(self, deliveries: Sequence[OwedEvent], reason: str, attempt: Attempt) -> None:
+        records = self._records(deliveries, [attempt] * len(deliveries), Step.DEAD)
         letters = [(t.msg, t.data, t.owed) for t in self._finish(deliveries)]
         # Counted first: whoever sees a dead letter sees the failure that put it there.
-        await self._queue.call(self._nats.count, self._name, failed=len(deliveries), error=error)
-        await self._queue.call(self._nats.bury, self._name, letters, error)
+        await self._queue.call(
+            self._nats.count, self._name, failed=len(deliveries), error=reason, history=records
+        )
+        await self._queue.call(self._nats.bury, self._name, letters, reason)
         await self._flush_withheld()
 
     async def keep_alive(self) -> None:

@@ -24,11 +24,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from ....config import QueueConfig, SinkConfig
+from ....config import HistoryConfig, QueueConfig, SinkConfig
 from ...failures import describe_failure, sensitive_values
 from ...model import Event
 from ...natsconn import connect_options, new_client
 from ..base import DeadLetter, OwedEvent, SinkCounts, take_limit
+from .history import HistoryStream, replay_record
 from .stream import align_stream, ensure_stream
 
 __all__ = ["JetStreamOperations", "sink_token"]
@@ -67,8 +68,20 @@ class _Counters:
 class JetStreamOperations:
     """The NATS side of the queue. Every method runs on the queue's asyncio thread."""
 
-    def __init__(self, config: QueueConfig, sinks: Sequence[SinkConfig], instance_id: str) -> None:
+    def __init__(
+        self,
+        config: QueueConfig,
+        sinks: Sequence[SinkConfig],
+        instance_id: str,
+        history: HistoryConfig,
+    ) -> None:
         self._config = config
+        self._history_config = history
+        # The history stream, once open (None while the history is off); its reads run on
+        # the queue's thread like every method here.
+        self.history: HistoryStream | None = None
+        # Whether the last history publish failed: a run of failures is logged once.
+        self._history_failing = False
         self._stream = config.stream
         self._dead_stream = f"{config.stream}_DEAD"
         self._bucket = f"{config.stream}_COUNTERS"
@@ -156,6 +169,17 @@ class JetStreamOperations:
                     name=kv_stream, storage=storage, num_replicas=self._config.replicas
                 ),
             )
+        if self._history_config.enable:
+            history = HistoryStream(self._js, self._stream, sink_token)
+            await ensure_stream(
+                self._js,
+                history.config(
+                    float(self._history_config.max_age),
+                    self._history_config.max_rows,
+                    self._config.replicas,
+                ),
+            )
+            self.history = history
         # Consumers exist before the first append: with interest retention, a message no
         # consumer is interested in would not be kept.
         for sink in self._sinks:
@@ -249,8 +273,17 @@ class JetStreamOperations:
             await self._nc.flush(timeout=self._timeout)  # type: ignore[arg-type]  # nats-py says int; float seconds work
 
     async def count(
-        self, sink: str, *, delivered: int = 0, failed: int = 0, error: str | None = None
+        self,
+        sink: str,
+        *,
+        delivered: int = 0,
+        failed: int = 0,
+        error: str | None = None,
+        history: Sequence[tuple[Event, bytes]] = (),
     ) -> None:
+        """Add to this instance's counters of the sink, and record the history of the
+        attempts counted: both in the same hop, side by side, so that the history costs no
+        round trip of its own (nor, in an outage, a timeout of its own)."""
         counters = self._counters.setdefault(sink, _Counters())
         counters.delivered += delivered
         counters.failed_attempts += failed
@@ -259,7 +292,31 @@ class JetStreamOperations:
         if error is not None:
             counters.last_error, counters.last_error_at = error, time.time()
         value = json.dumps(counters.__dict__).encode()
-        await self._kv.put(f"{sink_token(sink)}.{self._instance}", value)
+        outcomes: list[object] = await asyncio.gather(
+            self._kv.put(f"{sink_token(sink)}.{self._instance}", value),
+            self._record(sink, history),
+            return_exceptions=True,
+        )
+        if isinstance(counted := outcomes[0], BaseException):
+            raise counted
+
+    async def _record(self, sink: str, records: Sequence[tuple[Event, bytes]]) -> None:
+        """Publish history records. A failure is logged and dropped: the history describes
+        delivery and must not stop it (a history stream deleted by hand would otherwise
+        fail every acknowledgement)."""
+        if self.history is None or not records:
+            return
+        try:
+            await self.history.publish(sink, records)
+        except Exception as exc:
+            if not self._history_failing:
+                log.warning(
+                    "jetstream queue: cannot record delivery history (%s); delivery goes on",
+                    self.describe(exc),
+                )
+            self._history_failing = True
+        else:
+            self._history_failing = False
 
     async def bury(
         self, sink: str, letters: Sequence[tuple[Msg | None, bytes, OwedEvent]], error: str
@@ -306,7 +363,7 @@ class JetStreamOperations:
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # another instance changed it first
 
-    async def orphans(self, sink: str) -> list[tuple[int, bytes]]:
+    async def orphans(self, sink: str) -> list[tuple[int, bytes, float | None]]:
         """Messages handed out to the sink's consumer and never acknowledged (by a previous
         lease holder, now gone), in order: the new holder sends them before anything else."""
         token = sink_token(sink)
@@ -325,7 +382,7 @@ class JetStreamOperations:
                 break
             # Interest retention deletes a message once its sink acknowledged it: whatever
             # is still here was not.
-            found.append((raw.seq, raw.data))
+            found.append((raw.seq, raw.data, None if raw.time is None else raw.time.timestamp()))
             seq = raw.seq + 1
         return found
 
@@ -415,7 +472,7 @@ class JetStreamOperations:
                 break
         return letters
 
-    async def replay(self, sink: str, event_ids: Sequence[str] | None) -> int:
+    async def replay(self, sink: str, event_ids: Sequence[str] | None, by: str | None) -> int:
         token = sink_token(sink)
         wanted = None if event_ids is None else set(event_ids)
         replayed = 0
@@ -423,6 +480,11 @@ class JetStreamOperations:
             event = Event.from_bytes(stored.data)
             if wanted is not None and event.id not in wanted:
                 continue
+            # Recorded first: once published, the event may be delivered (and that recorded)
+            # before this call returns. A publish that fails leaves the dead letter (and this
+            # record of an attempted replay).
+            original = int(stored.headers.get("Nats-Msg-Id", "").rpartition(".")[2] or 0)
+            await self._record(sink, [replay_record(sink, event, original, by)])
             # A new message id: the original is likely still inside the duplicate window.
             headers = {"Nats-Msg-Id": f"{event.id}.{token}.replay.{stored.seq}"}
             await self._js.publish(f"{self._stream}.sink.{token}", stored.data, headers=headers)

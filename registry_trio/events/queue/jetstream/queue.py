@@ -17,10 +17,11 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
-from ....config import QueueConfig, SinkConfig, redact_address
+from ....config import HistoryConfig, QueueConfig, SinkConfig, redact_address
 from ...asyncio_thread import AsyncioCall, AsyncioThread
 from ...model import Event
 from ..base import APPENDED, DeadLetter, PendingAppend, QueueError, SinkCounts
+from ..history import EventTrace, HistoryPage, HistoryQuery
 from .lease import JetStreamSinkQueue
 from .operations import JetStreamOperations, sink_token
 
@@ -42,8 +43,11 @@ class JetStreamQueue:
         config: QueueConfig,
         sinks: Sequence[SinkConfig],
         on_commit: Callable[[int, float], None] | None = None,
+        history: HistoryConfig | None = None,
     ) -> None:
         self._config = config
+        # Default: on, with the default limits (a queue opened by a test or a tool).
+        self._history = history if history is not None else HistoryConfig()
         self._sinks = list(sinks)
         self._on_commit = on_commit
         self.ack_wait = float(config.ack_wait)
@@ -70,7 +74,7 @@ class JetStreamQueue:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.instance_id = await trio.to_thread.run_sync(self._load_instance_id)
-        jetstream = JetStreamOperations(self._config, self._sinks, self.instance_id)
+        jetstream = JetStreamOperations(self._config, self._sinks, self.instance_id, self._history)
         address = self._config.address or ""
         try:
             where = f"the JetStream queue {self._config.stream!r} at {redact_address(address)}"
@@ -185,8 +189,25 @@ class JetStreamQueue:
     async def dead(self, sink: str, limit: int = 100, after: int = 0) -> list[DeadLetter]:
         return await self.call(self._jetstream().dead, sink, limit, after)
 
-    async def replay(self, sink: str, event_ids: Sequence[str] | None = None) -> int:
-        return await self.call(self._jetstream().replay, sink, event_ids)
+    async def replay(
+        self, sink: str, event_ids: Sequence[str] | None = None, by: str | None = None
+    ) -> int:
+        return await self.call(self._jetstream().replay, sink, event_ids, by)
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        stream = self._jetstream().history
+        if stream is None:
+            return HistoryPage([], None)  # the history is off
+        return await self.call(stream.page, query)
+
+    async def trace(self, event_id: str) -> EventTrace | None:
+        stream = self._jetstream().history
+        if stream is None:
+            return None
+        return await self.call(stream.trace, event_id)
+
+    async def keep_history(self) -> None:
+        """Nothing to do: the history stream's own limits (max_age, max_msgs) prune it."""
 
 
 async def _outcome(jetstream: JetStreamOperations, call: AsyncioCall[T]) -> T:

@@ -22,7 +22,8 @@ __all__ = ["CONFIG_KEY", "align_stream", "compare_streams", "ensure_stream", "su
 log = logging.getLogger("registry_trio.events.queue.jetstream")
 
 # Where the queue's settings live in the config file, for messages that name a key.
-CONFIG_KEY = "extensions.events.queue"
+EVENTS_KEY = "extensions.events"
+CONFIG_KEY = f"{EVENTS_KEY}.queue"
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -36,8 +37,14 @@ def subject_covers(pattern: str, subject: str) -> bool:
     return len(have) == len(want)
 
 
-# The settings of an existing stream that update_stream brings in line, and their keys.
-EDITABLE = {"duplicate_window": "duplicateWindow", "num_replicas": "replicas"}
+# The settings of an existing stream that update_stream brings in line, and their keys
+# (under extensions.events). The history stream's limits are its configured size.
+EDITABLE = {
+    "duplicate_window": "queue.duplicateWindow",
+    "num_replicas": "queue.replicas",
+    "max_age": "history.maxAge",
+    "max_msgs": "history.maxRows",
+}
 
 
 def compare_streams(
@@ -52,7 +59,9 @@ def compare_streams(
     that miss ours store nothing, limits that discard old messages drop events no sink has
     seen. Those are *problems* (the queue refuses to start); the duplicate window and the
     replica count are *edits* (``update_stream`` makes them).
-    Only what ``wanted`` sets is compared: for a KV bucket's stream, storage and replicas.
+    Only what ``wanted`` sets is compared: for a KV bucket's stream, storage and replicas. A
+    stream that is meant to drop its oldest messages (the history: ``wanted`` sets
+    ``max_age`` and ``max_msgs``) gets those limits as edits instead.
     """
     problems = []
     if wanted.storage is not None and found.storage != wanted.storage:
@@ -83,7 +92,8 @@ def compare_streams(
     # Limits with the default discard policy drop the oldest messages, acknowledged or not;
     # with discard "new" a full stream refuses publishes instead, which fails the push
     # (503) rather than losing an event, so only the former is refused.
-    if wanted.retention is not None and found.discard != api.DiscardPolicy.NEW:
+    bounded = bool(wanted.max_age or wanted.max_msgs)
+    if wanted.retention is not None and not bounded and found.discard != api.DiscardPolicy.NEW:
         limits = {
             "max_age": (found.max_age or 0) > 0 and f"{found.max_age:g}s",
             "max_msgs": (found.max_msgs or 0) > 0 and found.max_msgs,
@@ -103,6 +113,11 @@ def compare_streams(
         edits["duplicate_window"] = wanted.duplicate_window
     if wanted.num_replicas is not None and found.num_replicas != wanted.num_replicas:
         edits["num_replicas"] = wanted.num_replicas
+    if bounded:
+        if abs((found.max_age or 0) - (wanted.max_age or 0)) > 1e-3:
+            edits["max_age"] = wanted.max_age
+        if (found.max_msgs or -1) != (wanted.max_msgs or -1):
+            edits["max_msgs"] = wanted.max_msgs
     return problems, edits
 
 
@@ -111,7 +126,7 @@ def _value(setting: Any) -> str:
 
 
 def _show(field: str, value: Any) -> str:
-    return f"{value:g}s" if field == "duplicate_window" else str(value)
+    return f"{value or 0:g}s" if field in ("duplicate_window", "max_age") else str(value)
 
 
 async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
@@ -144,14 +159,15 @@ async def align_stream(
             found = (await js.update_stream(replace(found, **{field: value}))).config
         except nats.js.errors.APIError as exc:
             raise QueueError(
-                f"stream {wanted.name!r} exists with {key} {was} and the server refuses to "
-                f"change that ({exc.description or exc}); set {CONFIG_KEY}.{key} to {was}, "
+                f"stream {wanted.name!r} exists with {key.rpartition('.')[2]} {was} and the "
+                "server refuses to "
+                f"change that ({exc.description or exc}); set {EVENTS_KEY}.{key} to {was}, "
                 "or change the stream"
             ) from exc
         log.warning(
             "jetstream queue: stream %r brought in line with %s.%s: %s -> %s",
             wanted.name,
-            CONFIG_KEY,
+            EVENTS_KEY,
             key,
             was,
             _show(field, value),
