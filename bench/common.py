@@ -8,8 +8,9 @@ Not a benchmark itself. The scripts import it as ``common`` (they run as
   themselves pass ``no_url`` (the reason) and ``--url`` is refused with it.
 * :func:`machine_info` / :func:`print_header` say what the figures were measured on.
 * :class:`ManagedProcess` is the subprocess plumbing every server under test shares (temp
-  root, output drained by a thread, log tail, CPU time, SIGTERM stop); :class:`ServerProcess`
-  and compare.py's ``DistributionProcess`` subclass it.
+  root, output drained by a thread, log tail, CPU time of its whole process tree, pinning to
+  CPUs with ``taskset``, SIGTERM stop); :class:`ServerProcess` and compare.py's
+  ``DistributionProcess`` subclass it.
 * :class:`ServerProcess` starts ``python -m registry_trio serve`` on ``127.0.0.1`` with a
   fresh temporary storage directory, waits (with a deadline) for its ``listening on`` log
   line, drains its log so it can never block on a full pipe, reads its CPU time and memory
@@ -346,14 +347,25 @@ class ManagedProcess(abc.ABC):
     server answers), and at the exit (or when the start fails) stops the process with
     SIGTERM (``kill -9`` after 20 s) and removes ``root``. A reader thread keeps the last
     lines of the output for :meth:`log_tail`, so the process never blocks on a full pipe.
+    ``cpus`` (a ``taskset -c`` list, e.g. ``"0"``) runs the process, and every thread and
+    child it starts, on those CPUs only. ``keep_root`` leaves ``root`` for the caller to
+    remove (compare.py removes every server's at the end of its run).
     """
 
     def __init__(
-        self, *, root_prefix: str, data_dir: str | None = None, start_timeout: float = 30.0
+        self,
+        *,
+        root_prefix: str,
+        data_dir: str | None = None,
+        start_timeout: float = 30.0,
+        cpus: str | None = None,
+        keep_root: bool = False,
     ) -> None:
         self._root_prefix = root_prefix
         self._data_dir = data_dir
         self._start_timeout = start_timeout
+        self._cpus = cpus
+        self._keep_root = keep_root
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -383,6 +395,11 @@ class ManagedProcess(abc.ABC):
 
     def _spawn_reader(self, argv: list[str], thread_name: str) -> None:
         """Start ``argv`` in ``root``, stdout and stderr into one pipe that a thread drains."""
+        if self._cpus is not None:
+            # taskset sets the affinity and execs argv (same pid): it holds from the first
+            # instruction, for every thread and child, which setting it after the start
+            # could not promise.
+            argv = ["taskset", "-c", self._cpus, *argv]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -424,8 +441,17 @@ class ManagedProcess(abc.ABC):
         return "\n".join(list(self._tail)[-lines:])
 
     def cpu_times(self) -> tuple[float, float]:
-        """(user, system) CPU seconds the server has used so far, all threads."""
+        """(user, system) CPU seconds the server has used so far: all threads, and the
+        processes it started (a supervisor's workers), living or ended."""
         return cpu_times(self.pid)
+
+    def process_count(self) -> int:
+        """The server's processes now: itself and its children (a supervisor's workers)."""
+        return 1 + len(_children(self.pid))
+
+    def allowed_cpus(self) -> list[int]:
+        """The CPUs the server may run on, as the kernel has it now."""
+        return sorted(os.sched_getaffinity(self.pid))
 
     def _reap(self) -> None:
         """After the process is gone: let the reader finish, close the pipe."""
@@ -443,7 +469,7 @@ class ManagedProcess(abc.ABC):
                 self.proc.kill()
                 self.proc.wait()
         self._reap()
-        if self.root is not None:
+        if self.root is not None and not self._keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -470,9 +496,15 @@ class ServerProcess(ManagedProcess):
         log_file: str | None = None,
         start_timeout: float = 30.0,
         python: str = sys.executable,
+        cpus: str | None = None,
+        keep_root: bool = False,
     ) -> None:
         super().__init__(
-            root_prefix="registry-trio-bench-", data_dir=data_dir, start_timeout=start_timeout
+            root_prefix="registry-trio-bench-",
+            data_dir=data_dir,
+            start_timeout=start_timeout,
+            cpus=cpus,
+            keep_root=keep_root,
         )
         self._events = events or bool(sinks)
         self._sinks = list(sinks)

@@ -2,7 +2,8 @@
 
 What it measures
     The same workload against four servers, each started by this script on 127.0.0.1 with a
-    fresh temporary storage directory:
+    fresh temporary storage directory (all of them removed at the end of the run, not
+    between servers: files freed just before a server starts cost it CPU on some disks):
 
       distribution            Docker distribution (the Debian package docker-registry,
                               /usr/bin/docker-registry) with filesystem storage, the
@@ -33,12 +34,21 @@ What it measures
     1-minute load average before and after each run is printed too: the machine may be
     shared.
 
+    --pin puts each server on the first usable CPU and this script (the load generator)
+    and the receiver on the others (taskset -c; on a 2-core machine, one core each): client
+    and server take no CPU from each other, and the server's CPU per image is its own.
+    --workers N starts registry-trio with http.workers N (a supervisor and N worker
+    processes; the CPU counted is all of theirs). Each round records the CPUs the kernel
+    allowed the server, the client and the receiver, and how many processes served.
+
     If the docker-registry binary is missing, the distribution rows are skipped with a note
     saying how to install it (apt-get install docker-registry), and the exit status is 0.
 
 How to run
     .venv/bin/python bench/compare.py                     # N=300, C=8
     .venv/bin/python bench/compare.py -n 1000 -c 16 --rounds 3
+    .venv/bin/python bench/compare.py --pin --rounds 3     # server alone on one core
+    .venv/bin/python bench/compare.py --pin --workers 2
     .venv/bin/python bench/compare.py --distribution-binary /opt/registry/bin/registry --json
 
 The servers are always started by the script; --url is not supported.
@@ -50,9 +60,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -142,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         "per POST)",
     )
     group.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each server on the first usable CPU and the load generator and receiver "
+        "on the others (taskset -c); needs at least 2 usable CPUs",
+    )
+    group.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="start registry-trio with http.workers N (worker processes behind a "
+        "supervisor); default: the key is left out of its config",
+    )
+    group.add_argument(
         "--delivery-deadline",
         type=float,
         default=30.0,
@@ -155,7 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.server_cpus, args.client_cpus = None, None
+    if args.pin:
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) < 2:
+            parser.error(f"--pin needs at least 2 usable CPUs; this process may use {usable}")
+        args.server_cpus, args.client_cpus = usable[:1], usable[1:]
     return args
+
+
+def trio_http_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Keys added to registry-trio's ``http`` config section: only what was asked for."""
+    return {} if args.workers is None else {"workers": args.workers}
+
+
+def cpu_list(cpus: list[int] | None) -> str | None:
+    """``[1, 2]`` -> ``"1,2"``, as ``taskset -c`` reads it."""
+    return None if cpus is None else ",".join(map(str, cpus))
 
 
 # -- Docker distribution ----------------------------------------------------------------------
@@ -182,9 +223,15 @@ class DistributionProcess(ManagedProcess):
         notify_url: str | None = None,
         data_dir: str | None = None,
         start_timeout: float = 30.0,
+        cpus: str | None = None,
+        keep_root: bool = False,
     ) -> None:
         super().__init__(
-            root_prefix="distribution-bench-", data_dir=data_dir, start_timeout=start_timeout
+            root_prefix="distribution-bench-",
+            data_dir=data_dir,
+            start_timeout=start_timeout,
+            cpus=cpus,
+            keep_root=keep_root,
         )
         self._binary = binary
         self._notify_url = notify_url
@@ -358,7 +405,12 @@ def measure(
         "server_cpu_s": cpu_push,
         "server_cpu_with_delivery_s": cpu_push,
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
+        # Read from the kernel while the server runs: what --pin and --workers asked for.
+        "cpus": {"server": server.allowed_cpus(), "client": sorted(os.sched_getaffinity(0))},
+        "server_processes": server.process_count(),
     }
+    if receiver is not None:
+        entry["cpus"]["receiver"] = sorted(os.sched_getaffinity(receiver.pid))
     if receiver is not None:
         expected = EVENTS_PER_IMAGE * (len(warm) + len(images))
         started = time.perf_counter()
@@ -374,23 +426,28 @@ def measure(
 
 
 def run_target(
-    args: argparse.Namespace, target: str, receiver: Receiver, round_: int
+    args: argparse.Namespace, target: str, receiver: Receiver, round_: int, run_dir: str
 ) -> dict[str, Any]:
     notify = target.endswith(("+notify", "+events"))
     if target.startswith("distribution"):
         server: ManagedProcess = DistributionProcess(
             args.distribution_binary,
             notify_url=receiver.url if notify else None,
-            data_dir=args.data_dir,
+            data_dir=run_dir,
             start_timeout=args.start_timeout,
+            cpus=cpu_list(args.server_cpus),
+            keep_root=True,
         )
     else:
         sinks = [{"type": "http", "address": receiver.url, "format": args.format}]
         server = ServerProcess(
-            data_dir=args.data_dir,
+            data_dir=run_dir,
             sinks=sinks if notify else (),
+            http=trio_http_settings(args),
             log_file=args.server_log,
             start_timeout=args.start_timeout,
+            cpus=cpu_list(args.server_cpus),
+            keep_root=True,
         )
     with server:
         try:
@@ -456,10 +513,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         targets = tuple(t for t in TARGETS if not t.startswith("distribution"))
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
-    with Receiver() as receiver:
-        for round_ in range(args.rounds):
-            for target in targets:
-                runs[target].append(run_target(args, target, receiver, round_))
+    if args.client_cpus is not None:
+        # This thread, every thread it starts from now on and the receiver (a child
+        # process) inherit it; each server is started on args.server_cpus instead.
+        os.sched_setaffinity(0, args.client_cpus)
+    # Every server's data stays until the end of the run. Removing one server's files just
+    # before the next starts made the next pay for it: ext4 without a journal checks each
+    # recently freed inode it passes when creating a file (measured here: 94-233 us of
+    # kernel CPU per file created after a removal, 7.5 us otherwise), and the servers take
+    # turns.
+    run_dir = tempfile.mkdtemp(prefix="compare-", dir=args.data_dir)
+    try:
+        with Receiver() as receiver:
+            for round_ in range(args.rounds):
+                for target in targets:
+                    runs[target].append(run_target(args, target, receiver, round_, run_dir))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     results["targets"] = {t: summarise(r) for t, r in runs.items()}
     if have_distribution:
         t = results["targets"]
@@ -485,6 +555,11 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         f"({args.layer_size} B layer + config + manifest), {args.repos} repos, "
         f"concurrency {args.concurrency}"
     )
+    if args.pin:
+        print(
+            f"pinned: servers on CPU {cpu_list(args.server_cpus)}, load generator and receiver "
+            f"on CPU {cpu_list(args.client_cpus)}"
+        )
     print()
     header = (
         f"{'server':24} {'images/s':>9} {'PUT p50':>8} {'PUT p99':>8} "
@@ -537,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         "repos": args.repos,
         "upload": args.upload,
         "trio_sink_format": args.format,
+        "trio_http": trio_http_settings(args),
+        "pin": {"server": args.server_cpus, "client": args.client_cpus} if args.pin else None,
         "distribution_binary": args.distribution_binary,
     }
     if not args.json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -80,6 +81,8 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, ModuleT
                 "--count",
                 "--concurrency",
                 "--distribution-binary",
+                "--pin",
+                "--workers",
                 "--json",
                 "images/s",
                 "apt-get install docker-registry",
@@ -492,10 +495,131 @@ def test_compare_options(bench_modules: dict[str, ModuleType]) -> None:
         "/opt/registry",
         True,
     )
-    for bad in (["-n", "0"], ["--upload", "patch"], ["--url", "http://127.0.0.1:5000"]):
+    for bad in (
+        ["-n", "0"],
+        ["--upload", "patch"],
+        ["--url", "http://127.0.0.1:5000"],
+        ["--workers", "0"],
+        ["--workers", "two"],
+    ):
         with pytest.raises(SystemExit) as exc:
             parse(bad)
         assert exc.value.code == 2
+
+
+def test_compare_workers_sets_only_http_workers(bench_modules: dict[str, ModuleType]) -> None:
+    """--workers N is http.workers N in registry-trio's config; without it, no key at all."""
+    compare = bench_modules["compare"]
+    defaults = compare.parse_args([])
+    assert (defaults.pin, defaults.workers, defaults.server_cpus) == (False, None, None)
+    assert compare.trio_http_settings(defaults) == {}
+    assert compare.trio_http_settings(compare.parse_args(["--workers", "3"])) == {"workers": 3}
+
+
+def test_compare_workers_run_and_are_counted() -> None:
+    """--workers 2 serves from a supervisor and two workers, whose CPU is counted; without it
+    the bench's one process."""
+    doc = run_json(
+        "compare.py", "-n", "4", "-c", "2", "--workers", "2",
+        "--distribution-binary", "/nonexistent",
+    )  # fmt: skip
+    assert doc["settings"]["trio_http"] == {"workers": 2}
+    _check_trio_rows(doc, 4)
+    for row in doc["targets"].values():
+        assert [r["server_processes"] for r in row["rounds"]] == [3]
+    single = run_json("compare.py", "-n", "2", "-c", "2", "--distribution-binary", "/nonexistent")
+    for row in single["targets"].values():
+        assert [r["server_processes"] for r in row["rounds"]] == [1]
+
+
+def test_compare_pin_needs_two_cpus() -> None:
+    result = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, str(BENCH / "compare.py"), "--pin", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--pin needs at least 2 usable CPUs" in result.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs 2 CPUs")
+def test_compare_pinned_tiny_run() -> None:
+    """Each server ran on the first CPU, the load generator and the receiver on the rest:
+    as the kernel reported their affinity while the server ran."""
+    first, *rest = sorted(os.sched_getaffinity(0))
+    doc = run_json(
+        "compare.py", "-n", "4", "-c", "2", "--pin", "--distribution-binary", "/nonexistent"
+    )
+    assert doc["settings"]["pin"] == {"server": [first], "client": rest}
+    _check_trio_rows(doc, 4)
+    for name, row in doc["targets"].items():
+        (round_,) = row["rounds"]
+        assert round_["cpus"]["server"] == [first], name
+        assert round_["cpus"]["client"] == rest, name
+    events_round = doc["targets"]["registry-trio+events"]["rounds"][0]
+    assert events_round["cpus"]["receiver"] == rest
+
+
+def test_compare_keeps_every_server_s_data_until_the_end_of_the_run(
+    bench_modules: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """A server stopped with keep_root leaves its directory (compare.py removes them all at
+    the end, so one server's removal does not cost the next one CPU); the run leaves none."""
+    with bench_modules["common"].ServerProcess(data_dir=str(tmp_path), keep_root=True) as server:
+        root = server.root
+    assert root is not None and (root / "registry_data").is_dir()
+    root_dir = tmp_path / "compare-run"
+    root_dir.mkdir()
+    doc = run_json(
+        "compare.py", "-n", "2", "-c", "2", "--distribution-binary", "/nonexistent",
+        "--data-dir", str(root_dir),
+    )  # fmt: skip
+    assert doc["targets"]["registry-trio"]["images"] == 2
+    assert list(root_dir.iterdir()) == []
+
+
+def test_server_cpu_counts_the_processes_it_started(
+    bench_modules: dict[str, ModuleType],
+) -> None:
+    """A supervisor's CPU per image must include its workers': the CPU of a child that is
+    running, and of one that has ended and was waited for."""
+    common = bench_modules["common"]
+    child = (
+        "import sys, time\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('burnt', flush=True); sys.stdin.read()\n"
+    )
+    parent = (
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child!r}], stdin=subprocess.PIPE,"
+        " stdout=subprocess.PIPE, text=True)\n"
+        "child.stdout.readline(); print('burnt', flush=True)\n"
+        "sys.stdin.readline(); child.stdin.close(); child.wait()\n"
+        "print('reaped', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+    def own_seconds() -> float:
+        """The parent's own CPU: utime + stime of /proc/<pid>/stat, without its children."""
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "burnt\n"
+        # 0.3 s burnt by the child, counted in clock ticks.
+        assert sum(common.cpu_times(proc.pid)) >= own_seconds() + 0.25
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "reaped\n"
+        assert sum(common.cpu_times(proc.pid)) >= own_seconds() + 0.25
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def test_crash_soak_tiny_run() -> None:

@@ -530,6 +530,45 @@ async def test_batches_hold_at_most_max_events(nursery, tmp_path, sink, fmt):
     assert len({e["id"] for e in events}) == total
 
 
+@pytest.mark.parametrize("actor", [None, ("alice", "basic")])
+def test_structured_and_batch_bodies_are_the_documents_the_sdk_writes(actor):
+    """The JSON encoders build the document themselves (orjson, one call); it must be the
+    one cloudevents' JSONFormat writes for the same CloudEvent, key order and time included."""
+    from datetime import UTC, datetime
+
+    from registry_trio.events import Action, Actor, Event, RequestInfo, Source, Target
+    from registry_trio.events.formats import cloudevent, encoder_for
+
+    events = [
+        Event(
+            Action.MANIFEST_PUSHED,
+            Target(
+                "team/app",
+                digest="sha256:" + "a" * 64,
+                media_type="application/vnd.oci.image.manifest.v1+json",
+                size=321,
+                tag="v1",
+                url="http://127.0.0.1:5000/v2/team/app/manifests/sha256:" + "a" * 64,
+                references=({"mediaType": "x", "digest": "sha256:" + "b" * 64, "size": 1},),
+                manifest='{"schemaVersion": 2, "note": "caf\u00e9 \u2028"}',
+            ),
+            Source("127.0.0.1:5000", "instance"),
+            Actor(*actor) if actor else None,
+            RequestInfo("rid", "127.0.0.1:1", "127.0.0.1:5000", "PUT", "agent/\xe9"),
+            time=when,
+        )
+        for when in (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime.now(UTC))
+    ]
+    sdk = [ce_http.to_structured(cloudevent(e, "zotregistry"), JSONFormat()) for e in events]
+    for event, expected in zip(events, sdk, strict=True):
+        headers, body = encoder_for("cloudevents")([event], "zotregistry")
+        assert headers == dict(expected.headers)
+        assert list(json.loads(body).items()) == list(json.loads(expected.body).items())
+    headers, body = encoder_for("cloudevents-batch")(events, "zotregistry")
+    assert headers == {"content-type": "application/cloudevents-batch+json"}
+    assert json.loads(body) == [json.loads(m.body) for m in sdk]
+
+
 def test_backoff_after_thousands_of_failed_attempts_stays_within_its_cap():
     from registry_trio.events.delivery import full_jitter
 

@@ -337,6 +337,30 @@ async def test_one_connection_carries_every_request(nursery, tmp_path, sink):
     assert len(ports) == 1, ports
 
 
+# -- proxy from the environment ------------------------------------------------------------
+
+
+async def test_environment_proxy_carries_deliveries(nursery, tmp_path, sink, monkeypatch):
+    """HTTP_PROXY (with credentials) is used for a sink's address, as httpx's clients did;
+    the receiver here plays the proxy, so each request must reach it naming the real host."""
+    for name in ("no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://proxy-user:{PASSWORD}@127.0.0.1:{sink.port}")
+    # The test's own requests to the registry go direct: NO_PROXY is honoured too.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    target = "hooks.invalid:8080"  # resolves nowhere: only the proxy can carry it
+    registry = await start_registry(
+        nursery, events_config(tmp_path, http_sink(sink, address=f"http://{target}/events"))
+    )
+    await push(registry, "proxied/app", "v1")
+    await sink.wait_for(lambda evs: len(evs) == 4, within=WITHIN)
+    credentials = base64.b64encode(f"proxy-user:{PASSWORD}".encode()).decode()
+    for request in sink.requests:
+        assert request.headers["host"] == target
+        assert request.headers["proxy-authorization"] == f"Basic {credentials}"
+        assert request.headers["user-agent"].startswith("registry-trio/")
+
+
 async def test_a_retry_after_in_other_digits_is_a_retry_not_a_crash(nursery, tmp_path, sink):
     # "²" is a digit to str.isdigit(), not to float(): the sink's task crashed on it.
     sink.status, sink.retry_after = 503, "²"

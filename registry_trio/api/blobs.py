@@ -416,7 +416,7 @@ async def get_blob(req: RawRequest) -> None:
     registry = req.registry
     digest = oci.parse_digest(req.params["digest"])
     if req.method == "HEAD":
-        f, size = None, await registry.io(registry.storage.blob_size, req.name, digest)
+        f, size = None, registry.io_inline(registry.storage.blob_size, req.name, digest)
     else:
         f, size = await registry.io(registry.storage.open_blob, req.name, digest)
     try:

@@ -119,6 +119,19 @@ class Registry:
         call = functools.partial(_on_storage, self.storage.root, fn, *args)
         return await trio.to_thread.run_sync(call, limiter=self.io_limiter)
 
+    def io_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a storage call that only looks names up (``stat``), on the loop.
+
+        For those a worker thread costs more than the call: a ``to_thread`` round trip is
+        ~40 us of CPU and two context switches, a blob HEAD's two stats ~25 us (measured on
+        one core with another thread fsyncing beside it; wall p99 85 us, max 0.5 ms); path
+        lookups take no directory lock. Inlining the two HEADs of a push saved ~0.8 ms of
+        server CPU per image in ``compare.py --pin``. Creating a file is not for here: on a
+        filesystem that scans for a free inode it held the loop ~0.4 ms per call under
+        push load, for no CPU saved. A full disk raises :class:`StorageFull`, as in :meth:`io`.
+        """
+        return _on_storage(self.storage.root, fn, *args)
+
     async def emit(self, scope: MutableMapping[str, Any], *changes: tuple[Action, Target]) -> None:
         """Record this request's events in one commit; returns once they are durable."""
         await self._begin_emit(scope, changes).wait()

@@ -2,7 +2,9 @@
 
 - ``cloudevents``: CloudEvents 1.0 structured mode (``application/cloudevents+json``), one
   event per message. zot's types and ``data`` fields, plus ``actor`` and ``request``, so a
-  consumer written for zot works unchanged.
+  consumer written for zot works unchanged. The JSON document is the one
+  ``cloudevents.core``'s ``JSONFormat`` writes, encoded by orjson in one call: building and
+  validating a ``CloudEvent`` first cost ~40 us per event, on the delivery path.
 - ``cloudevents-binary``: the same event in binary mode (``ce-*`` headers), as zot's HTTP
   sink sends it.
 - ``cloudevents-batch``: ``application/cloudevents-batch+json``, a JSON array of
@@ -18,6 +20,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
@@ -28,6 +31,7 @@ __all__ = ["DISTRIBUTION_MEDIA_TYPE", "Encoded", "cloudevent", "encoder_for"]
 
 DISTRIBUTION_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 BATCH_MEDIA_TYPE = "application/cloudevents-batch+json"
+STRUCTURED_MEDIA_TYPE = "application/cloudevents+json"
 
 Encoded = tuple[dict[str, str], bytes]
 
@@ -81,8 +85,9 @@ def _actor_request(event: Event) -> dict[str, Any]:
     return out
 
 
-def cloudevent(event: Event, prefix: str) -> CloudEvent:
-    """The CloudEvent for ``event``; its ``id`` is the event id, stable across retries."""
+def _attributes_and_data(event: Event, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CloudEvent attributes and ``data`` of ``event``; its ``id`` is the event id,
+    stable across retries."""
     t = event.target
     data = _compact(
         {
@@ -110,7 +115,23 @@ def cloudevent(event: Event, prefix: str) -> CloudEvent:
         "time": event.time,
         "datacontenttype": "application/json",
     }
-    return CloudEvent(attributes, data)
+    return attributes, data
+
+
+def cloudevent(event: Event, prefix: str) -> CloudEvent:
+    """The CloudEvent for ``event``."""
+    return CloudEvent(*_attributes_and_data(event, prefix))
+
+
+def structured_document(event: Event, prefix: str) -> dict[str, Any]:
+    """``event`` as a structured-mode JSON document, in the order ``JSONFormat`` writes it."""
+    attributes, data = _attributes_and_data(event, prefix)
+    return {**attributes, "specversion": "1.0", "data": data}
+
+
+def _encode_json(document: Any) -> bytes:
+    # OPT_UTC_Z: the time as CloudEvents (RFC 3339) and JSONFormat write it, "...Z".
+    return orjson.dumps(document, option=orjson.OPT_UTC_Z)
 
 
 def distribution_event(event: Event) -> dict[str, Any]:
@@ -146,8 +167,7 @@ def distribution_event(event: Event) -> dict[str, Any]:
 
 def _structured(events: Sequence[Event], prefix: str) -> Encoded:
     (event,) = events
-    message = ce_http.to_structured(cloudevent(event, prefix), _JSON)
-    return dict(message.headers), message.body
+    return {"content-type": STRUCTURED_MEDIA_TYPE}, _encode_json(structured_document(event, prefix))
 
 
 def _binary(events: Sequence[Event], prefix: str) -> Encoded:
@@ -157,8 +177,8 @@ def _binary(events: Sequence[Event], prefix: str) -> Encoded:
 
 
 def _batch(events: Sequence[Event], prefix: str) -> Encoded:
-    items = b",".join(_JSON.write(cloudevent(e, prefix)) for e in events)
-    return {"content-type": BATCH_MEDIA_TYPE}, b"[" + items + b"]"
+    body = _encode_json([structured_document(e, prefix) for e in events])
+    return {"content-type": BATCH_MEDIA_TYPE}, body
 
 
 def _distribution(events: Sequence[Event], prefix: str) -> Encoded:
