@@ -366,7 +366,9 @@ async def dry_run(command: str) -> str:
     make, *arguments = shlex.split(command)
     assert make == "make", command
     with trio.fail_after(COMMAND_TIMEOUT):
-        result = await trio.run_process(["make", "-n", *arguments], cwd=REPO, capture_stdout=True)
+        result = await trio.run_process(
+            ["make", "--no-print-directory", "-n", *arguments], cwd=REPO, capture_stdout=True
+        )
     return result.stdout.decode().strip().splitlines()[-1]
 
 

@@ -30,7 +30,11 @@ def checkout(tmp_path: Path) -> Path:
 def would_run(checkout: Path, target: str) -> str:
     assert shutil.which("make"), "make is not installed"
     result = subprocess.run(
-        ["make", "-n", target], cwd=checkout, capture_output=True, text=True, timeout=30
+        ["make", "--no-print-directory", "-n", target],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
