@@ -168,6 +168,18 @@ async def test_replay_a_dead_letter_by_clicking(nursery, tmp_path, sink, browser
     assert [e["id"] for e in events] == [letter["id"]]
     await browser.shot("sink-after-replay")
 
+    # The event's page tells its whole path: refused, replayed by carol, delivered.
+    event_url = login_url(registry, "carol", f"/_registry/ui/event?id={letter['id']}")
+
+    async def steps() -> str:
+        await browser.open(event_url)
+        return await browser.text("table.trace tbody")
+
+    path = await eventually(steps, lambda text: "delivered" in text)
+    for step in ("committed", "dead", "replayed", "by carol", "delivered"):
+        assert step in path, path
+    await browser.shot("event-history")
+
 
 async def test_repository_pages(nursery, tmp_path, sink, browser):
     registry, pusher = await console_registry(nursery, tmp_path, sink)
