@@ -34,6 +34,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,61 +50,59 @@ from common import (
     print_header,
 )
 from receiver import Receiver
-from registry_client import RegistryClient, make_image
+from registry_client import Image, RegistryClient, make_image
 
 _COMMIT = re.compile(r"^registry_events_commit_seconds_(sum|count) (\S+)$", re.MULTILINE)
 _ACCESS = re.compile(r"\[(worker \d+)\] registry_trio\.access ")
 
 
-async def _push(url: str, count: int, concurrency: int) -> tuple[float, dict[str, float], int]:
-    """(seconds, 2xx wall time by request id, errors)."""
+@dataclass
+class _Acknowledged:
+    """The 2xx wall time of each push by request id, and how many were answered otherwise."""
+
+    at: dict[str, float] = field(default_factory=dict)
+    errors: int = 0
+
+    async def push(self, client: RegistryClient, repository: str, tag: str, image: Image) -> None:
+        response = await client.push_image(repository, tag, image)
+        if response.status_code == 201:
+            self.at[response.headers["X-Request-Id"]] = time.time()
+        else:
+            self.errors += 1
+
+
+async def _push(url: str, count: int, concurrency: int) -> tuple[float, _Acknowledged]:
+    """Push ``count`` images on ``concurrency`` connections as fast as they are answered."""
     images = [make_image((4096,)) for _ in range(count)]
-    acknowledged: dict[str, float] = {}
-    errors = 0
+    acknowledged = _Acknowledged()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
         client = RegistryClient(url, client=http)
         indexes = iter(range(count))
 
         async def worker() -> None:
-            nonlocal errors
             for i in indexes:
-                response = await client.push_image(f"bench-{i % 8}", f"v{i}", images[i])
-                if response.status_code == 201:
-                    acknowledged[response.headers["X-Request-Id"]] = time.time()
-                else:
-                    errors += 1
+                await acknowledged.push(client, f"bench-{i % 8}", f"v{i}", images[i])
 
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(worker)
-        return time.perf_counter() - started, acknowledged, errors
+        return time.perf_counter() - started, acknowledged
 
 
-async def _push_paced(url: str, count: int, rate: float) -> tuple[float, dict[str, float], int]:
+async def _push_paced(url: str, count: int, rate: float) -> _Acknowledged:
     """``count`` images started at ``rate`` per second whatever the answers' pace: the lag
     then measures the wake and the send, not a backlog of a saturated sink."""
     images = [make_image((4096,)) for _ in range(count)]
-    acknowledged: dict[str, float] = {}
-    errors = 0
+    acknowledged = _Acknowledged()
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         client = RegistryClient(url, client=http)
-
-        async def one(i: int) -> None:
-            nonlocal errors
-            response = await client.push_image(f"paced-{i % 8}", f"v{i}", images[i])
-            if response.status_code == 201:
-                acknowledged[response.headers["X-Request-Id"]] = time.time()
-            else:
-                errors += 1
-
-        started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i in range(count):
-                await trio.sleep_until(trio.current_time() + 1 / rate)  # ok-sleep: pacing
-                nursery.start_soon(one, i)
-        return time.perf_counter() - started, acknowledged, errors
+                await trio.sleep(1 / rate)  # ok-sleep: pacing the load, not synchronising
+                nursery.start_soon(acknowledged.push, client, f"paced-{i % 8}", f"v{i}", images[i])
+    return acknowledged
 
 
 async def _received(receiver: Receiver, wanted: set[str]) -> dict[str, float]:
@@ -146,13 +145,13 @@ def run_one(
         # Warm-up: every worker imports, opens the queue, and the sink's connection is made.
         trio.run(_push, server.url, concurrency, concurrency)
         cpu_before = server.cpu_seconds()
-        seconds, acknowledged, errors = trio.run(_push, server.url, count, concurrency)
+        seconds, pushed = trio.run(_push, server.url, count, concurrency)
         cpu = server.cpu_seconds() - cpu_before
-        trio.run(_received, receiver, set(acknowledged))
-        _, paced, paced_errors = trio.run(_push_paced, server.url, lag_count, lag_rate)
-        errors += paced_errors
-        arrived = trio.run(_received, receiver, set(paced))
-        lags = [1000 * (arrived[rid] - at) for rid, at in paced.items()]
+        trio.run(_received, receiver, set(pushed.at))
+        paced = trio.run(_push_paced, server.url, lag_count, lag_rate)
+        errors = pushed.errors + paced.errors
+        arrived = trio.run(_received, receiver, set(paced.at))
+        lags = [1000 * (arrived[rid] - at) for rid, at in paced.at.items()]
         spread = Counter(_ACCESS.findall(log.read_text()))
         log.unlink()
         total = sum(spread.values()) or 1

@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The address is taken, the store or the queue cannot open (unreachable JetStream,
         # unreadable SQLite file, another process serving it), or a worker could not start:
         # no point serving pushes that could not be acknowledged. One line each.
-        for exc in leaves(group):
-            if not getattr(exc, "explained", False):  # a worker that said why already
-                print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
+        # Workers that fail alike say the same: each reason once.
+        for reason in dict.fromkeys(str(exc) for exc in leaves(group)):
+            print(f"registry-trio: cannot start: {reason}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -233,6 +233,21 @@ def test_push_tiny_run() -> None:
             assert 0 < row["p50"] <= row["p95"] <= row["p99"] <= row["max"]
 
 
+def test_workers_tiny_run() -> None:
+    doc = run_json(
+        "workers.py", "-n", "4", "-c", "2", "--rounds", "1", "--lag-count", "4", "--workers", "2"
+    )
+    assert doc["settings"]["workers"] == [1, 2]
+    for workers, figures in doc["results"].items():
+        assert figures["images_per_s"] > 0 and figures["cpu_ms_per_image"] > 0, workers
+        assert figures["commit_ms"] > 0 and figures["errors"] == 0
+        assert 0 < figures["lag_ms"]["p50"] <= figures["lag_ms"]["p99"]
+    # The 2-worker server's access lines, by worker: shares of one whole, most loaded first
+    # (a handful of connections may all land on one worker).
+    spread = doc["results"]["2"]["spread"]
+    assert 1 <= len(spread) <= 2 and abs(sum(spread) - 1) < 1e-9 and spread == sorted(spread)[::-1]
+
+
 @pytest.mark.parametrize(
     "upload", [["--upload", "post"], ["--upload", "patch", "--chunk-size", "768KiB"]]
 )

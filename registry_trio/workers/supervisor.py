@@ -50,7 +50,7 @@ from ..events.queue import Outbox
 from ..events.queue.instance_lock import InstanceLock
 from ..server import listening_sockets, open_storage
 from ..startup import summary
-from .worker import CONFIG_FILE, EXPLAINED, READY
+from .worker import CONFIG_FILE, EXPLAINED, FAILED, READY
 
 __all__ = ["WorkerFailedToStart", "supervise"]
 
@@ -63,11 +63,7 @@ KILL_MARGIN = 5.0
 
 
 class WorkerFailedToStart(Exception):
-    """A worker exited before it first served; ``explained`` when it said why itself."""
-
-    def __init__(self, message: str, *, explained: bool) -> None:
-        super().__init__(message)
-        self.explained = explained
+    """A worker exited before it first served: why, as it said, or how it ended."""
 
 
 class _Keeper:
@@ -81,6 +77,8 @@ class _Keeper:
         self.ready = trio.Event()
         self.process: trio.Process | None = None
         self._stopping = False
+        # Why the last process could not start, as it said on the control socket.
+        self._failure = ""
 
     async def run(self) -> None:
         restarts = 0
@@ -92,10 +90,9 @@ class _Keeper:
             assert self.process is not None
             status = _describe_exit(self.process.returncode)
             if not self.ready.is_set():
-                raise WorkerFailedToStart(
-                    f"worker {self.number} {status} before serving",
-                    explained=self.process.returncode == EXPLAINED,
-                )
+                if self.process.returncode == EXPLAINED and self._failure:
+                    raise WorkerFailedToStart(self._failure)
+                raise WorkerFailedToStart(f"worker {self.number} {status} before serving")
             if not served or trio.current_time() - started < HEALTHY_RUN:
                 restarts += 1
             else:
@@ -137,9 +134,14 @@ class _Keeper:
 
                 async def until_ready() -> None:
                     nonlocal served
-                    if await control.recv(len(READY)) == READY:
+                    said = b""
+                    while not said.endswith(b"\n") and (chunk := await control.recv(4096)):
+                        said += chunk
+                    if said == READY:
                         served = True
                         self.ready.set()
+                    elif said.startswith(FAILED):
+                        self._failure = said[len(FAILED) :].decode(errors="replace").strip()
 
                 nursery.start_soon(until_ready)
                 try:

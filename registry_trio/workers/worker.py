@@ -15,7 +15,6 @@ import logging
 import pickle
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +26,14 @@ from ..logs import setup_logging
 from ..server import WorkerPlace, serve
 from ..startup import StartupError, leaves
 
-__all__ = ["CONFIG_FILE", "EXPLAINED", "READY", "main"]
+__all__ = ["CONFIG_FILE", "EXPLAINED", "FAILED", "READY", "main"]
 
 # In the supervisor's private directory: the parsed config, as every worker must run it.
 CONFIG_FILE = "config.pickle"
 READY = b"ready\n"
-# The exit status of a worker that could not start and said why on stderr.
+# "failed REASON\n" on the control socket, and this exit status: a worker that could not
+# start, and why.
+FAILED = b"failed "
 EXPLAINED = 3
 
 log = logging.getLogger("registry_trio")
@@ -59,17 +60,25 @@ async def _serve_worker(config: Config, place: WorkerPlace, control_fd: int) -> 
             log.warning("the supervisor is gone: shutting down")
         shutdown.set()
 
+    failure = None
     with control:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_signalled)
-            nursery.start_soon(until_orphaned)
-            async with trio.open_nursery() as serving:
-                await serving.start(
-                    functools.partial(serve, config, shutdown=shutdown, worker=place)
-                )
-                log.info("worker %d serving", place.number)
-                await control.send(READY)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_signalled)
+                nursery.start_soon(until_orphaned)
+                async with trio.open_nursery() as serving:
+                    await serving.start(
+                        functools.partial(serve, config, shutdown=shutdown, worker=place)
+                    )
+                    log.info("worker %d serving", place.number)
+                    await control.send(READY)
+                nursery.cancel_scope.cancel()
+        except* (QueueError, StartupError) as group:
+            failure = "; ".join(dict.fromkeys(str(exc) for exc in leaves(group)))
+        if failure is not None:
+            # The supervisor says it, once for all the workers that fail alike.
+            await control.send(FAILED + failure.encode(errors="replace") + b"\n")
+            raise SystemExit(EXPLAINED)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -83,12 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config: Config = pickle.loads((args.runtime / CONFIG_FILE).read_bytes())
     setup_logging(config.log, f"worker {args.number}")
     place = WorkerPlace(args.number, args.listen_fd, args.runtime)
-    try:
-        trio.run(_serve_worker, config, place, args.control_fd)
-    except* (QueueError, StartupError) as group:
-        for exc in leaves(group):
-            print(f"registry-trio: cannot start: {exc}", file=sys.stderr)
-        raise SystemExit(EXPLAINED) from None
+    trio.run(_serve_worker, config, place, args.control_fd)
 
 
 if __name__ == "__main__":

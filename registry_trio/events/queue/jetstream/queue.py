@@ -9,6 +9,7 @@ order they were begun, and gives each sink's delivery worker a
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -66,10 +67,20 @@ class JetStreamQueue:
         with contextlib.suppress(FileNotFoundError):
             if text := path.read_text().strip():
                 return text
+        # Worker processes of one server open the queue together and must share one id: the
+        # file is created whole or not at all (a link fails when another process made it
+        # first), and whoever loses reads the winner's.
         instance_id = uuid.uuid4().hex
-        temp = path.with_suffix(".tmp")
+        temp = directory / f"instance_id.{instance_id}.tmp"
         temp.write_text(instance_id)
-        temp.replace(path)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            if text := path.read_text().strip():
+                return text
+            temp.replace(path)  # an empty file: what a crash left of an older write
+        finally:
+            temp.unlink(missing_ok=True)
         return instance_id
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
