@@ -637,6 +637,10 @@ class SqliteSinkQueue:
         self._stopping = stopping
         self._read_lock = trio.Lock()
         self._in_flight: set[int] = set()
+        # Unordered: deliveries settled (acknowledged, rescheduled, buried) while a read was
+        # under way. That read's snapshot may predate their commit and show them still due,
+        # after they left _in_flight: taken again, they would be sent twice.
+        self._settled_during_read: set[int] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -649,7 +653,13 @@ class SqliteSinkQueue:
                 # than parse its rows again only to skip them.
                 after = max(self._in_flight, default=0)
                 return await self._reader.pending(self._name, self._take_limit, after)
-            return await self._reader.pending(self._name, READ_AHEAD + len(self._in_flight))
+            settled: set[int] = set()
+            self._settled_during_read = settled
+            try:
+                rows = await self._reader.pending(self._name, READ_AHEAD + len(self._in_flight))
+            finally:
+                self._settled_during_read = None
+            return [(owed, due) for owed, due in rows if owed.seq not in settled]
 
     async def take(self, *, wait: bool = True) -> list[OwedEvent]:
         filling_until: float | None = None
@@ -697,12 +707,16 @@ class SqliteSinkQueue:
         return []
 
     def _done(self, deliveries: Sequence[OwedEvent]) -> list[int]:
+        """After an outcome's commit: no longer in flight."""
         seqs = [d.seq for d in deliveries]
         self._in_flight.difference_update(seqs)
+        if self._settled_during_read is not None:
+            self._settled_during_read.update(seqs)
         return seqs
 
     def release(self, deliveries: Sequence[OwedEvent]) -> None:
-        self._done(deliveries)
+        # Unsent, nothing committed: due again at once (in order, a read-ahead given back).
+        self._in_flight.difference_update(d.seq for d in deliveries)
 
     async def ack(self, deliveries: Sequence[OwedEvent], attempts: Sequence[Attempt]) -> None:
         try:
