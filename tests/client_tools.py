@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import pytest
 import trio
 
+from registry_trio.config import EVENT_ACTIONS
 from tests.conftest import RunningRegistry, make_config, start_registry
 from tests.sink import HTTPSinkServer
 
@@ -48,17 +49,7 @@ DAEMON_START_TIMEOUT = 60.0
 DAEMON_STOP_TIMEOUT = 20.0
 
 # Every action, the pulls included (they reach only a sink that lists them).
-ALL_ACTIONS = [
-    "manifest.pushed",
-    "manifest.deleted",
-    "tag.deleted",
-    "repository.created",
-    "blob.pushed",
-    "blob.mounted",
-    "blob.deleted",
-    "manifest.pulled",
-    "blob.pulled",
-]
+ALL_ACTIONS = sorted(EVENT_ACTIONS)
 
 
 def unavailable(reason: str) -> NoReturn:
